@@ -1,0 +1,9 @@
+// Declarations of the XLA FFI handler symbols defined in ffi/*.cc (CUDA builds only).
+#pragma once
+
+#include "xla/ffi/api/api.h"
+
+#ifdef JAXEP_WITH_CUDA
+// FFI target "jaxep_dispatch_layout_ffi" -> jaxep::LaunchDispatchLayout (cuda/layout.cu).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchLayoutFfi);
+#endif

@@ -1,0 +1,30 @@
+"""jaxep: expert-parallel MoE communication (dispatch / combine) for JAX.
+
+Use inside ``jax.shard_map`` over a mesh axis of expert parallelism::
+
+    cfg = jaxep.EPConfig(num_experts=64, num_topk=4, hidden=1024, max_tokens_per_rank=512)
+    comm = jaxep.Communicator(mesh, cfg)                  # backend "auto" | "cuda" | "xla"
+    d = jaxep.dispatch(comm, x, topk_idx, topk_weights)   # rows for this rank's experts
+    out = jaxep.combine(comm, expert_out, d.handle)       # [T, H]
+
+See DESIGN.md for the exact semantics shared by every backend.
+"""
+
+from jaxep.communicator import Communicator
+from jaxep.config import EPConfig
+from jaxep.fp8 import dequantize_fp8, quantize_fp8
+from jaxep.low_latency import (LLCombinePending, LLDispatched, LLDispatchPending, LLHandle,
+                               ll_combine, ll_combine_recv, ll_combine_send, ll_dispatch,
+                               ll_dispatch_recv, ll_dispatch_send)
+from jaxep.normal import (Dispatched, DispatchHandle, Layout, combine, dispatch,
+                          dispatch_layout)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EPConfig", "Communicator",
+    "dispatch_layout", "dispatch", "combine", "Layout", "Dispatched", "DispatchHandle",
+    "ll_dispatch", "ll_combine", "ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send",
+    "ll_combine_recv", "LLDispatched", "LLHandle", "LLDispatchPending", "LLCombinePending",
+    "quantize_fp8", "dequantize_fp8",
+]

@@ -1,0 +1,81 @@
+"""Trace-time validation shared by the public ops: clear ValueError/TypeError messages."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def ep_group(comm, op: str) -> int:
+    """Check that ``op`` runs inside a shard_map binding the EP axis of size R; return R."""
+    from jaxep.communicator import Communicator
+
+    if not isinstance(comm, Communicator):
+        raise TypeError(f"jaxep.{op}: first argument must be a jaxep.Communicator, "
+                        f"got {type(comm).__name__}")
+    if comm.closed:
+        raise ValueError(f"jaxep.{op}: the Communicator was closed")
+    names = comm.cfg.axis_names
+    axis = names[0] if len(names) == 1 else names
+    try:
+        size = lax.axis_size(axis)
+    except NameError:
+        raise ValueError(
+            f"jaxep.{op} must be called inside jax.shard_map over a mesh that binds the EP axis "
+            f"{comm.cfg.axis_name!r} (expected axis size R={comm.num_ranks}); no such axis is "
+            f"bound here") from None
+    if size != comm.num_ranks:
+        raise ValueError(f"jaxep.{op}: EP axis {comm.cfg.axis_name!r} has size {size} here, but "
+                         f"the Communicator was built for R={comm.num_ranks}")
+    return size
+
+
+def array(op: str, name: str, x, ndim: int, dtypes=None):
+    shape = getattr(x, "shape", None)
+    if shape is None or not hasattr(x, "dtype"):
+        raise TypeError(f"jaxep.{op}: {name} must be an array, got {type(x).__name__}")
+    if len(shape) != ndim:
+        raise ValueError(f"jaxep.{op}: {name} must have rank {ndim}, got shape {tuple(shape)}")
+    if dtypes is not None and jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in dtypes]:
+        names = ", ".join(str(jnp.dtype(d)) for d in dtypes)
+        raise TypeError(f"jaxep.{op}: {name} must have dtype in ({names}), got {x.dtype}")
+
+
+def dim(op: str, what: str, expected: int, actual: int):
+    if expected != actual:
+        raise ValueError(f"jaxep.{op}: {what} must be {expected}, got {actual}")
+
+
+def tokens(comm, op: str, num_tokens: int):
+    t_max = comm.cfg.max_tokens_per_rank
+    if num_tokens > t_max:
+        raise ValueError(f"jaxep.{op}: {num_tokens} tokens per rank exceed "
+                         f"EPConfig.max_tokens_per_rank={t_max}")
+
+
+def topk(comm, op: str, topk_idx, num_tokens: int, topk_weights=None):
+    array(op, "topk_idx", topk_idx, 2)
+    if not jnp.issubdtype(topk_idx.dtype, jnp.integer):
+        raise TypeError(f"jaxep.{op}: topk_idx must be an integer array (int32), "
+                        f"got {topk_idx.dtype}")
+    dim(op, "topk_idx.shape[0] (tokens)", num_tokens, topk_idx.shape[0])
+    dim(op, "topk_idx.shape[-1] (EPConfig.num_topk)", comm.cfg.num_topk, topk_idx.shape[1])
+    if topk_weights is not None:
+        array(op, "topk_weights", topk_weights, 2)
+        if not jnp.issubdtype(topk_weights.dtype, jnp.floating):
+            raise TypeError(f"jaxep.{op}: topk_weights must be floating (float32), "
+                            f"got {topk_weights.dtype}")
+        if topk_weights.shape != topk_idx.shape:
+            raise ValueError(f"jaxep.{op}: topk_weights shape {tuple(topk_weights.shape)} must "
+                             f"equal topk_idx shape {tuple(topk_idx.shape)}")
+
+
+def hidden(comm, op: str, name: str, h: int):
+    dim(op, f"{name}.shape[-1] (EPConfig.hidden)", comm.cfg.hidden, h)
+
+
+def fp8_hidden(op: str, h: int):
+    if h % 128:
+        raise ValueError(f"jaxep.{op}: FP8 needs hidden to be a multiple of 128, got {h}")

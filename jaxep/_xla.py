@@ -1,0 +1,248 @@
+"""Pure-JAX backend: ``lax.all_to_all`` over static worst-case ``[R, T, ...]`` buffers.
+
+Runs on any XLA platform and is differentiable by plain autodiff. It defines the semantics the
+CUDA kernels must match (DESIGN.md §2) and serves as their test oracle. Every function here runs
+per rank inside ``jax.shard_map``; ``comm`` supplies the static placement and sizes.
+
+Normal mode sends each token once per destination rank; low-latency mode keeps one row per
+(token, selected expert). Received rows are compacted in the order (source rank, source token)
+(per expert in low-latency mode); rows past the valid count are zero padding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _axis(comm):
+    names = comm.cfg.axis_names
+    return names[0] if len(names) == 1 else names
+
+
+def _a2a(comm, x):
+    """``x [R, ...]``: block ``r`` goes to rank ``r``; returns block ``r`` from rank ``r``."""
+    return lax.all_to_all(x, _axis(comm), 0, 0, tiled=True)
+
+
+def rank_index(comm):
+    return lax.axis_index(_axis(comm))
+
+
+def sanitize(comm, topk_idx):
+    """(valid ids, -1 elsewhere) and the number of ids outside ``[-1, E)``."""
+    e = comm.cfg.num_experts
+    valid = (topk_idx >= 0) & (topk_idx < e)
+    num_invalid = jnp.sum((~valid) & (topk_idx != -1), dtype=jnp.int32)
+    return jnp.where(valid, topk_idx, -1), num_invalid
+
+
+def _first_occurrence(idx):
+    """``[T, K]`` bool: entry is a valid id not listed earlier in its row."""
+    k = idx.shape[-1]
+    earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # earlier[k, j]: j < k
+    dup = jnp.any((idx[:, :, None] == idx[:, None, :]) & earlier, axis=-1)
+    return (idx >= 0) & ~dup
+
+
+def _lookup(table, idx):
+    """``table[idx]`` for valid ``idx`` (>= 0), -1 elsewhere."""
+    return jnp.where(idx >= 0, jnp.asarray(table)[jnp.maximum(idx, 0)], -1)
+
+
+def _compact(mask, capacity):
+    """Stable compaction of a flat bool ``mask [N]`` into ``capacity`` rows.
+
+    Returns ``(src [capacity] int32`` (index into N of each output row, -1 for padding),
+    ``pos [N] int32`` (output row of each kept entry, -1 for not selected or dropped),
+    ``total`` (selected entries, before dropping))``.
+    """
+    n = mask.shape[0]
+    pos = jnp.cumsum(mask, dtype=jnp.int32) - 1
+    keep = mask & (pos < capacity)
+    pos = jnp.where(keep, pos, -1)
+    src = jnp.full((capacity,), -1, jnp.int32).at[jnp.where(keep, pos, capacity)].set(
+        jnp.arange(n, dtype=jnp.int32), mode="drop")
+    return src, pos, jnp.sum(mask, dtype=jnp.int32)
+
+
+def _gather_rows(rows, idx):
+    """``rows[idx]`` with zeros where ``idx == -1`` (``rows [N, ...]``, ``idx [...]``)."""
+    out = jnp.take(rows, jnp.maximum(idx, 0), axis=0)
+    valid = (idx >= 0).reshape(idx.shape + (1,) * (rows.ndim - 1))
+    return jnp.where(valid, out, jnp.zeros((), rows.dtype))
+
+
+def _scatter_rows(rows, idx, n):
+    """Inverse of :func:`_gather_rows`: ``out[idx[i]] = rows[i]``; ``idx`` unique or -1."""
+    out = jnp.zeros((n,) + rows.shape[1:], rows.dtype)
+    return out.at[jnp.where(idx >= 0, idx, n)].add(rows, mode="drop")
+
+
+# ---------------------------------------------------------------------------------------------
+# Normal mode
+# ---------------------------------------------------------------------------------------------
+
+
+def token_rank_mask(comm, idx):
+    """``[T, R]`` bool: token t has a valid expert on rank r (``idx`` already sanitised)."""
+    dest = _lookup(comm.expert_rank, idx)
+    return jnp.any(dest[:, :, None] == jnp.arange(comm.num_ranks)[None, None, :], axis=1)
+
+
+def dispatch_layout(comm, topk_idx):
+    """``(tokens_per_rank [R], tokens_per_expert [E], is_token_in_rank [T, R])``."""
+    idx, _ = sanitize(comm, topk_idx)
+    in_rank = token_rank_mask(comm, idx)
+    first = _first_occurrence(idx)
+    e = comm.cfg.num_experts
+    per_expert = jnp.zeros((e + 1,), jnp.int32).at[jnp.where(first, idx, e)].add(1)[:e]
+    return jnp.sum(in_rank, axis=0, dtype=jnp.int32), per_expert, in_rank
+
+
+def make_handle(comm, in_rank, capacity):
+    """Routing of one normal-mode call, from the ``[T, R]`` mask of the local tokens.
+
+    Returns ``(src_index [C], send_slot [T, R], num_received)``: the flat source position
+    ``src_rank * T + src_token`` of each received row (-1 for padding), the row of each local
+    token in each destination's output (-1 when not sent or dropped), and the number of rows
+    destined to this rank before capacity was applied.
+    """
+    t, r = in_rank.shape
+    recv_mask = _a2a(comm, in_rank.T)  # [R(src), T]
+    src_index, pos, total = _compact(recv_mask.reshape(-1), capacity)
+    send_slot = _a2a(comm, pos.reshape(r, t)).T  # [T, R(dest)]
+    return src_index, send_slot, total
+
+
+def dispatch_rows(comm, rows, src_index):
+    """Move ``rows [T, ...]`` to the ranks of ``src_index`` (a handle's): ``[C, ...]``."""
+    r = comm.num_ranks
+    buf = jnp.broadcast_to(rows[None], (r,) + rows.shape)
+    recv = _a2a(comm, buf)  # [R(src), T, ...]
+    return _gather_rows(recv.reshape((-1,) + rows.shape[1:]), src_index)
+
+
+def combine_rows(comm, rows, src_index, send_slot):
+    """Return ``rows [C, ...]`` to their source tokens and sum per token: ``[T, ...]``.
+
+    Sums in float32 (for floating inputs) and returns ``rows.dtype``.
+    """
+    t, r = send_slot.shape
+    acc = jnp.float32 if jnp.issubdtype(rows.dtype, jnp.floating) else rows.dtype
+    buf = _scatter_rows(rows, src_index, r * t).reshape((r, t) + rows.shape[1:])
+    back = _a2a(comm, buf)  # [R(dest), T, ...]: what each destination sent back
+    sent = (send_slot.T >= 0).reshape((r, t) + (1,) * (rows.ndim - 1))
+    out = jnp.sum(jnp.where(sent, back.astype(acc), 0), axis=0)
+    return out.astype(rows.dtype)
+
+
+def local_topk(comm, global_idx):
+    """Global expert ids -> this rank's local slots (-1 for experts held elsewhere)."""
+    me = rank_index(comm)
+    on_me = _lookup(comm.expert_rank, global_idx) == me
+    return jnp.where(on_me, _lookup(comm.expert_slot, global_idx), -1)
+
+
+def dispatch(comm, x, topk_idx, topk_weights, capacity):
+    """Normal-mode dispatch; ``x`` an array or a tuple of arrays (fp8 payload, scales).
+
+    Returns a dict with the fields of :class:`jaxep.Dispatched` (``handle`` as its two arrays).
+    """
+    idx, num_invalid = sanitize(comm, topk_idx)
+    in_rank = token_rank_mask(comm, idx)
+    src_index, send_slot, total = make_handle(comm, in_rank, capacity)
+    move = lambda a: dispatch_rows(comm, a, src_index)  # noqa: E731
+    recv_x = tuple(move(a) for a in x) if isinstance(x, tuple) else move(x)
+    recv_idx = jnp.where(src_index[:, None] >= 0, local_topk(comm, move(idx)), -1)
+    recv_w = jnp.where(recv_idx >= 0, move(topk_weights), jnp.zeros((), topk_weights.dtype))
+    el = comm.num_local_experts
+    first = _first_occurrence(recv_idx)
+    per_expert = jnp.zeros((el + 1,), jnp.int32).at[jnp.where(first, recv_idx, el)].add(1)[:el]
+    kept = jnp.minimum(total, capacity)
+    return dict(x=recv_x, topk_idx=recv_idx, topk_weights=recv_w, num_tokens=kept,
+                tokens_per_expert=per_expert, num_dropped=total - kept,
+                num_invalid=num_invalid, src_index=src_index, send_slot=send_slot)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-latency mode
+# ---------------------------------------------------------------------------------------------
+
+
+def ll_copy_mask(comm, idx):
+    """``[R, E_l, T]`` bool: token t selected expert (rank r, slot e) (sanitised ``idx``)."""
+    first = _first_occurrence(idx)
+    onehot = (idx[:, :, None] == jnp.asarray(comm.global_expert).reshape(-1)[None, None, :])
+    sel = jnp.any(onehot & first[:, :, None], axis=1)  # [T, E] in (rank, slot) order
+    return sel.T.reshape(comm.num_ranks, comm.num_local_experts, -1)
+
+
+def ll_send(comm, rows, copy_mask):
+    """Send phase: ``rows [T, ...]`` -> received ``[R(src), E_l, T, ...]`` and its mask.
+
+    Every (destination, local expert, token) cell is a static slot of the worst-case buffer;
+    cells of tokens that did not select that expert are zero.
+    """
+    r, el, t = copy_mask.shape
+    shape = (r, el) + rows.shape
+    m = copy_mask.reshape((r, el, t) + (1,) * (rows.ndim - 1))
+    buf = jnp.where(m, jnp.broadcast_to(rows, shape), jnp.zeros((), rows.dtype))
+    return _a2a(comm, buf), _a2a(comm, copy_mask)
+
+
+def ll_layout(comm, recv_mask):
+    """Receiver-side compaction of ``recv_mask [R(src), E_l, T]``.
+
+    Returns ``(src_index [E_l, R*T]`` (flat ``src_rank * T + token`` per row, -1 padding),
+    ``pos [R(src), E_l, T]`` (row of each copy, -1 when absent), ``counts [E_l])``.
+    """
+    r, el, t = recv_mask.shape
+    per_expert = jnp.transpose(recv_mask, (1, 0, 2)).reshape(el, r * t)
+    src_index, pos, counts = jax.vmap(lambda m: _compact(m, r * t))(per_expert)
+    pos = jnp.transpose(pos.reshape(el, r, t), (1, 0, 2))
+    return src_index, pos, counts
+
+
+def ll_unpack(rows, src_index):
+    """Receive phase: ``rows [R(src), E_l, T, ...]`` -> ``[E_l, R*T, ...]`` compacted."""
+    r, el, t = rows.shape[:3]
+    per_expert = jnp.transpose(rows, (1, 0, 2) + tuple(range(3, rows.ndim)))
+    per_expert = per_expert.reshape((el, r * t) + rows.shape[3:])
+    return jax.vmap(_gather_rows)(per_expert, src_index)
+
+
+def ll_slots(comm, idx, pos):
+    """Source side: row of each (token, k) in its expert's output, from the receivers' ``pos``.
+
+    ``pos [R(src), E_l, T]`` on each receiver -> ``slot [T, K]`` (-1 for invalid k).
+    """
+    back = _a2a(comm, pos)  # [R(dest), E_l, T]
+    dest = _lookup(comm.expert_rank, idx)
+    slot = _lookup(comm.expert_slot, idx)
+    t = jnp.arange(idx.shape[0])[:, None]
+    return jnp.where(idx >= 0, back[jnp.maximum(dest, 0), jnp.maximum(slot, 0), t], -1)
+
+
+def ll_combine_send(comm, y, src_index):
+    """Send phase of combine: ``y [E_l, R*T, ...]`` -> ``[R(dest), E_l, T, ...]`` at the source."""
+    el, rt = src_index.shape
+    r = comm.num_ranks
+    t = rt // r
+    buf = jax.vmap(lambda rows, s: _scatter_rows(rows, s, rt))(y, src_index)
+    buf = buf.reshape((el, r, t) + y.shape[2:])
+    buf = jnp.transpose(buf, (1, 0, 2) + tuple(range(3, buf.ndim)))
+    return _a2a(comm, buf)
+
+
+def ll_combine_recv(comm, back, topk_idx, topk_weights):
+    """Receive phase of combine: ``sum_k w[t, k] * back[rank(e_k), slot(e_k), t]`` in f32."""
+    idx, _ = sanitize(comm, topk_idx)
+    dest = jnp.maximum(_lookup(comm.expert_rank, idx), 0)
+    slot = jnp.maximum(_lookup(comm.expert_slot, idx), 0)
+    t = jnp.arange(idx.shape[0])[:, None]
+    rows = back[dest, slot, t].astype(jnp.float32)  # [T, K, ...]
+    w = jnp.where(idx >= 0, topk_weights, 0).astype(jnp.float32)
+    w = w.reshape(w.shape + (1,) * (rows.ndim - 2))
+    return jnp.sum(rows * w, axis=1).astype(back.dtype)

@@ -1,0 +1,124 @@
+"""Binding of an :class:`EPConfig` to a device mesh: :class:`Communicator`."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from jaxep import _cuda
+from jaxep.config import EPConfig
+
+BACKENDS = ("auto", "cuda", "xla")
+
+# Which public ops have a CUDA kernel today. Ops not listed run the pure-JAX implementation even
+# with backend="cuda" (``Communicator.implementation`` says which one runs; the README's status
+# table says the same).
+CUDA_OPS = frozenset({"dispatch_layout"})
+ALL_OPS = ("dispatch_layout", "dispatch", "combine", "ll_dispatch", "ll_combine")
+
+
+class Communicator:
+    """An expert-parallel group: a mesh, an :class:`EPConfig` and a backend.
+
+    Args:
+      mesh: a ``jax.sharding.Mesh`` containing the axis (or axes) ``cfg.axis_name``; the EP group
+        size R is the product of their sizes.
+      cfg: the static configuration.
+      backend: ``"xla"`` (pure JAX, any platform), ``"cuda"`` (the compiled kernels; requires the
+        extension built with CUDA and GPU devices) or ``"auto"`` (``"cuda"`` when both hold,
+        ``"xla"`` otherwise).
+
+    The communicator is used by the ops *inside* ``jax.shard_map`` over ``mesh``; it holds no
+    per-call state. ``close()`` (or leaving a ``with`` block) releases backend resources.
+    """
+
+    def __init__(self, mesh: jax.sharding.Mesh, cfg: EPConfig, backend: str = "auto"):
+        if not isinstance(cfg, EPConfig):
+            raise TypeError(f"cfg must be a jaxep.EPConfig, got {type(cfg).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        missing = [a for a in cfg.axis_names if a not in mesh.shape]
+        if missing:
+            raise ValueError(f"EPConfig.axis_name {cfg.axis_name!r}: axis {missing} not in the mesh "
+                             f"axes {tuple(mesh.axis_names)}")
+        self.mesh = mesh
+        self.cfg = cfg
+        self.num_ranks = math.prod(mesh.shape[a] for a in cfg.axis_names)
+        if cfg.num_experts % self.num_ranks:
+            raise ValueError(f"num_experts ({cfg.num_experts}) must be divisible by the EP group "
+                             f"size R={self.num_ranks} (mesh axes {cfg.axis_names})")
+        self.num_local_experts = cfg.num_experts // self.num_ranks
+        self.expert_rank, self.expert_slot = _placement_tables(cfg, self.num_ranks)
+        # global_expert[r, s]: the global expert held by rank r in local slot s.
+        self.global_expert = np.empty((self.num_ranks, self.num_local_experts), np.int32)
+        self.global_expert[self.expert_rank, self.expert_slot] = np.arange(cfg.num_experts)
+        self.backend = _resolve_backend(backend, mesh)
+        if self.backend == "cuda":
+            _cuda.register()
+        self._closed = False
+
+    # -- placement ---------------------------------------------------------------------------
+    def local_expert_ids(self, rank: int) -> np.ndarray:
+        """Global expert id held in each local slot of ``rank``: int32 ``[E_l]``."""
+        if not 0 <= rank < self.num_ranks:
+            raise ValueError(f"rank must be in [0, {self.num_ranks}), got {rank}")
+        return self.global_expert[rank].copy()
+
+    def implementation(self, op: str) -> str:
+        """Which implementation runs ``op`` on this communicator: ``"cuda"`` or ``"xla"``."""
+        if op not in ALL_OPS:
+            raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
+        return "cuda" if self.backend == "cuda" and op in CUDA_OPS else "xla"
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release backend resources. The pure-JAX backend holds none; idempotent."""
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Communicator(R={self.num_ranks}, E={self.cfg.num_experts}, "
+                f"axis={self.cfg.axis_name!r}, backend={self.backend!r})")
+
+
+def _placement_tables(cfg: EPConfig, num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(expert_rank [E], expert_slot [E]) int32 for the configured placement."""
+    e = np.arange(cfg.num_experts, dtype=np.int32)
+    local = cfg.num_experts // num_ranks
+    if cfg.placement == "linear":
+        return e // local, e % local
+    if cfg.placement == "round_robin":
+        return e % num_ranks, e // num_ranks
+    table = np.asarray(cfg.placement, dtype=np.int64)
+    bad = (table[:, 0] >= num_ranks) | (table[:, 1] >= local)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"placement table entry {i} = {tuple(table[i])} is outside "
+                         f"(rank < R={num_ranks}, slot < E_l={local})")
+    return table[:, 0].astype(np.int32), table[:, 1].astype(np.int32)
+
+
+def _resolve_backend(backend: str, mesh) -> str:
+    on_gpu = all(d.platform == "gpu" for d in mesh.devices.flat)
+    if backend == "xla":
+        return "xla"
+    if backend == "cuda":
+        if not _cuda.available():
+            raise ValueError("backend='cuda' needs jaxep's extension built with CUDA "
+                             "(reinstall on a machine with nvcc); use backend='xla' or 'auto'")
+        if not on_gpu:
+            platforms = sorted({d.platform for d in mesh.devices.flat})
+            raise ValueError(f"backend='cuda' needs a mesh of GPU devices, got {platforms}")
+        return "cuda"
+    return "cuda" if on_gpu and _cuda.available() else "xla"

@@ -1,0 +1,116 @@
+"""Static configuration of an expert-parallel group: :class:`EPConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence, Union
+
+Placement = Union[str, tuple[tuple[int, int], ...]]
+
+_NAMED_PLACEMENTS = ("linear", "round_robin")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"EPConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"EPConfig.{name} must be positive, got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class EPConfig:
+    """Static description of one expert-parallel (EP) dispatch/combine setup.
+
+    Frozen and hashable, so it can be closed over by jitted functions. Every field is validated
+    in ``__post_init__``; what depends on the EP group size R (``num_experts % R``, an explicit
+    placement table's ranks) is validated when a :class:`jaxep.Communicator` binds it to a mesh.
+
+    Attributes:
+      num_experts: E, the number of global experts.
+      num_topk: K, experts selected per token (the last dim of ``topk_idx``).
+      hidden: H, the token width (the last dim of ``x``).
+      max_tokens_per_rank: T_max, the static per-rank token capacity of one call. A call may pass
+        fewer tokens (``x.shape[0] <= max_tokens_per_rank``); more is a trace-time error.
+      axis_name: the mesh axis (or tuple of axes) that forms the EP group of size R.
+      placement: ``"linear"`` (expert e on rank ``e // E_l``, slot ``e % E_l``),
+        ``"round_robin"`` (rank ``e % R``, slot ``e // R``) or an explicit table: a sequence of
+        ``(rank, slot)`` pairs, one per global expert, covering every (rank, slot) exactly once.
+      recv_capacity: rows each rank can receive in normal mode (C). ``None`` means ``R * T``,
+        which never drops. Smaller values drop the excess deterministically (counted in
+        ``Dispatched.num_dropped``).
+      num_sms: SM budget of the communication kernels (CUDA backend); ``None`` = tuned default.
+      timeout_s: a peer that does not arrive within this many seconds fails the call instead of
+        hanging it (CUDA backend).
+    """
+
+    num_experts: int
+    num_topk: int
+    hidden: int
+    max_tokens_per_rank: int
+    axis_name: Union[str, tuple[str, ...]] = "ep"
+    placement: Placement = "linear"
+    recv_capacity: int | None = None
+    num_sms: int | None = None
+    timeout_s: float = 60.0
+
+    def __post_init__(self):
+        for name in ("num_experts", "num_topk", "hidden", "max_tokens_per_rank"):
+            _positive_int(name, getattr(self, name))
+        if self.num_topk > self.num_experts:
+            raise ValueError(
+                f"EPConfig.num_topk ({self.num_topk}) must be <= num_experts ({self.num_experts})")
+        axis = self.axis_name
+        if isinstance(axis, (list, tuple)):
+            axis = tuple(axis)
+            if not axis or not all(isinstance(a, str) for a in axis):
+                raise TypeError(f"EPConfig.axis_name must be a str or a non-empty tuple of str, "
+                                f"got {self.axis_name!r}")
+            object.__setattr__(self, "axis_name", axis)
+        elif not isinstance(axis, str):
+            raise TypeError(f"EPConfig.axis_name must be a str or a tuple of str, got {axis!r}")
+        object.__setattr__(self, "placement", _normalize_placement(self.placement, self.num_experts))
+        if self.recv_capacity is not None:
+            _positive_int("recv_capacity", self.recv_capacity)
+        if self.num_sms is not None:
+            _positive_int("num_sms", self.num_sms)
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)):
+            raise TypeError(f"EPConfig.timeout_s must be a number, got {self.timeout_s!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"EPConfig.timeout_s must be positive, got {self.timeout_s}")
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        """``axis_name`` as a tuple."""
+        return self.axis_name if isinstance(self.axis_name, tuple) else (self.axis_name,)
+
+
+def _normalize_placement(placement, num_experts: int) -> Placement:
+    if isinstance(placement, str):
+        if placement not in _NAMED_PLACEMENTS:
+            raise ValueError(f"EPConfig.placement must be one of {_NAMED_PLACEMENTS} or a table of "
+                             f"(rank, slot) pairs, got {placement!r}")
+        return placement
+    try:
+        table = tuple((int(r), int(s)) for r, s in _as_pairs(placement))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"EPConfig.placement table must be a sequence of (rank, slot) int pairs, "
+                        f"got {placement!r}") from e
+    if len(table) != num_experts:
+        raise ValueError(f"EPConfig.placement table must have num_experts={num_experts} entries, "
+                         f"got {len(table)}")
+    if len(set(table)) != len(table):
+        raise ValueError("EPConfig.placement table maps two experts to the same (rank, slot)")
+    if any(r < 0 or s < 0 for r, s in table):
+        raise ValueError("EPConfig.placement table has a negative rank or slot")
+    return table
+
+
+def _as_pairs(placement) -> Sequence:
+    import numpy as np  # local: numpy arrays are accepted as tables
+
+    if isinstance(placement, np.ndarray):
+        if placement.ndim != 2 or placement.shape[1] != 2:
+            raise ValueError(f"table must have shape [E, 2], got {placement.shape}")
+        return placement.tolist()
+    return list(placement)

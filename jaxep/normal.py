@@ -1,0 +1,265 @@
+"""Normal (high-throughput) mode: :func:`dispatch_layout`, :func:`dispatch`, :func:`combine`.
+
+All three run per rank inside ``jax.shard_map`` over the communicator's mesh, on the local
+shard of each array. Notation: R ranks in the EP group, E experts, E_l = E / R local experts,
+T tokens on this rank (``<= max_tokens_per_rank``), K = ``num_topk``, H = ``hidden``,
+C = ``recv_capacity`` (``R * T`` when unset).
+
+Each token is sent **once per destination rank** that holds at least one of its experts
+(deduplicated across that rank's experts). Received rows are ordered by source rank, then by
+source token index; rows past ``num_tokens`` are padding (zeros, ``topk_idx = -1``, weight 0).
+Expert ids outside ``[-1, E)`` are treated as -1 and counted in ``num_invalid``. When more than
+C rows are destined to a rank, the rows past the first C (in that order) are dropped and counted
+in ``num_dropped``; combine returns nothing for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxep import _checks, _cuda, _xla
+from jaxep._checks import FLOAT_DTYPES
+
+
+def _pytree(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+
+
+@_pytree
+class Layout:
+    """Result of :func:`dispatch_layout` (all int32 unless noted).
+
+    Attributes:
+      tokens_per_rank: ``[R]`` local tokens with at least one expert on each rank.
+      tokens_per_expert: ``[E]`` local tokens that selected each global expert (a token listing
+        an expert twice counts once).
+      is_token_in_rank: ``[T, R]`` bool, token t has an expert on rank r.
+    """
+
+    tokens_per_rank: jax.Array
+    tokens_per_expert: jax.Array
+    is_token_in_rank: jax.Array
+
+
+@_pytree
+class DispatchHandle:
+    """Routing of one :func:`dispatch`, consumed by :func:`combine` and the gradients.
+
+    Attributes:
+      src_index: ``[C]`` int32, for each received row its source ``src_rank * T + src_token``;
+        -1 for padding rows.
+      send_slot: ``[T, R]`` int32, for each local token the row it occupies in each destination
+        rank's output; -1 where it was not sent there or was dropped for capacity.
+    """
+
+    src_index: jax.Array
+    send_slot: jax.Array
+
+
+@_pytree
+class Dispatched:
+    """Result of :func:`dispatch` on the receiving rank.
+
+    Attributes:
+      x: ``[C, H]`` received rows, same dtype as the input; for an FP8 input the tuple
+        ``(payload [C, H] float8_e4m3fn, scales [C, H/128])``.
+      topk_idx: ``[C, K]`` int32, the *local* expert slot (``0 <= s < E_l``) of each of the row's
+        top-k experts held by this rank; -1 for experts on other ranks, invalid, and padding.
+      topk_weights: ``[C, K]`` the token's weights where ``topk_idx >= 0``, 0 elsewhere.
+      num_tokens: int32 scalar, valid rows (``min(received, C)``).
+      tokens_per_expert: ``[E_l]`` int32, valid rows per local expert (a row counts once per
+        expert).
+      num_dropped: int32 scalar, rows destined here but dropped because they exceeded C.
+      num_invalid: int32 scalar, entries of this rank's ``topk_idx`` outside ``[-1, E)``.
+      handle: the :class:`DispatchHandle` for :func:`combine`.
+    """
+
+    x: jax.Array | tuple[jax.Array, jax.Array]
+    topk_idx: jax.Array
+    topk_weights: jax.Array
+    num_tokens: jax.Array
+    tokens_per_expert: jax.Array
+    num_dropped: jax.Array
+    num_invalid: jax.Array
+    handle: DispatchHandle
+
+
+def _zero_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros(x.shape, x.dtype)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch_layout
+# --------------------------------------------------------------------------------------------
+
+
+def dispatch_layout(comm, topk_idx) -> Layout:
+    """Count where this rank's tokens go: see :class:`Layout`.
+
+    Args:
+      comm: the :class:`jaxep.Communicator`.
+      topk_idx: ``[T, K]`` int32 global expert ids, -1 for none (ids outside ``[-1, E)`` are
+        treated as -1).
+
+    Integer outputs, no gradient. Runs the CUDA kernel ``jaxep_dispatch_layout_ffi`` with the
+    ``cuda`` backend.
+    """
+    _checks.ep_group(comm, "dispatch_layout")
+    _checks.topk(comm, "dispatch_layout", topk_idx, topk_idx.shape[0])
+    _checks.tokens(comm, "dispatch_layout", topk_idx.shape[0])
+    topk_idx = topk_idx.astype(jnp.int32)
+    if comm.implementation("dispatch_layout") == "cuda":
+        out = _cuda.dispatch_layout(topk_idx, jnp.asarray(comm.expert_rank), comm.num_ranks,
+                                    comm.cfg.num_experts)
+    else:
+        out = _xla.dispatch_layout(comm, topk_idx)
+    return Layout(*out)
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _capacity(comm, num_tokens: int) -> int:
+    return comm.cfg.recv_capacity or comm.num_ranks * num_tokens
+
+
+def dispatch(comm, x, topk_idx, topk_weights) -> Dispatched:
+    """Send each token to the ranks holding its top-k experts (normal mode).
+
+    Args:
+      comm: the :class:`jaxep.Communicator`.
+      x: ``[T, H]`` bfloat16 (or float32), or the FP8 tuple ``(payload [T, H] float8_e4m3fn,
+        scales [T, H/128] float32)`` as made by :func:`jaxep.quantize_fp8` (packed UE8M0 int32
+        scales are moved as they are).
+      topk_idx: ``[T, K]`` int32 global expert ids, -1 for none.
+      topk_weights: ``[T, K]`` float32 routing weights.
+
+    Returns:
+      :class:`Dispatched`, with ``C = EPConfig.recv_capacity or R * T`` rows.
+
+    Gradients: w.r.t. ``x`` a :func:`combine` of the rows' cotangents (the unweighted sum over a
+    token's copies; dropped copies contribute nothing); w.r.t. ``topk_weights`` each received
+    weight's cotangent gathered back to ``[T, K]``. FP8 inputs get zero gradients (quantise
+    outside with :func:`jaxep.quantize_fp8` for a straight-through gradient).
+    """
+    op = "dispatch"
+    _checks.ep_group(comm, op)
+    payload = x[0] if isinstance(x, tuple) else x
+    if isinstance(x, tuple):
+        if len(x) != 2:
+            raise TypeError(f"jaxep.{op}: an FP8 x must be the tuple (payload, scales), "
+                            f"got {len(x)} elements")
+        _checks.array(op, "x payload", payload, 2, (jnp.float8_e4m3fn,))
+        _checks.fp8_hidden(op, payload.shape[1])
+        scales = x[1]
+        _checks.array(op, "x scales", scales, 2, (jnp.float32, jnp.int32))
+        g = payload.shape[1] // 128
+        want = g if scales.dtype == jnp.float32 else -(-g // 4)
+        _checks.dim(op, "scales shape", (payload.shape[0], want), tuple(scales.shape))
+    else:
+        _checks.array(op, "x", payload, 2, FLOAT_DTYPES)
+    t = payload.shape[0]
+    _checks.hidden(comm, op, "x", payload.shape[1])
+    _checks.tokens(comm, op, t)
+    _checks.topk(comm, op, topk_idx, t, topk_weights)
+    return _dispatch(comm, x, topk_idx.astype(jnp.int32), topk_weights)
+
+
+def _dispatch_impl(comm, x, topk_idx, topk_weights) -> Dispatched:
+    # Every backend runs the pure-JAX dispatch until its CUDA kernel lands.
+    out = _xla.dispatch(comm, x, topk_idx, topk_weights, _capacity(comm, topk_idx.shape[0]))
+    handle = DispatchHandle(out.pop("src_index"), out.pop("send_slot"))
+    return Dispatched(handle=handle, **out)
+
+
+def _combine_rows_impl(comm, rows, handle: DispatchHandle):
+    return _xla.combine_rows(comm, rows, handle.src_index, handle.send_slot)
+
+
+def _dispatch_rows_impl(comm, rows, handle: DispatchHandle):
+    return _xla.dispatch_rows(comm, rows, handle.src_index)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dispatch(comm, x, topk_idx, topk_weights):
+    return _dispatch_impl(comm, x, topk_idx, topk_weights)
+
+
+def _dispatch_fwd(comm, x, topk_idx, topk_weights):
+    out = _dispatch_impl(comm, x, topk_idx, topk_weights)
+    return out, (out.handle, out.topk_idx, x, topk_idx)
+
+
+def _dispatch_bwd(comm, res, g: Dispatched):
+    handle, recv_idx, x, topk_idx = res
+    if isinstance(x, tuple):
+        gx = tuple(_zero_cotangent(a) for a in x)
+    else:
+        gx = _combine_rows_impl(comm, g.x, handle)
+    gw_rows = jnp.where(recv_idx >= 0, g.topk_weights, jnp.zeros((), g.topk_weights.dtype))
+    gw = _combine_rows_impl(comm, gw_rows, handle)
+    return gx, _zero_cotangent(topk_idx), gw
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# combine
+# --------------------------------------------------------------------------------------------
+
+
+def combine(comm, y, handle: DispatchHandle):
+    """Bring expert outputs back to their tokens and sum them (normal mode).
+
+    Args:
+      comm: the :class:`jaxep.Communicator`.
+      y: ``[C, H]`` bfloat16 (or float32), one row per received row of the :func:`dispatch`
+        whose ``handle`` is given; padding rows are ignored. Apply ``topk_weights`` before
+        combining if a weighted sum is wanted.
+      handle: ``Dispatched.handle``.
+
+    Returns:
+      ``[T, H]`` in ``y.dtype``: per token the sum (accumulated in float32) of its rows across
+      the ranks it was sent to; 0 for tokens sent nowhere or only dropped.
+
+    Gradient: w.r.t. ``y`` a dispatch of the output cotangent along ``handle``.
+    """
+    op = "combine"
+    _checks.ep_group(comm, op)
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"jaxep.{op}: handle must be a DispatchHandle (Dispatched.handle), "
+                        f"got {type(handle).__name__}")
+    _checks.array(op, "y", y, 2, FLOAT_DTYPES)
+    _checks.dim(op, "y.shape[0] (rows of the dispatch, C)", handle.src_index.shape[0],
+                y.shape[0])
+    _checks.hidden(comm, op, "y", y.shape[1])
+    return _combine(comm, y, handle)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _combine(comm, y, handle):
+    return _combine_rows_impl(comm, y, handle)
+
+
+def _combine_fwd(comm, y, handle):
+    return _combine_rows_impl(comm, y, handle), handle
+
+
+def _combine_bwd(comm, handle, g):
+    gy = _dispatch_rows_impl(comm, g, handle)
+    return gy, jax.tree.map(_zero_cotangent, handle)
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
