@@ -1,10 +1,8 @@
-// Dispatch layout kernel. One launch, three block roles selected by blockIdx.x:
-//   block 0                         : tokens_per_rank (scans all tokens, counts in shared memory)
-//   blocks 1 .. num_expert_blocks   : tokens_per_expert, kExpertsPerBlock experts per block
-//   remaining blocks                : is_token_in_rank, kTokensPerRowBlock token rows per block
-// Every role owns its outputs exclusively and writes all of them (zeros included), so no
-// global atomics, no pre-zeroing and no inter-block synchronisation are needed. Counting uses
-// shared-memory integer atomics, which are exact, so results are deterministic.
+// Dispatch layout kernel: one thread per token, counts in shared memory per block, then one
+// global integer atomic per non-zero block count (exact, so the result is deterministic).
+//
+// A token's K ids are independent loads issued together, so the kernel is bound by launch and
+// one round of memory latency rather than by serial loops; T=4096 tokens are 32 blocks.
 #include "layout.h"
 
 #include <climits>
@@ -13,109 +11,62 @@
 namespace jaxep {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kExpertsPerBlock = 64;
-constexpr int kTokensPerRowBlock = kThreads;  // one token per thread when building masks
-constexpr int kCountSlots = kLayoutMaxRanks > kExpertsPerBlock ? kLayoutMaxRanks : kExpertsPerBlock;
-
-// Bit r set iff token `row` has a valid expert held by rank r.
-__device__ __forceinline__ unsigned long long TokenRankMask(const int32_t* __restrict__ row,
-                                                            int num_topk, int num_experts,
-                                                            int num_ranks,
-                                                            const int32_t* s_expert_rank) {
-  unsigned long long mask = 0;
-  for (int k = 0; k < num_topk; ++k) {
-    const int e = row[k];
-    if (static_cast<unsigned>(e) < static_cast<unsigned>(num_experts)) {
-      const int r = s_expert_rank[e];
-      if (static_cast<unsigned>(r) < static_cast<unsigned>(num_ranks)) mask |= 1ull << r;
-    }
-  }
-  return mask;
-}
-
-__device__ __forceinline__ void LoadExpertRank(const int32_t* __restrict__ expert_rank,
-                                               int num_experts, int32_t* s_expert_rank) {
-  for (int e = threadIdx.x; e < num_experts; e += kThreads) s_expert_rank[e] = expert_rank[e];
-}
+constexpr int kThreads = 128;  // tokens per block
 
 __global__ void __launch_bounds__(kThreads)
     DispatchLayoutKernel(const int32_t* __restrict__ topk_idx,
                          const int32_t* __restrict__ expert_rank, int num_tokens, int num_topk,
-                         int num_experts, int num_ranks, int num_expert_blocks,
-                         int32_t* __restrict__ tokens_per_rank,
+                         int num_experts, int num_ranks, int32_t* __restrict__ tokens_per_rank,
                          int32_t* __restrict__ tokens_per_expert,
                          bool* __restrict__ is_token_in_rank) {
-  extern __shared__ int32_t s_expert_rank[];  // [num_experts], rank roles only
-  __shared__ int32_t s_counts[kCountSlots];
-  __shared__ unsigned long long s_mask[kTokensPerRowBlock];
+  extern __shared__ int32_t smem[];
+  int32_t* s_expert_rank = smem;                   // [E]
+  int32_t* s_expert_count = smem + num_experts;    // [E]
+  __shared__ int32_t s_rank_count[kLayoutMaxRanks];
+  __shared__ unsigned long long s_mask[kThreads];
 
-  const int block = static_cast<int>(blockIdx.x);
   const int tid = static_cast<int>(threadIdx.x);
-
-  if (block == 0) {
-    // ---- tokens_per_rank ----
-    for (int r = tid; r < num_ranks; r += kThreads) s_counts[r] = 0;
-    LoadExpertRank(expert_rank, num_experts, s_expert_rank);
-    __syncthreads();
-    for (int t = tid; t < num_tokens; t += kThreads) {
-      unsigned long long mask = TokenRankMask(topk_idx + static_cast<size_t>(t) * num_topk,
-                                              num_topk, num_experts, num_ranks, s_expert_rank);
-      while (mask != 0) {
-        const int r = __ffsll(static_cast<long long>(mask)) - 1;
-        atomicAdd(&s_counts[r], 1);
-        mask &= mask - 1;
-      }
-    }
-    __syncthreads();
-    for (int r = tid; r < num_ranks; r += kThreads) tokens_per_rank[r] = s_counts[r];
-    return;
+  for (int e = tid; e < num_experts; e += kThreads) {
+    s_expert_rank[e] = expert_rank[e];
+    s_expert_count[e] = 0;
   }
+  for (int r = tid; r < num_ranks; r += kThreads) s_rank_count[r] = 0;
+  __syncthreads();
 
-  if (block <= num_expert_blocks) {
-    // ---- tokens_per_expert for experts [base, base + n) ----
-    const int base = (block - 1) * kExpertsPerBlock;
-    const int n = min(kExpertsPerBlock, num_experts - base);
-    for (int i = tid; i < n; i += kThreads) s_counts[i] = 0;
-    __syncthreads();
-    const int total = num_tokens * num_topk;  // validated to fit in int by the launcher
-    for (int i = tid; i < total; i += kThreads) {  // flat, coalesced scan of topk_idx
-      const int e = topk_idx[i];
-      const int local = e - base;
-      if (static_cast<unsigned>(local) >= static_cast<unsigned>(n)) continue;  // also drops e<0
-      const int t = i / num_topk;
-      const int k = i - t * num_topk;
-      const int32_t* row = topk_idx + static_cast<size_t>(t) * num_topk;
+  const int t0 = static_cast<int>(blockIdx.x) * kThreads;
+  const int t = t0 + tid;
+  unsigned long long mask = 0;
+  if (t < num_tokens) {
+    const int32_t* row = topk_idx + static_cast<size_t>(t) * num_topk;
+    for (int k = 0; k < num_topk; ++k) {
+      const int e = row[k];
+      if (static_cast<unsigned>(e) >= static_cast<unsigned>(num_experts)) continue;  // -1/invalid
       bool first = true;
-      for (int j = 0; j < k; ++j) {
-        if (row[j] == e) {
-          first = false;
-          break;
-        }
-      }
-      if (first) atomicAdd(&s_counts[local], 1);
+      for (int j = 0; j < k; ++j) first = first && row[j] != e;
+      if (!first) continue;
+      atomicAdd(&s_expert_count[e], 1);
+      const int r = s_expert_rank[e];
+      if (static_cast<unsigned>(r) < static_cast<unsigned>(num_ranks)) mask |= 1ull << r;
     }
-    __syncthreads();
-    for (int i = tid; i < n; i += kThreads) tokens_per_expert[base + i] = s_counts[i];
-    return;
+    for (unsigned long long m = mask; m != 0; m &= m - 1) {
+      atomicAdd(&s_rank_count[__ffsll(static_cast<long long>(m)) - 1], 1);
+    }
   }
+  s_mask[tid] = mask;
+  __syncthreads();
 
-  // ---- is_token_in_rank rows [t0, t0 + n) ----
-  const int t0 = (block - 1 - num_expert_blocks) * kTokensPerRowBlock;
-  const int n = min(kTokensPerRowBlock, num_tokens - t0);
-  LoadExpertRank(expert_rank, num_experts, s_expert_rank);
-  __syncthreads();
-  if (tid < n) {
-    s_mask[tid] = TokenRankMask(topk_idx + static_cast<size_t>(t0 + tid) * num_topk, num_topk,
-                                num_experts, num_ranks, s_expert_rank);
-  }
-  __syncthreads();
+  // is_token_in_rank rows [t0, t0 + n): coalesced byte stores.
+  const int n = min(kThreads, num_tokens - t0);
   bool* out = is_token_in_rank + static_cast<size_t>(t0) * num_ranks;
-  const int count = n * num_ranks;
-  for (int i = tid; i < count; i += kThreads) {  // coalesced byte writes of n full rows
+  for (int i = tid; i < n * num_ranks; i += kThreads) {
     const int tl = i / num_ranks;
-    const int r = i - tl * num_ranks;
-    out[i] = ((s_mask[tl] >> r) & 1ull) != 0;
+    out[i] = ((s_mask[tl] >> (i - tl * num_ranks)) & 1ull) != 0;
+  }
+  for (int e = tid; e < num_experts; e += kThreads) {
+    if (s_expert_count[e]) atomicAdd(&tokens_per_expert[e], s_expert_count[e]);
+  }
+  for (int r = tid; r < num_ranks; r += kThreads) {
+    if (s_rank_count[r]) atomicAdd(&tokens_per_rank[r], s_rank_count[r]);
   }
 }
 
@@ -133,13 +84,21 @@ cudaError_t LaunchDispatchLayout(const int32_t* topk_idx, const int32_t* expert_
       static_cast<long long>(num_tokens) * num_ranks > INT_MAX) {
     return cudaErrorInvalidValue;
   }
-  const int num_expert_blocks = (num_experts + kExpertsPerBlock - 1) / kExpertsPerBlock;
-  const int num_row_blocks = (num_tokens + kTokensPerRowBlock - 1) / kTokensPerRowBlock;
-  const dim3 grid(static_cast<unsigned>(1 + num_expert_blocks + num_row_blocks));
-  const size_t smem = static_cast<size_t>(num_experts) * sizeof(int32_t);
+  cudaError_t err = cudaMemsetAsync(tokens_per_rank, 0, sizeof(int32_t) * num_ranks, stream);
+  if (err == cudaSuccess) {
+    err = cudaMemsetAsync(tokens_per_expert, 0, sizeof(int32_t) * num_experts, stream);
+  }
+  if (err != cudaSuccess || num_tokens == 0) return err;
+  const size_t smem = 2 * static_cast<size_t>(num_experts) * sizeof(int32_t);
+  if (smem > 48 * 1024) {
+    err = cudaFuncSetAttribute(DispatchLayoutKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(static_cast<unsigned>((num_tokens + kThreads - 1) / kThreads));
   DispatchLayoutKernel<<<grid, kThreads, smem, stream>>>(
-      topk_idx, expert_rank, num_tokens, num_topk, num_experts, num_ranks, num_expert_blocks,
-      tokens_per_rank, tokens_per_expert, is_token_in_rank);
+      topk_idx, expert_rank, num_tokens, num_topk, num_experts, num_ranks, tokens_per_rank,
+      tokens_per_expert, is_token_in_rank);
   return cudaGetLastError();
 }
 

@@ -1,8 +1,9 @@
 """FP8 (e4m3) block quantisation shared by callers and the FP8 paths of dispatch.
 
-One float32 scale per 128 channels: ``scale = max(amax, 1e-4) / 448`` over the block, payload
-``= cast_e4m3(x / scale)`` (IEEE division, round to nearest even; |x / scale| <= 448 so nothing
-saturates). With ``round_scale`` the scale is rounded *up* to a power of two (exactly, on the
+One float32 scale per 128 channels: ``scale = max(amax, 1e-4) * fl32(1/448)`` over the block
+(a float32 multiplication by the float32 nearest 1/448, written so: XLA would rewrite a division
+by the constant into exactly this), payload ``= cast_e4m3(x / scale)`` (IEEE division, round to
+nearest even; |x / scale| <= 448 up to rounding, saturating at 448). With ``round_scale`` the scale is rounded *up* to a power of two (exactly, on the
 bits: a scale with a non-zero mantissa goes to the next exponent). With ``ue8m0`` (which needs
 ``round_scale``) the power-of-two scales are packed as their 8-bit biased exponents, four per
 int32, little-endian: block ``4*i + j`` sits in bits ``8*j .. 8*j+7`` of word ``i``; a partial
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 BLOCK = 128
 FP8_MAX = 448.0
+INV_FP8_MAX = np.float32(1.0 / FP8_MAX)  # fl32(1/448), the exact constant the kernels use
 AMAX_FLOOR = 1e-4
 FP8_DTYPE = jnp.float8_e4m3fn
 
@@ -81,10 +84,11 @@ def quantize_fp8(x, round_scale: bool = False, ue8m0: bool = False):
     g = _check_hidden(x, "quantize_fp8")
     xf = x.astype(jnp.float32).reshape(*x.shape[:-1], g, BLOCK)
     amax = jnp.maximum(jnp.max(jnp.abs(jax.lax.stop_gradient(xf)), axis=-1), AMAX_FLOOR)
-    scale = amax / FP8_MAX
+    scale = amax * INV_FP8_MAX
     if round_scale:
         scale = _round_pow2_up(scale)
-    payload = (xf / scale[..., None]).astype(FP8_DTYPE).reshape(x.shape)
+    q = jnp.clip(xf / scale[..., None], -FP8_MAX, FP8_MAX)  # e4m3fn has no inf: saturate
+    payload = q.astype(FP8_DTYPE).reshape(x.shape)
     return payload, (_pack_ue8m0(scale) if ue8m0 else scale)
 
 

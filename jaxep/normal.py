@@ -93,7 +93,7 @@ class Dispatched:
 
 def _zero_cotangent(x):
     if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros(x.shape, x.dtype)
+        return jnp.zeros_like(x)  # keeps the per-rank (manual) axis type inside shard_map
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
@@ -150,8 +150,8 @@ def dispatch(comm, x, topk_idx, topk_weights) -> Dispatched:
 
     Gradients: w.r.t. ``x`` a :func:`combine` of the rows' cotangents (the unweighted sum over a
     token's copies; dropped copies contribute nothing); w.r.t. ``topk_weights`` each received
-    weight's cotangent gathered back to ``[T, K]``. FP8 inputs get zero gradients (quantise
-    outside with :func:`jaxep.quantize_fp8` for a straight-through gradient).
+    weight's cotangent gathered back to ``[T, K]``. An FP8 ``x`` gets a zero gradient (its
+    cotangent would be e4m3); ``topk_weights`` still gets its gradient.
     """
     op = "dispatch"
     _checks.ep_group(comm, op)

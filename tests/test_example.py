@@ -1,0 +1,44 @@
+"""Smoke test of ``examples/train_moe.py``: a short run on CPU must exit 0 with a falling loss."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "train_moe.py"
+TIMEOUT_S = 300
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    # Let the script ask for its own number of virtual devices (--devices); keep other flags.
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + path if path else "")
+    return env
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def test_train_moe_loss_falls():
+    cmd = [sys.executable, str(EXAMPLE), "--platform", "cpu", "--devices", "4", "--steps", "20",
+           "--tokens-per-rank", "64", "--hidden", "32", "--experts", "8", "--topk", "3",
+           "--placement", "round_robin"]
+    try:
+        proc = subprocess.run(cmd, env=_env(), cwd=str(REPO), capture_output=True,
+                              timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT_S} s\n"
+                    f"--- stdout ---\n{_text(e.stdout)}\n--- stderr ---\n{_text(e.stderr)}")
+    out, err = _text(proc.stdout), _text(proc.stderr)
+    report = f"exit code {proc.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+    assert proc.returncode == 0, report
+    assert "loss fell" in out, report
