@@ -43,13 +43,14 @@ def _routing(rng, kind, tokens, num_topk, num_experts, num_ranks):
 @pytest.mark.skipif(not _cuda.available(), reason="jaxep extension built without CUDA")
 @pytest.mark.parametrize("num_ranks", [2, 4])
 @pytest.mark.parametrize("placement", ["linear", "round_robin"])
-def test_dispatch_layout_cuda_equals_xla(num_ranks, placement):
+@pytest.mark.parametrize("num_experts", [64, 256])
+def test_dispatch_layout_cuda_equals_xla(num_ranks, placement, num_experts):
     mesh = make_mesh(num_ranks, "gpu")
     rng = np.random.default_rng(1234 + num_ranks)
     fns = {}
     for backend in ("cuda", "xla"):
         comm = jaxep.Communicator(mesh, jaxep.EPConfig(
-            num_experts=64, num_topk=8, hidden=128, max_tokens_per_rank=512,
+            num_experts=num_experts, num_topk=8, hidden=128, max_tokens_per_rank=2500,
             placement=placement), backend=backend)
         assert comm.implementation("dispatch_layout") == backend
 
@@ -61,8 +62,8 @@ def test_dispatch_layout_cuda_equals_xla(num_ranks, placement):
     kinds = ["random", "minus_one", "invalid", "one_expert", "empty_rank", "zipf", "duplicates"]
     for trial in range(21):
         kind = kinds[trial % len(kinds)]
-        tokens = 512 if trial % 3 else 100  # also fewer tokens than max_tokens_per_rank
-        idx = jnp.asarray(_routing(rng, kind, tokens, 8, 64, num_ranks))
+        tokens = (100, 1024, 2500)[trial % 3]  # below capacity, one round, several rounds
+        idx = jnp.asarray(_routing(rng, kind, tokens, 8, num_experts, num_ranks))
         got = jax.device_get(fns["cuda"](idx))
         want = jax.device_get(fns["xla"](idx))
         for name, g, w in zip(("tokens_per_rank", "tokens_per_expert", "is_token_in_rank"),
