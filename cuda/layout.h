@@ -18,8 +18,8 @@ inline constexpr int kLayoutMaxTopk = 64;       // in-row dedupe is O(K^2)
 //   tokens_per_rank  [R]    tokens with at least one valid expert on rank r
 //   tokens_per_expert[E]    tokens that selected expert e (duplicates in a row count once)
 //   is_token_in_rank [T, R] token t has a valid expert on rank r
-// Every output element is written by one kernel launch (no memsets, no global atomics).
-// Entries of
+// Every output element is written: the counts are zeroed with cudaMemsetAsync on `stream`,
+// then accumulated with exact integer atomics (deterministic). Entries of
 // expert_rank outside [0, R) make that expert count for no rank. Only enqueues
 // work on `stream`; returns the launch status (cudaGetLastError()), or
 // cudaErrorInvalidValue for arguments outside the limits above.
