@@ -10,6 +10,7 @@ Use inside ``jax.shard_map`` over a mesh axis of expert parallelism::
 See DESIGN.md for the exact semantics shared by every backend.
 """
 
+from jaxep import _cuda
 from jaxep.communicator import Communicator
 from jaxep.config import EPConfig
 from jaxep.fp8 import dequantize_fp8, quantize_fp8
@@ -20,6 +21,10 @@ from jaxep.normal import (Dispatched, DispatchHandle, Layout, combine, dispatch,
                           dispatch_layout)
 
 __version__ = "0.1.0"
+
+# Register the compiled FFI targets for the CUDA platform (a no-op without the CUDA build; safe
+# on CPU-only jax, where the registration is simply never used).
+_cuda.register()
 
 __all__ = [
     "EPConfig", "Communicator",
