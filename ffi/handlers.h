@@ -6,4 +6,9 @@
 #ifdef JAXEP_WITH_CUDA
 // FFI target "jaxep_dispatch_layout_ffi" -> jaxep::LaunchDispatchLayout (cuda/layout.cu).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchLayoutFfi);
+// Intranode normal mode (cuda/intranode.cu): "jaxep_dispatch_ffi", "jaxep_combine_ffi",
+// "jaxep_dispatch_rows_ffi".
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchFfi);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepCombineFfi);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchRowsFfi);
 #endif

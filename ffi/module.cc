@@ -3,9 +3,16 @@
 //   registrations() -> dict[str, capsule]: FFI target name -> handler, for
 //                      jax.ffi.register_ffi_target(name, capsule, platform="CUDA");
 //                      empty without CUDA.
+//   intranode_create(id, groups, max_tokens) -> bytes per device  (CUDA builds)
+//   intranode_release(id), intranode_error(id) -> str ("" when none)
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <stdexcept>
 
 #include "handlers.h"
+#include "registry.h"
 
 namespace nb = nanobind;
 
@@ -38,8 +45,30 @@ NB_MODULE(_jaxep_ext, m) {
         nb::dict d;
 #ifdef JAXEP_WITH_CUDA
         d["jaxep_dispatch_layout_ffi"] = Encapsulate(JaxepDispatchLayoutFfi);
+        d["jaxep_dispatch_ffi"] = Encapsulate(JaxepDispatchFfi);
+        d["jaxep_combine_ffi"] = Encapsulate(JaxepCombineFfi);
+        d["jaxep_dispatch_rows_ffi"] = Encapsulate(JaxepDispatchRowsFfi);
 #endif
         return d;
       },
       "Mapping of FFI target name -> handler capsule (platform CUDA); empty without CUDA.");
+
+#ifdef JAXEP_WITH_CUDA
+  m.def(
+      "intranode_create",
+      [](int64_t id, const std::vector<std::vector<int>>& groups, int max_tokens) {
+        size_t bytes = 0;
+        std::string err = jaxep::RegisterCommunicator(id, groups, max_tokens, &bytes);
+        if (!err.empty()) throw std::runtime_error(err);
+        return bytes;
+      },
+      "Allocate the intranode workspaces of communicator `id` (groups[g][r] = device ordinal of "
+      "rank r of EP group g); returns the bytes allocated per device.");
+  m.def(
+      "intranode_release", [](int64_t id) { jaxep::ReleaseCommunicator(id); },
+      "Free the workspaces of communicator `id` (synchronises its devices first).");
+  m.def(
+      "intranode_error", [](int64_t id) { return jaxep::DescribeError(id); },
+      "A recorded kernel failure of communicator `id` (e.g. a barrier timeout), or ''.");
+#endif
 }

@@ -116,3 +116,97 @@ def dispatch_layout(topk_idx, expert_rank, num_ranks: int, num_experts: int):
         DISPATCH_LAYOUT_TARGET, out_types, vmap_method="sequential"
     )(topk_idx, expert_rank, num_ranks=np.int32(num_ranks), num_experts=np.int32(num_experts))
     return tokens_per_rank, tokens_per_expert, is_token_in_rank
+
+
+# ---- intranode normal mode (one process, several GPUs) ------------------------------------
+
+
+def _varying_axes(x) -> frozenset:
+    t = jax.typeof(x)
+    vma = getattr(t, "vma", None)  # newer jax
+    if vma is None:
+        mat = getattr(t, "mat", None)  # jax 0.10
+        vma = getattr(mat, "varying", frozenset()) if mat is not None else frozenset()
+    return frozenset(vma)
+
+
+def _varying(x, axes):
+    """``x`` typed as varying over the EP ``axes`` inside shard_map (a type cast, no data
+    movement). ffi_call outputs carry no varying axes, and its inputs must agree on them."""
+    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    if not missing:
+        return x
+    try:
+        return jax.lax.pcast(x, missing, to="varying")
+    except Exception:  # noqa: BLE001 -- varying-axes checking is off (check_vma=False)
+        return x
+
+
+def _ep_call(comm, target, out_types, *args):
+    """``ffi_call`` of ``target`` on this rank's shards, typed as varying over the EP axes."""
+    axes = comm.cfg.axis_names
+    outs = jax.ffi.ffi_call(target, out_types)(*(_varying(a, axes) for a in args),
+                                               **_attrs(comm))
+    return jax.tree.map(lambda o: _varying(o, axes), outs)
+
+DISPATCH_TARGET = "jaxep_dispatch_ffi"
+COMBINE_TARGET = "jaxep_combine_ffi"
+DISPATCH_ROWS_TARGET = "jaxep_dispatch_rows_ffi"
+MAX_RANKS = 8  # kMaxRanks in cuda/intranode.h
+MAX_TOPK = 32  # kMaxTopkIntranode
+
+
+def intranode_create(comm_id: int, groups, max_tokens: int) -> int:
+    """Allocate the workspaces of a communicator; returns bytes per device."""
+    _require()
+    return int(_ext.intranode_create(comm_id, [list(map(int, g)) for g in groups],
+                                     int(max_tokens)))
+
+
+def intranode_release(comm_id: int) -> None:
+    if available():
+        _ext.intranode_release(comm_id)
+
+
+def intranode_error(comm_id: int) -> str:
+    """A recorded kernel failure (barrier timeout: rank, peer, phase), or ''."""
+    return _ext.intranode_error(comm_id) if available() else ""
+
+
+def _attrs(comm):
+    return dict(comm_id=np.int64(comm.comm_id), num_sms=np.int32(comm.cfg.num_sms or 0),
+                timeout_ns=np.int64(int(comm.cfg.timeout_s * 1e9)))
+
+
+def dispatch(comm, x, topk_idx, topk_weights, capacity: int) -> dict:
+    """Normal-mode dispatch kernel; same fields as ``jaxep._xla.dispatch``."""
+    t, k = topk_idx.shape
+    payload, scales = x if isinstance(x, tuple) else (x, jnp.zeros((t, 0), jnp.float32))
+    sds = jax.ShapeDtypeStruct
+    i32 = jnp.int32
+    out_types = (
+        sds((capacity,) + payload.shape[1:], payload.dtype),
+        sds((capacity,) + scales.shape[1:], scales.dtype),
+        sds((capacity, k), i32), sds((capacity, k), jnp.float32), sds((capacity,), i32),
+        sds((t, comm.num_ranks), i32), sds((comm.num_local_experts,), i32), sds((3,), i32))
+    (recv_x, recv_s, recv_idx, recv_w, src_index, send_slot, per_expert,
+     meta) = _ep_call(comm, DISPATCH_TARGET, out_types, payload, scales, topk_idx,
+                      topk_weights.astype(jnp.float32), jnp.asarray(comm.expert_rank),
+                      jnp.asarray(comm.expert_slot))
+    return dict(x=(recv_x, recv_s) if isinstance(x, tuple) else recv_x, topk_idx=recv_idx,
+                topk_weights=recv_w.astype(topk_weights.dtype), num_tokens=meta[0],
+                tokens_per_expert=per_expert, num_dropped=meta[1], num_invalid=meta[2],
+                src_index=src_index, send_slot=send_slot)
+
+
+def combine_rows(comm, rows, send_slot):
+    """``out[t] = sum_r rows_r[send_slot[t, r]]`` (float32 accumulation), bf16 or f32 rows."""
+    t = send_slot.shape[0]
+    out = jax.ShapeDtypeStruct((t,) + rows.shape[1:], rows.dtype)
+    return _ep_call(comm, COMBINE_TARGET, out, rows, send_slot)
+
+
+def dispatch_rows(comm, rows, src_index):
+    """``out[c] = rows_src[src_index[c]]`` (zeros where -1): dispatch along a cached handle."""
+    out = jax.ShapeDtypeStruct(src_index.shape + rows.shape[1:], rows.dtype)
+    return _ep_call(comm, DISPATCH_ROWS_TARGET, out, rows, src_index)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import jax
 import numpy as np
@@ -14,8 +15,10 @@ BACKENDS = ("auto", "cuda", "xla")
 
 # Which public ops have a CUDA kernel today. Ops not listed run the pure-JAX implementation even
 # with backend="cuda" (``Communicator.implementation`` says which one runs; the README's status
-# table says the same).
+# table says the same). Normal-mode dispatch/combine need the intranode transport: every device
+# of the mesh addressable by this process, EP groups of at most 8 GPUs, K <= 32.
 CUDA_OPS = frozenset({"dispatch_layout"})
+INTRANODE_OPS = frozenset({"dispatch", "combine"})
 ALL_OPS = ("dispatch_layout", "dispatch", "combine", "ll_dispatch", "ll_combine")
 
 
@@ -55,8 +58,16 @@ class Communicator:
         self.global_expert = np.empty((self.num_ranks, self.num_local_experts), np.int32)
         self.global_expert[self.expert_rank, self.expert_slot] = np.arange(cfg.num_experts)
         self.backend = _resolve_backend(backend, mesh)
+        self.comm_id = id(self)
+        self.workspace_bytes = 0  # per device, allocated outside XLA's allocator
+        self._intranode = False
         if self.backend == "cuda":
             _cuda.register()
+            if self._intranode_supported():
+                self.workspace_bytes = _cuda.intranode_create(
+                    self.comm_id, self.ep_groups(), cfg.max_tokens_per_rank)
+                self._intranode = True
+                self._release = weakref.finalize(self, _cuda.intranode_release, self.comm_id)
         self._closed = False
 
     # -- placement ---------------------------------------------------------------------------
@@ -66,15 +77,44 @@ class Communicator:
             raise ValueError(f"rank must be in [0, {self.num_ranks}), got {rank}")
         return self.global_expert[rank].copy()
 
+    def ep_groups(self) -> list[list[int]]:
+        """Device ordinals of each EP group, in rank order (one group per combination of the
+        mesh's other axes)."""
+        names = list(self.mesh.axis_names)
+        ep = [names.index(a) for a in self.cfg.axis_names]
+        rest = [i for i in range(len(names)) if i not in ep]
+        devices = np.transpose(self.mesh.devices, rest + ep).reshape(-1, self.num_ranks)
+        return [[d.local_hardware_id for d in group] for group in devices]
+
+    def _intranode_supported(self) -> bool:
+        me = jax.process_index()
+        return (self.num_ranks <= _cuda.MAX_RANKS and self.cfg.num_topk <= _cuda.MAX_TOPK
+                and all(d.process_index == me for d in self.mesh.devices.flat))
+
     def implementation(self, op: str) -> str:
         """Which implementation runs ``op`` on this communicator: ``"cuda"`` or ``"xla"``."""
         if op not in ALL_OPS:
             raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
-        return "cuda" if self.backend == "cuda" and op in CUDA_OPS else "xla"
+        if self.backend != "cuda":
+            return "xla"
+        if op in CUDA_OPS or (op in INTRANODE_OPS and self._intranode):
+            return "cuda"
+        return "xla"
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` if a kernel of this communicator recorded a failure (a peer
+        that never arrived: names the waiting rank, the peer and the phase)."""
+        if self._intranode:
+            msg = _cuda.intranode_error(self.comm_id)
+            if msg:
+                raise RuntimeError(msg)
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Release backend resources. The pure-JAX backend holds none; idempotent."""
+        """Release backend resources (the CUDA workspaces, after synchronising their devices);
+        idempotent. The pure-JAX backend holds none."""
+        if self._intranode:
+            self._release()
         self._closed = True
 
     @property

@@ -176,18 +176,26 @@ def dispatch(comm, x, topk_idx, topk_weights) -> Dispatched:
     return _dispatch(comm, x, topk_idx.astype(jnp.int32), topk_weights)
 
 
+def _on_cuda(comm) -> bool:
+    return comm.implementation("dispatch") == "cuda"
+
+
 def _dispatch_impl(comm, x, topk_idx, topk_weights) -> Dispatched:
-    # Every backend runs the pure-JAX dispatch until its CUDA kernel lands.
-    out = _xla.dispatch(comm, x, topk_idx, topk_weights, _capacity(comm, topk_idx.shape[0]))
+    backend = _cuda if _on_cuda(comm) else _xla
+    out = backend.dispatch(comm, x, topk_idx, topk_weights, _capacity(comm, topk_idx.shape[0]))
     handle = DispatchHandle(out.pop("src_index"), out.pop("send_slot"))
     return Dispatched(handle=handle, **out)
 
 
 def _combine_rows_impl(comm, rows, handle: DispatchHandle):
+    if _on_cuda(comm) and rows.dtype in FLOAT_DTYPES:
+        return _cuda.combine_rows(comm, rows, handle.send_slot)
     return _xla.combine_rows(comm, rows, handle.src_index, handle.send_slot)
 
 
 def _dispatch_rows_impl(comm, rows, handle: DispatchHandle):
+    if _on_cuda(comm):
+        return _cuda.dispatch_rows(comm, rows, handle.src_index)
     return _xla.dispatch_rows(comm, rows, handle.src_index)
 
 

@@ -1,0 +1,123 @@
+// Intranode normal-mode transport: one process driving several GPUs of one host over NVLink.
+// Kernels + host launchers only; no XLA headers here (see ffi/intranode.cc).
+//
+// Design (pull): every device owns a small Workspace (cudaMalloc, outside XLA's allocator) that
+// its peers can read and write through peer access. A call publishes the addresses of its XLA
+// input buffers in the Workspace, meets its peers at a barrier, then each *receiver* reads the
+// rows it needs straight from the senders' buffers over NVLink and writes its own outputs
+// locally, then meets its peers again so no sender lets XLA reuse an input that is still being
+// read. Sequence numbers live on the device (Workspace::seq, advanced by the kernels), so the
+// host keeps no per-call state and the launches can be captured in CUDA graphs.
+//
+// Row order (DESIGN.md §2): valid rows first, by source rank, then source token. Rows past the
+// receive capacity are dropped deterministically.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace jaxep {
+
+inline constexpr int kMaxRanks = 8;        // GPUs of one host
+inline constexpr int kMaxPublished = 4;    // buffer addresses published per call
+inline constexpr int kMaxTopkIntranode = 32;
+
+// Written by a kernel that timed out waiting for a peer (host-mapped, so the host can read it
+// after the failure); the kernel then traps.
+struct ErrorRecord {
+  int32_t code;   // 0 = none, 1 = barrier timeout
+  int32_t rank;   // the waiting rank
+  int32_t peer;   // the peer that did not arrive
+  int32_t phase;  // Phase below
+  uint64_t seq;   // barrier sequence number waited for
+};
+
+enum Phase : int32_t {
+  kDispatchStart = 1,
+  kDispatchEnd = 2,
+  kCombineStart = 3,
+  kCombineEnd = 4,
+  kRowsStart = 5,
+  kRowsEnd = 6,
+};
+
+struct Workspace {
+  // Barrier: flags[p] holds the last sequence number peer p announced here.
+  alignas(128) unsigned long long flags[kMaxRanks];
+  alignas(128) unsigned long long seq;  // this device's barrier count (one thread advances it)
+  alignas(16) const void* published[kMaxPublished];  // this call's buffer addresses
+  int32_t counts[kMaxRanks];  // this call: my tokens destined to each rank
+  // Constant after setup.
+  Workspace* peers[kMaxRanks];  // peers[rank] (peers[me] == this)
+  ErrorRecord* error;           // device alias of the host-mapped record
+  int32_t rank;
+  int32_t num_ranks;
+  int32_t max_tokens;
+  int32_t pad_;
+  // Followed by int32 pos[num_ranks][max_tokens]: for each destination rank, the index of each
+  // of my tokens among my tokens sent there (-1 when not sent).
+};
+
+size_t WorkspaceBytes(int num_ranks, int max_tokens);
+
+// Allocates one Workspace per device (devices[r] holds rank r), enables peer access between all
+// pairs, fills the peer tables, maps one ErrorRecord per rank into host memory and loads the
+// kernels' module on every device (no lazy loading while a peer spins). Restores the current
+// device. On failure frees what it allocated.
+cudaError_t CreateWorkspaces(int num_ranks, const int* devices, int max_tokens,
+                             Workspace** workspaces, ErrorRecord** host_errors);
+// Synchronises each device, then frees its Workspace and ErrorRecord.
+cudaError_t DestroyWorkspaces(int num_ranks, const int* devices, Workspace** workspaces,
+                              ErrorRecord** host_errors);
+
+// ---- normal-mode dispatch ----------------------------------------------------------------
+struct DispatchArgs {
+  Workspace* ws;
+  int num_tokens, num_topk, num_experts, num_local_experts, capacity;
+  const int32_t* topk_idx;       // [T, K]
+  const float* topk_weights;     // [T, K]
+  const int32_t* expert_rank;    // [E]
+  const int32_t* expert_slot;    // [E]
+  const void* x;                 // [T, x_row_bytes]
+  const void* scales;            // [T, s_row_bytes] or null
+  int x_row_bytes, s_row_bytes;
+  void* recv_x;                  // [C, x_row_bytes]
+  void* recv_scales;             // [C, s_row_bytes] or null
+  int32_t* recv_topk;            // [C, K]
+  float* recv_weights;           // [C, K]
+  int32_t* src_index;            // [C]
+  int32_t* send_slot;            // [T, R]
+  int32_t* tokens_per_expert;    // [E_l]
+  int32_t* meta;                 // [3]: num_tokens, num_dropped, num_invalid
+  int num_sms;
+  unsigned long long timeout_ns;
+};
+cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream);
+
+// ---- combine: out[t] = sum_r y_r[send_slot[t, r]] (float32 accumulation) ------------------
+struct CombineArgs {
+  Workspace* ws;
+  int num_tokens, row_elems;  // T, elements per row
+  int dtype;                  // 0 = bfloat16, 1 = float32
+  const void* y;              // [C, row]
+  const int32_t* send_slot;   // [T, R]
+  void* out;                  // [T, row]
+  int num_sms;
+  unsigned long long timeout_ns;
+};
+cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream);
+
+// ---- dispatch of rows along a cached handle: out[c] = rows_src[src_index[c]] ---------------
+struct DispatchRowsArgs {
+  Workspace* ws;
+  int num_tokens, capacity, row_bytes;
+  const void* rows;           // [T, row_bytes]
+  const int32_t* src_index;   // [C]
+  void* out;                  // [C, row_bytes]
+  int num_sms;
+  unsigned long long timeout_ns;
+};
+cudaError_t LaunchDispatchRows(const DispatchRowsArgs& a, cudaStream_t stream);
+
+}  // namespace jaxep

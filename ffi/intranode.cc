@@ -1,0 +1,282 @@
+// XLA FFI handlers of the intranode normal-mode ops (one process, several GPUs):
+//   jaxep_dispatch_ffi       -> jaxep::LaunchDispatch
+//   jaxep_combine_ffi        -> jaxep::LaunchCombine
+//   jaxep_dispatch_rows_ffi  -> jaxep::LaunchDispatchRows   (dispatch along a cached handle)
+// Each handler finds its device's workspace in the registry (communicator id attribute + the
+// device ordinal XLA passes), validates every buffer, and only enqueues work on the stream.
+#ifdef JAXEP_WITH_CUDA
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+#include "handlers.h"
+#include "intranode.h"
+#include "registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jaxep {
+namespace {
+
+std::string Dims(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+ffi::Error Invalid(const char* op, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string("jaxep_") + op + "_ffi: " + what);
+}
+
+// `what` must have shape `want`.
+template <typename B>
+ffi::Error Shape(const char* op, const char* what, const B& buf,
+                 std::initializer_list<int64_t> want) {
+  auto dims = buf.dimensions();
+  bool ok = dims.size() == want.size();
+  size_t i = 0;
+  for (int64_t d : want) ok = ok && dims[i++] == d;
+  if (ok) return ffi::Error::Success();
+  std::string w = "[";
+  i = 0;
+  for (int64_t d : want) w += (i++ ? ", " : "") + std::to_string(d);
+  return Invalid(op, std::string(what) + " must have shape " + w + "], got " + Dims(dims));
+}
+
+// Bytes of one row of a buffer whose leading dim is `rows`.
+int64_t RowBytes(const ffi::AnyBuffer& b, int64_t rows) {
+  return rows ? static_cast<int64_t>(b.size_bytes()) / rows : 0;
+}
+
+ffi::Error Lookup(const char* op, int64_t comm_id, int32_t device, WorkspaceRef& ref) {
+  ref = FindWorkspace(comm_id, device);
+  if (!ref.ws) {
+    return Invalid(op, "no workspace for communicator " + std::to_string(comm_id) +
+                           " on device " + std::to_string(device) +
+                           " (closed, or built for another mesh)");
+  }
+  if (std::string e = DescribeError(*ref.error); !e.empty()) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, e);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error LaunchStatus(const char* op, cudaError_t err) {
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jaxep_") + op + "_ffi: launch failed: " +
+                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+#define JAXEP_RETURN_IF_ERROR(expr)        \
+  if (ffi::Error e_ = (expr); e_.failure()) { \
+    return e_;                             \
+  }
+
+ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                        ffi::AnyBuffer scales, ffi::Buffer<ffi::S32> topk_idx,
+                        ffi::Buffer<ffi::F32> topk_weights, ffi::Buffer<ffi::S32> expert_rank,
+                        ffi::Buffer<ffi::S32> expert_slot, ffi::Result<ffi::AnyBuffer> recv_x,
+                        ffi::Result<ffi::AnyBuffer> recv_scales,
+                        ffi::ResultBuffer<ffi::S32> recv_topk,
+                        ffi::ResultBuffer<ffi::F32> recv_weights,
+                        ffi::ResultBuffer<ffi::S32> src_index,
+                        ffi::ResultBuffer<ffi::S32> send_slot,
+                        ffi::ResultBuffer<ffi::S32> tokens_per_expert,
+                        ffi::ResultBuffer<ffi::S32> meta, int64_t comm_id, int32_t num_sms,
+                        int64_t timeout_ns) {
+  const char* op = "dispatch";
+  WorkspaceRef w;
+  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, w));
+  const WorkspaceRef* ref = &w;
+  const int64_t R = ref->num_ranks;
+  auto idx_dims = topk_idx.dimensions();
+  if (idx_dims.size() != 2) return Invalid(op, "topk_idx must be [T, K], got " + Dims(idx_dims));
+  const int64_t T = idx_dims[0], K = idx_dims[1];
+  const int64_t E = expert_rank.dimensions().size() == 1 ? expert_rank.dimensions()[0] : -1;
+  const int64_t C = recv_x->dimensions().size() == 0 ? -1 : recv_x->dimensions()[0];
+  if (T > ref->max_tokens) {
+    return Invalid(op, "T=" + std::to_string(T) + " exceeds the workspace's max_tokens=" +
+                           std::to_string(ref->max_tokens));
+  }
+  if (K > kMaxTopkIntranode) {
+    return Invalid(op, "K must be <= " + std::to_string(kMaxTopkIntranode) + ", got " +
+                           std::to_string(K));
+  }
+  if (E < 1 || E % R) {
+    return Invalid(op, "expert_rank must be [E] with E a multiple of R=" + std::to_string(R) +
+                           ", got " + Dims(expert_rank.dimensions()));
+  }
+  if (x.dimensions().size() == 0 || x.dimensions()[0] != T || scales.dimensions().size() == 0 ||
+      scales.dimensions()[0] != T) {
+    return Invalid(op, "x and scales must have T=" + std::to_string(T) + " rows, got " +
+                           Dims(x.dimensions()) + " and " + Dims(scales.dimensions()));
+  }
+  if (C < 0 || recv_x->element_type() != x.element_type() ||
+      RowBytes(*recv_x, C) != RowBytes(x, T) || recv_scales->dimensions().size() == 0 ||
+      recv_scales->dimensions()[0] != C || RowBytes(*recv_scales, C) != RowBytes(scales, T)) {
+    return Invalid(op, "recv_x / recv_scales must be x / scales with C rows, got " +
+                           Dims(recv_x->dimensions()) + " / " + Dims(recv_scales->dimensions()));
+  }
+  JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", topk_weights, {T, K}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "expert_slot", expert_slot, {E}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "recv_topk", *recv_topk, {C, K}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "recv_weights", *recv_weights, {C, K}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "src_index", *src_index, {C}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "send_slot", *send_slot, {T, R}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "tokens_per_expert", *tokens_per_expert, {E / R}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "meta", *meta, {3}));
+
+  DispatchArgs a{};
+  a.ws = ref->ws;
+  a.num_tokens = static_cast<int>(T);
+  a.num_topk = static_cast<int>(K);
+  a.num_experts = static_cast<int>(E);
+  a.num_local_experts = static_cast<int>(E / R);
+  a.capacity = static_cast<int>(C);
+  a.topk_idx = topk_idx.typed_data();
+  a.topk_weights = topk_weights.typed_data();
+  a.expert_rank = expert_rank.typed_data();
+  a.expert_slot = expert_slot.typed_data();
+  a.x = x.untyped_data();
+  a.x_row_bytes = static_cast<int>(RowBytes(x, T));
+  a.s_row_bytes = static_cast<int>(RowBytes(scales, T));
+  a.scales = a.s_row_bytes ? scales.untyped_data() : nullptr;
+  a.recv_x = recv_x->untyped_data();
+  a.recv_scales = a.s_row_bytes ? recv_scales->untyped_data() : nullptr;
+  a.recv_topk = recv_topk->typed_data();
+  a.recv_weights = recv_weights->typed_data();
+  a.src_index = src_index->typed_data();
+  a.send_slot = send_slot->typed_data();
+  a.tokens_per_expert = tokens_per_expert->typed_data();
+  a.meta = meta->typed_data();
+  a.num_sms = num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  return LaunchStatus(op, LaunchDispatch(a, stream));
+}
+
+ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                       ffi::Buffer<ffi::S32> send_slot, ffi::Result<ffi::AnyBuffer> out,
+                       int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+  const char* op = "combine";
+  WorkspaceRef w;
+  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, w));
+  const WorkspaceRef* ref = &w;
+  const auto type = y.element_type();
+  if (type != ffi::DataType::BF16 && type != ffi::DataType::F32) {
+    return Invalid(op, "y must be bfloat16 or float32");
+  }
+  auto slot_dims = send_slot.dimensions();
+  if (slot_dims.size() != 2 || slot_dims[1] != ref->num_ranks) {
+    return Invalid(op, "send_slot must be [T, R=" + std::to_string(ref->num_ranks) + "], got " +
+                           Dims(slot_dims));
+  }
+  const int64_t T = slot_dims[0];
+  const int64_t C = y.dimensions().size() == 0 ? 0 : y.dimensions()[0];
+  const int64_t row_elems = C ? static_cast<int64_t>(y.element_count()) / C : 0;
+  if (out->element_type() != type || out->dimensions().size() == 0 || out->dimensions()[0] != T ||
+      static_cast<int64_t>(out->element_count()) != T * row_elems) {
+    return Invalid(op, "out must be y's rows for T=" + std::to_string(T) + " tokens, got " +
+                           Dims(out->dimensions()) + " for y " + Dims(y.dimensions()));
+  }
+  CombineArgs a{};
+  a.ws = ref->ws;
+  a.num_tokens = static_cast<int>(T);
+  a.row_elems = static_cast<int>(row_elems);
+  a.dtype = type == ffi::DataType::BF16 ? 0 : 1;
+  a.y = y.untyped_data();
+  a.send_slot = send_slot.typed_data();
+  a.out = out->untyped_data();
+  a.num_sms = num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  return LaunchStatus(op, LaunchCombine(a, stream));
+}
+
+ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer rows,
+                            ffi::Buffer<ffi::S32> src_index, ffi::Result<ffi::AnyBuffer> out,
+                            int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+  const char* op = "dispatch_rows";
+  WorkspaceRef w;
+  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, w));
+  const WorkspaceRef* ref = &w;
+  if (src_index.dimensions().size() != 1 || rows.dimensions().size() == 0) {
+    return Invalid(op, "src_index must be [C] and rows [T, ...], got " +
+                           Dims(src_index.dimensions()) + " and " + Dims(rows.dimensions()));
+  }
+  const int64_t C = src_index.dimensions()[0], T = rows.dimensions()[0];
+  if (T > ref->max_tokens) {
+    return Invalid(op, "T=" + std::to_string(T) + " exceeds max_tokens=" +
+                           std::to_string(ref->max_tokens));
+  }
+  if (out->element_type() != rows.element_type() || out->dimensions().size() == 0 ||
+      out->dimensions()[0] != C || RowBytes(*out, C) != RowBytes(rows, T)) {
+    return Invalid(op, "out must be rows' rows for C=" + std::to_string(C) + ", got " +
+                           Dims(out->dimensions()) + " for rows " + Dims(rows.dimensions()));
+  }
+  DispatchRowsArgs a{};
+  a.ws = ref->ws;
+  a.num_tokens = static_cast<int>(T);
+  a.capacity = static_cast<int>(C);
+  a.row_bytes = static_cast<int>(RowBytes(rows, T));
+  a.rows = rows.untyped_data();
+  a.src_index = src_index.typed_data();
+  a.out = out->untyped_data();
+  a.num_sms = num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  return LaunchStatus(op, LaunchDispatchRows(a, stream));
+}
+
+}  // namespace
+}  // namespace jaxep
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepDispatchFfi, jaxep::DispatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()              // x [T, ...]
+                                  .Arg<ffi::AnyBuffer>()              // scales [T, G] (G may be 0)
+                                  .Arg<ffi::Buffer<ffi::S32>>()       // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()       // topk_weights [T, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()       // expert_rank [E]
+                                  .Arg<ffi::Buffer<ffi::S32>>()       // expert_slot [E]
+                                  .Ret<ffi::AnyBuffer>()              // recv_x [C, ...]
+                                  .Ret<ffi::AnyBuffer>()              // recv_scales [C, G]
+                                  .Ret<ffi::Buffer<ffi::S32>>()       // recv_topk [C, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()       // recv_weights [C, K]
+                                  .Ret<ffi::Buffer<ffi::S32>>()       // src_index [C]
+                                  .Ret<ffi::Buffer<ffi::S32>>()       // send_slot [T, R]
+                                  .Ret<ffi::Buffer<ffi::S32>>()       // tokens_per_expert [E_l]
+                                  .Ret<ffi::Buffer<ffi::S32>>()       // meta [3]
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepCombineFfi, jaxep::CombineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // y [C, ...]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // send_slot [T, R]
+                                  .Ret<ffi::AnyBuffer>()         // out [T, ...]
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepDispatchRowsFfi, jaxep::DispatchRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // rows [T, ...]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_index [C]
+                                  .Ret<ffi::AnyBuffer>()         // out [C, ...]
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+#endif  // JAXEP_WITH_CUDA

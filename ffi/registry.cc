@@ -1,0 +1,125 @@
+#ifdef JAXEP_WITH_CUDA
+
+#include "registry.h"
+
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include <cuda_runtime_api.h>
+
+namespace jaxep {
+namespace {
+
+struct Group {
+  std::vector<int> devices;
+  std::vector<Workspace*> ws;
+  std::vector<ErrorRecord*> errors;
+  int max_tokens = 0;
+};
+
+std::mutex& Mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::map<int64_t, std::vector<Group>>& Table() {
+  static auto* t = new std::map<int64_t, std::vector<Group>>();  // never destroyed
+  return *t;
+}
+
+const char* PhaseName(int phase) {
+  switch (phase) {
+    case kDispatchStart: return "dispatch (start barrier)";
+    case kDispatchEnd: return "dispatch (end barrier)";
+    case kCombineStart: return "combine (start barrier)";
+    case kCombineEnd: return "combine (end barrier)";
+    case kRowsStart: return "dispatch along handle (start barrier)";
+    case kRowsEnd: return "dispatch along handle (end barrier)";
+    default: return "unknown phase";
+  }
+}
+
+void Free(Group& g) {
+  DestroyWorkspaces(static_cast<int>(g.devices.size()), g.devices.data(), g.ws.data(),
+                    g.errors.data());
+}
+
+}  // namespace
+
+std::string RegisterCommunicator(int64_t id, const std::vector<std::vector<int>>& groups,
+                                 int max_tokens, size_t* bytes_per_device) {
+  std::lock_guard<std::mutex> lock(Mutex());
+  if (Table().count(id)) return "communicator id " + std::to_string(id) + " already registered";
+  std::vector<Group> made;
+  for (const auto& devices : groups) {
+    const int n = static_cast<int>(devices.size());
+    if (n < 1 || n > kMaxRanks) {
+      for (auto& g : made) Free(g);
+      return "an EP group must have 1.." + std::to_string(kMaxRanks) + " GPUs of this process, got " +
+             std::to_string(n);
+    }
+    Group g{devices, std::vector<Workspace*>(n), std::vector<ErrorRecord*>(n), max_tokens};
+    const cudaError_t err =
+        CreateWorkspaces(n, g.devices.data(), max_tokens, g.ws.data(), g.errors.data());
+    if (err != cudaSuccess) {
+      for (auto& done : made) Free(done);
+      return std::string("creating the intranode workspaces failed: ") + cudaGetErrorName(err) +
+             ": " + cudaGetErrorString(err);
+    }
+    made.push_back(std::move(g));
+  }
+  if (bytes_per_device && !groups.empty()) {
+    *bytes_per_device = WorkspaceBytes(static_cast<int>(groups[0].size()), max_tokens);
+  }
+  Table()[id] = std::move(made);
+  return "";
+}
+
+std::string ReleaseCommunicator(int64_t id) {
+  std::lock_guard<std::mutex> lock(Mutex());
+  auto it = Table().find(id);
+  if (it == Table().end()) return "";
+  for (auto& g : it->second) Free(g);
+  Table().erase(it);
+  return "";
+}
+
+WorkspaceRef FindWorkspace(int64_t id, int device) {
+  std::lock_guard<std::mutex> lock(Mutex());
+  auto it = Table().find(id);
+  if (it == Table().end()) return {};
+  for (const auto& g : it->second) {
+    for (size_t r = 0; r < g.devices.size(); ++r) {
+      if (g.devices[r] == device) {
+        return {g.ws[r], g.errors[r], static_cast<int>(r), static_cast<int>(g.devices.size()),
+                g.max_tokens};
+      }
+    }
+  }
+  return {};
+}
+
+std::string DescribeError(const ErrorRecord& e) {
+  if (e.code == 0) return "";
+  return "jaxep: rank " + std::to_string(e.rank) + " timed out waiting for peer " +
+         std::to_string(e.peer) + " in " + PhaseName(e.phase) + " (barrier " +
+         std::to_string(e.seq) + "); the peer never arrived: a crashed or stalled device, or "
+         "mismatched calls across ranks";
+}
+
+std::string DescribeError(int64_t id) {
+  std::lock_guard<std::mutex> lock(Mutex());
+  auto it = Table().find(id);
+  if (it == Table().end()) return "";
+  for (const auto& g : it->second) {
+    for (const ErrorRecord* e : g.errors) {
+      if (std::string s = DescribeError(*e); !s.empty()) return s;
+    }
+  }
+  return "";
+}
+
+}  // namespace jaxep
+
+#endif  // JAXEP_WITH_CUDA
