@@ -232,19 +232,36 @@ __global__ void __launch_bounds__(kPrepThreads, 1) DispatchPrepareKernel(Dispatc
   for (int c = tid; c < C; c += kPrepThreads) a.src_index[c] = -1;
   for (int e = tid; e < a.num_local_experts; e += kPrepThreads) a.tokens_per_expert[e] = 0;
   __syncthreads();
-  for (int s = 0; s < num_ranks; ++s) {
-    const int32_t* peer_pos = PosTable(ws->peers[s]) + static_cast<size_t>(me) * max_tokens;
-    const int off = s_off_in[s];
-    for (int t = tid; t < T; t += kPrepThreads) {
-      const int p = __ldcg(peer_pos + t);
-      if (p >= 0 && off + p < C) a.src_index[off + p] = s * T + t;
+  // Each thread loads a batch of peers' positions before storing any: the remote loads are in
+  // flight together instead of one round trip each.
+  constexpr int kBatch = 8;
+  const int total = num_ranks * T;
+  for (int base = 0; base < total; base += kPrepThreads * kBatch) {
+    int p[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int i = base + b * kPrepThreads + tid;  // i = s * T + t
+      const int s = i / T;
+      p[b] = i < total ? __ldcg(PosTable(ws->peers[s]) + static_cast<size_t>(me) * max_tokens +
+                                (i - s * T))
+                       : -1;
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int i = base + b * kPrepThreads + tid;
+      if (p[b] >= 0) {
+        const int row = s_off_in[i / T] + p[b];
+        if (row < C) a.src_index[row] = i;
+      }
     }
   }
-  for (int i = tid; i < T * num_ranks; i += kPrepThreads) {
-    const int t = i / num_ranks, j = i - t * num_ranks;
-    const int p = pos[j * max_tokens + t];
-    const int row = s_off_out[j] + p;
-    a.send_slot[i] = (p >= 0 && row < C) ? row : -1;
+  for (int j = 0; j < num_ranks; ++j) {
+    const int32_t* mine = pos + static_cast<size_t>(j) * max_tokens;
+    for (int t = tid; t < T; t += kPrepThreads) {
+      const int q = mine[t];
+      const int row = s_off_out[j] + q;
+      a.send_slot[static_cast<size_t>(t) * num_ranks + j] = (q >= 0 && row < C) ? row : -1;
+    }
   }
 }
 
@@ -284,17 +301,20 @@ __global__ void __launch_bounds__(kCopyThreads, 1) DispatchGatherKernel(Dispatch
       if (ds) ZeroRow(ds, a.s_row_bytes, lane);
     } else {
       const int s = si / T, t = si - s * T;
+      int e = -1;
+      if (lane < K) {  // issued before the row copy, so the round trip overlaps it
+        const size_t o = static_cast<size_t>(t) * K + lane;
+        e = __ldcg(reinterpret_cast<const int*>(s_src[s][2]) + o);
+        w = __ldcg(reinterpret_cast<const float*>(s_src[s][3]) + o);
+      }
       CopyRow(dx, s_src[s][0] + static_cast<size_t>(t) * a.x_row_bytes, a.x_row_bytes, lane);
       if (ds) {
         CopyRow(ds, s_src[s][1] + static_cast<size_t>(t) * a.s_row_bytes, a.s_row_bytes, lane);
       }
-      if (lane < K) {
-        const size_t o = static_cast<size_t>(t) * K + lane;
-        const int e = __ldcg(reinterpret_cast<const int*>(s_src[s][2]) + o);
-        if (e >= 0 && e < E && a.expert_rank[e] == me) {
-          slot = a.expert_slot[e];
-          w = __ldcg(reinterpret_cast<const float*>(s_src[s][3]) + o);
-        }
+      if (e >= 0 && e < E && a.expert_rank[e] == me) {
+        slot = a.expert_slot[e];
+      } else {
+        w = 0.f;
       }
     }
     if (lane < K) {
