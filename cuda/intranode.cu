@@ -19,6 +19,9 @@ namespace {
 constexpr int kPrepThreads = 1024;
 constexpr int kCopyThreads = 1024;
 constexpr int kCopyWarps = kCopyThreads / 32;
+// Combine's default SM count: pulling with more SMs only adds NVLink contention (4xH200,
+// T=4096, H=7168: 526-530 us at 24-32 SMs, 553 us at all 132; benchmarks/RESULTS.md).
+constexpr int kCombineDefaultBlocks = 32;
 
 __device__ __forceinline__ int32_t* PosTable(Workspace* ws) {
   return reinterpret_cast<int32_t*>(ws + 1);
@@ -471,10 +474,11 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
 
 cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
   PublishKernel<<<1, 32, 0, stream>>>(a.ws, a.y, kCombineStart, a.timeout_ns);
+  const int blocks = a.num_sms > 0 ? a.num_sms : kCombineDefaultBlocks;
   if (a.dtype == 0) {
-    CombineReduceKernel<__nv_bfloat16><<<NumBlocks(a.num_sms), kCopyThreads, 0, stream>>>(a);
+    CombineReduceKernel<__nv_bfloat16><<<blocks, kCopyThreads, 0, stream>>>(a);
   } else {
-    CombineReduceKernel<float><<<NumBlocks(a.num_sms), kCopyThreads, 0, stream>>>(a);
+    CombineReduceKernel<float><<<blocks, kCopyThreads, 0, stream>>>(a);
   }
   BarrierKernel<<<1, 32, 0, stream>>>(a.ws, kCombineEnd, a.timeout_ns);
   return cudaGetLastError();

@@ -39,7 +39,9 @@ class EPConfig:
       recv_capacity: rows each rank can receive in normal mode (C). ``None`` means ``R * T``,
         which never drops. Smaller values drop the excess deterministically (counted in
         ``Dispatched.num_dropped``).
-      num_sms: SM budget of the communication kernels (CUDA backend); ``None`` = tuned default.
+      num_sms: SM budget of the communication kernels (CUDA backend): one block of 1024 threads
+        per SM. ``None`` = tuned default (dispatch: every SM; combine: 32, measured fastest on
+        4xH200).
       timeout_s: a peer that does not arrive within this many seconds fails the call instead of
         hanging it (CUDA backend).
     """
