@@ -145,24 +145,33 @@ __global__ void __launch_bounds__(kPrepThreads, 1) DispatchPrepareKernel(Dispatc
   __shared__ int s_off_in[kMaxRanks + 1];
   __shared__ int s_off_out[kMaxRanks];
 
+  extern __shared__ int32_t s_rank_of[];  // [E]: expert -> rank, no dependent global loads
+  for (int e = tid; e < E; e += kPrepThreads) s_rank_of[e] = a.expert_rank[e];
   if (tid < kMaxRanks) s_running[tid] = 0;
   if (tid == 0) s_invalid = 0;
   __syncthreads();
 
   // 1. Local positions: pos[r][t] = index of token t among my tokens sent to rank r.
+  constexpr int kIds = 8;  // a token's ids are loaded together, not one round trip each
   int invalid = 0;
   for (int t0 = 0; t0 < T; t0 += kPrepThreads) {
     const int t = t0 + tid;
     unsigned mask = 0;
     if (t < T) {
       const int32_t* row = a.topk_idx + static_cast<size_t>(t) * K;
-      for (int k = 0; k < K; ++k) {
-        const int e = row[k];
-        if (e < -1 || e >= E) {
-          ++invalid;
-        } else if (e >= 0) {
-          const int r = a.expert_rank[e];
-          if (static_cast<unsigned>(r) < static_cast<unsigned>(num_ranks)) mask |= 1u << r;
+      for (int k0 = 0; k0 < K; k0 += kIds) {
+        int ids[kIds];
+#pragma unroll
+        for (int i = 0; i < kIds; ++i) ids[i] = k0 + i < K ? row[k0 + i] : -1;
+#pragma unroll
+        for (int i = 0; i < kIds; ++i) {
+          const int e = ids[i];
+          if (e < -1 || e >= E) {
+            ++invalid;
+          } else if (e >= 0) {
+            const int r = s_rank_of[e];
+            if (static_cast<unsigned>(r) < static_cast<unsigned>(num_ranks)) mask |= 1u << r;
+          }
         }
       }
     }
@@ -466,7 +475,7 @@ size_t WorkspaceBytes(int num_ranks, int max_tokens) {
 }
 
 cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
-  DispatchPrepareKernel<<<1, kPrepThreads, 0, stream>>>(a);
+  DispatchPrepareKernel<<<1, kPrepThreads, sizeof(int32_t) * a.num_experts, stream>>>(a);
   DispatchGatherKernel<<<NumBlocks(a.num_sms), kCopyThreads, 0, stream>>>(a);
   BarrierKernel<<<1, 32, 0, stream>>>(a.ws, kDispatchEnd, a.timeout_ns);
   return cudaGetLastError();

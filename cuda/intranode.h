@@ -22,6 +22,7 @@ namespace jaxep {
 inline constexpr int kMaxRanks = 8;        // GPUs of one host
 inline constexpr int kMaxPublished = 4;    // buffer addresses published per call
 inline constexpr int kMaxTopkIntranode = 32;
+inline constexpr int kMaxExpertsIntranode = 8192;  // expert->rank table in shared memory
 
 // Written by a kernel that timed out waiting for a peer (host-mapped, so the host can read it
 // after the failure); the kernel then traps.

@@ -106,9 +106,10 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
     return Invalid(op, "K must be <= " + std::to_string(kMaxTopkIntranode) + ", got " +
                            std::to_string(K));
   }
-  if (E < 1 || E % R) {
+  if (E < 1 || E % R || E > kMaxExpertsIntranode) {
     return Invalid(op, "expert_rank must be [E] with E a multiple of R=" + std::to_string(R) +
-                           ", got " + Dims(expert_rank.dimensions()));
+                           " and at most " + std::to_string(kMaxExpertsIntranode) + ", got " +
+                           Dims(expert_rank.dimensions()));
   }
   if (x.dimensions().size() == 0 || x.dimensions()[0] != T || scales.dimensions().size() == 0 ||
       scales.dimensions()[0] != T) {

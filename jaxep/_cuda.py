@@ -154,6 +154,7 @@ COMBINE_TARGET = "jaxep_combine_ffi"
 DISPATCH_ROWS_TARGET = "jaxep_dispatch_rows_ffi"
 MAX_RANKS = 8  # kMaxRanks in cuda/intranode.h
 MAX_TOPK = 32  # kMaxTopkIntranode
+MAX_EXPERTS = 8192  # kMaxExpertsIntranode
 
 
 def intranode_create(comm_id: int, groups, max_tokens: int) -> int:

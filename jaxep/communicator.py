@@ -16,7 +16,7 @@ BACKENDS = ("auto", "cuda", "xla")
 # Which public ops have a CUDA kernel today. Ops not listed run the pure-JAX implementation even
 # with backend="cuda" (``Communicator.implementation`` says which one runs; the README's status
 # table says the same). Normal-mode dispatch/combine need the intranode transport: every device
-# of the mesh addressable by this process, EP groups of at most 8 GPUs, K <= 32.
+# of the mesh addressable by this process, EP groups of at most 8 GPUs, K <= 32, E <= 8192.
 CUDA_OPS = frozenset({"dispatch_layout"})
 INTRANODE_OPS = frozenset({"dispatch", "combine"})
 ALL_OPS = ("dispatch_layout", "dispatch", "combine", "ll_dispatch", "ll_combine")
@@ -89,6 +89,7 @@ class Communicator:
     def _intranode_supported(self) -> bool:
         me = jax.process_index()
         return (self.num_ranks <= _cuda.MAX_RANKS and self.cfg.num_topk <= _cuda.MAX_TOPK
+                and self.cfg.num_experts <= _cuda.MAX_EXPERTS
                 and all(d.process_index == me for d in self.mesh.devices.flat))
 
     def implementation(self, op: str) -> str:
