@@ -1,7 +1,10 @@
 """Time normal-mode ``jaxep.dispatch`` (BF16, FP8) and ``jaxep.combine`` (BF16), cuda vs xla.
 
-Method (DESIGN.md §4): device time per call = (time of one jitted function chaining N+1
-dependent calls - time of one chaining 1 call) / N, median over ``--repeats``. Call i+1 depends
+Method: time per call = (host wall time of one jitted function chaining N+1 dependent calls -
+that of one chaining 1 call) / N, median over ``--repeats``. Host dispatch of the jitted call
+cancels in the difference; what remains is the device time of the calls plus any per-call
+launch gaps (DESIGN.md §4 prefers events or the profiler; this is the chained-call variant it
+describes). Call i+1 depends
 on call i through a never-true select written into one element of each input (an in-place
 update, so no input is copied per call); each call's whole output goes through an optimization
 barrier and a few of its elements are summed into a carried scalar, so nothing is merged or

@@ -3,7 +3,7 @@
 //   registrations() -> dict[str, capsule]: FFI target name -> handler, for
 //                      jax.ffi.register_ffi_target(name, capsule, platform="CUDA");
 //                      empty without CUDA.
-//   intranode_create(id, groups, max_tokens) -> bytes per device  (CUDA builds)
+//   intranode_create(groups, max_tokens) -> (id, bytes per device)  (CUDA builds)
 //   intranode_release(id), intranode_error(id) -> str ("" when none)
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
@@ -56,17 +56,18 @@ NB_MODULE(_jaxep_ext, m) {
 #ifdef JAXEP_WITH_CUDA
   m.def(
       "intranode_create",
-      [](int64_t id, const std::vector<std::vector<int>>& groups, int max_tokens) {
+      [](const std::vector<std::vector<int>>& groups, int max_tokens) {
         size_t bytes = 0;
-        std::string err = jaxep::RegisterCommunicator(id, groups, max_tokens, &bytes);
+        int64_t id = 0;
+        std::string err = jaxep::RegisterCommunicator(groups, max_tokens, &id, &bytes);
         if (!err.empty()) throw std::runtime_error(err);
-        return bytes;
+        return nb::make_tuple(id, bytes);
       },
-      "Allocate the intranode workspaces of communicator `id` (groups[g][r] = device ordinal of "
-      "rank r of EP group g); returns the bytes allocated per device.");
+      "Allocate the intranode workspaces of a new communicator (groups[g][r] = device ordinal "
+      "of rank r of EP group g); returns (id, bytes allocated per device).");
   m.def(
       "intranode_release", [](int64_t id) { jaxep::ReleaseCommunicator(id); },
-      "Free the workspaces of communicator `id` (synchronises its devices first).");
+      "Retire communicator `id` (its memory stays allocated until the process exits).");
   m.def(
       "intranode_error", [](int64_t id) { return jaxep::DescribeError(id); },
       "A recorded kernel failure of communicator `id` (e.g. a barrier timeout), or ''.");

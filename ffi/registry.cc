@@ -23,8 +23,14 @@ std::mutex& Mutex() {
   return m;
 }
 
-std::map<int64_t, std::vector<Group>>& Table() {
-  static auto* t = new std::map<int64_t, std::vector<Group>>();  // never destroyed
+struct State {
+  std::map<int64_t, std::vector<Group>> live;
+  std::vector<Group> retired;  // kept allocated until the process exits (see ReleaseCommunicator)
+  int64_t next_id = 1;
+};
+
+State& Table() {
+  static auto* t = new State();  // never destroyed
   return *t;
 }
 
@@ -47,10 +53,9 @@ void Free(Group& g) {
 
 }  // namespace
 
-std::string RegisterCommunicator(int64_t id, const std::vector<std::vector<int>>& groups,
-                                 int max_tokens, size_t* bytes_per_device) {
+std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, int max_tokens,
+                                 int64_t* id, size_t* bytes_per_device) {
   std::lock_guard<std::mutex> lock(Mutex());
-  if (Table().count(id)) return "communicator id " + std::to_string(id) + " already registered";
   std::vector<Group> made;
   for (const auto& devices : groups) {
     const int n = static_cast<int>(devices.size());
@@ -72,23 +77,23 @@ std::string RegisterCommunicator(int64_t id, const std::vector<std::vector<int>>
   if (bytes_per_device && !groups.empty()) {
     *bytes_per_device = WorkspaceBytes(static_cast<int>(groups[0].size()), max_tokens);
   }
-  Table()[id] = std::move(made);
+  *id = Table().next_id++;
+  Table().live[*id] = std::move(made);
   return "";
 }
 
-std::string ReleaseCommunicator(int64_t id) {
+void ReleaseCommunicator(int64_t id) {
   std::lock_guard<std::mutex> lock(Mutex());
-  auto it = Table().find(id);
-  if (it == Table().end()) return "";
-  for (auto& g : it->second) Free(g);
-  Table().erase(it);
-  return "";
+  auto it = Table().live.find(id);
+  if (it == Table().live.end()) return;
+  for (auto& g : it->second) Table().retired.push_back(std::move(g));
+  Table().live.erase(it);
 }
 
 WorkspaceRef FindWorkspace(int64_t id, int device) {
   std::lock_guard<std::mutex> lock(Mutex());
-  auto it = Table().find(id);
-  if (it == Table().end()) return {};
+  auto it = Table().live.find(id);
+  if (it == Table().live.end()) return {};
   for (const auto& g : it->second) {
     for (size_t r = 0; r < g.devices.size(); ++r) {
       if (g.devices[r] == device) {
@@ -110,8 +115,8 @@ std::string DescribeError(const ErrorRecord& e) {
 
 std::string DescribeError(int64_t id) {
   std::lock_guard<std::mutex> lock(Mutex());
-  auto it = Table().find(id);
-  if (it == Table().end()) return "";
+  auto it = Table().live.find(id);
+  if (it == Table().live.end()) return "";
   for (const auto& g : it->second) {
     for (const ErrorRecord* e : g.errors) {
       if (std::string s = DescribeError(*e); !s.empty()) return s;

@@ -20,12 +20,16 @@ struct WorkspaceRef {
   int max_tokens = 0;
 };
 
-// Allocates the workspaces of every EP group (groups[g][r] = device ordinal of rank r).
+// Allocates the workspaces of every EP group (groups[g][r] = device ordinal of rank r) under a
+// new id (*id; ids are 1, 2, ... in creation order, so compiled programs are reproducible).
 // Returns an empty string on success, else what failed.
-std::string RegisterCommunicator(int64_t id, const std::vector<std::vector<int>>& groups,
-                                 int max_tokens, size_t* bytes_per_device);
-// Frees them (after synchronising the devices). Unknown ids are ignored.
-std::string ReleaseCommunicator(int64_t id);
+std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, int max_tokens,
+                                 int64_t* id, size_t* bytes_per_device);
+// Retires communicator `id`: handlers no longer find its workspaces (their calls fail with a
+// clear error). The memory stays allocated until the process exits, because a program captured
+// in a CUDA graph replays its kernels without calling the handler again: freeing would let such
+// a replay write freed memory. Unknown ids are ignored.
+void ReleaseCommunicator(int64_t id);
 // The workspace of `device` in communicator `id`; ws == nullptr when there is none.
 WorkspaceRef FindWorkspace(int64_t id, int device);
 // A recorded kernel failure (barrier timeout) of communicator `id`, as text; empty if none.

@@ -72,7 +72,52 @@ def _require() -> None:
     register()
 
 
-def dispatch_layout(topk_idx, expert_rank, num_ranks: int, num_experts: int):
+def _varying_axes(x) -> frozenset:
+    t = jax.typeof(x)
+    vma = getattr(t, "vma", None)  # newer jax
+    if vma is None:
+        mat = getattr(t, "mat", None)  # jax 0.10
+        vma = getattr(mat, "varying", frozenset()) if mat is not None else frozenset()
+    return frozenset(vma)
+
+
+def _varying(x, axes):
+    """``x`` typed as varying over ``axes`` inside shard_map (a type cast, no data movement)."""
+    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _vma_checked(axes) -> bool:
+    """Whether ``axes`` are bound manual (shard_map) axes with varying-axes checking on."""
+    try:
+        jax.lax.axis_size(axes[0] if len(axes) == 1 else tuple(axes))
+    except NameError:  # not inside a shard_map binding them
+        return False
+    try:
+        probe = jax.lax.pcast(jnp.zeros((), jnp.int32), tuple(axes), to="varying")
+    except Exception:  # noqa: BLE001 -- a capability probe: no varying-axes typing here
+        return False
+    return bool(_varying_axes(probe))
+
+
+def _ffi(target, out_types, args, axes=(), **attrs):
+    """``ffi_call`` of ``target`` on this device's shards.
+
+    ffi_call outputs carry no varying manual axes and its inputs must agree on theirs, so inside
+    ``shard_map`` every input and output is typed as varying over the union of the inputs'
+    varying axes and ``axes`` (the EP axes: every rank's result differs). Outside shard_map, or
+    with ``check_vma=False``, this is a plain ffi_call.
+    """
+    vary = set()
+    if axes and _vma_checked(tuple(axes)):
+        vary = set(axes).union(*(_varying_axes(a) for a in args))
+    vary = tuple(sorted(vary, key=str))
+    outs = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
+        *(_varying(a, vary) for a in args), **attrs)
+    return jax.tree.map(lambda o: _varying(o, vary), outs)
+
+
+def dispatch_layout(topk_idx, expert_rank, num_ranks: int, num_experts: int, axes=()):
     """Per-rank dispatch layout of the local tokens (call per device, inside ``shard_map``).
 
     Args:
@@ -81,6 +126,7 @@ def dispatch_layout(topk_idx, expert_rank, num_ranks: int, num_experts: int):
       expert_rank: ``[E]`` int32, the rank holding each global expert.
       num_ranks: R, number of ranks in the EP group (1..64).
       num_experts: E, number of global experts.
+      axes: the EP mesh axes (outputs are typed as varying over them inside shard_map).
 
     Returns:
       ``(tokens_per_rank [R] int32, tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)``:
@@ -112,59 +158,34 @@ def dispatch_layout(topk_idx, expert_rank, num_ranks: int, num_experts: int):
         jax.ShapeDtypeStruct((num_experts,), jnp.int32),
         jax.ShapeDtypeStruct((num_tokens, num_ranks), jnp.bool_),
     )
-    tokens_per_rank, tokens_per_expert, is_token_in_rank = jax.ffi.ffi_call(
-        DISPATCH_LAYOUT_TARGET, out_types, vmap_method="sequential"
-    )(topk_idx, expert_rank, num_ranks=np.int32(num_ranks), num_experts=np.int32(num_experts))
-    return tokens_per_rank, tokens_per_expert, is_token_in_rank
+    return _ffi(DISPATCH_LAYOUT_TARGET, out_types, (topk_idx, expert_rank), axes,
+                num_ranks=np.int32(num_ranks), num_experts=np.int32(num_experts))
 
 
 # ---- intranode normal mode (one process, several GPUs) ------------------------------------
 
 
-def _varying_axes(x) -> frozenset:
-    t = jax.typeof(x)
-    vma = getattr(t, "vma", None)  # newer jax
-    if vma is None:
-        mat = getattr(t, "mat", None)  # jax 0.10
-        vma = getattr(mat, "varying", frozenset()) if mat is not None else frozenset()
-    return frozenset(vma)
-
-
-def _varying(x, axes):
-    """``x`` typed as varying over the EP ``axes`` inside shard_map (a type cast, no data
-    movement). ffi_call outputs carry no varying axes, and its inputs must agree on them."""
-    missing = tuple(a for a in axes if a not in _varying_axes(x))
-    if not missing:
-        return x
-    try:
-        return jax.lax.pcast(x, missing, to="varying")
-    except Exception:  # noqa: BLE001 -- varying-axes checking is off (check_vma=False)
-        return x
-
-
-def _ep_call(comm, target, out_types, *args):
-    """``ffi_call`` of ``target`` on this rank's shards, typed as varying over the EP axes."""
-    axes = comm.cfg.axis_names
-    outs = jax.ffi.ffi_call(target, out_types)(*(_varying(a, axes) for a in args),
-                                               **_attrs(comm))
-    return jax.tree.map(lambda o: _varying(o, axes), outs)
-
 DISPATCH_TARGET = "jaxep_dispatch_ffi"
 COMBINE_TARGET = "jaxep_combine_ffi"
 DISPATCH_ROWS_TARGET = "jaxep_dispatch_rows_ffi"
+LAYOUT_MAX_RANKS = 64  # kLayoutMaxRanks in cuda/layout.h
+LAYOUT_MAX_EXPERTS = 8192  # kLayoutMaxExperts
 MAX_RANKS = 8  # kMaxRanks in cuda/intranode.h
 MAX_TOPK = 32  # kMaxTopkIntranode
 MAX_EXPERTS = 8192  # kMaxExpertsIntranode
 
 
-def intranode_create(comm_id: int, groups, max_tokens: int) -> int:
-    """Allocate the workspaces of a communicator; returns bytes per device."""
+def intranode_create(groups, max_tokens: int) -> tuple[int, int]:
+    """Allocate the workspaces of a communicator: ``(id, bytes per device)``."""
     _require()
-    return int(_ext.intranode_create(comm_id, [list(map(int, g)) for g in groups],
-                                     int(max_tokens)))
+    comm_id, nbytes = _ext.intranode_create([list(map(int, g)) for g in groups], int(max_tokens))
+    return int(comm_id), int(nbytes)
 
 
 def intranode_release(comm_id: int) -> None:
+    """Retire a communicator's workspaces: later calls fail with a clear error. The memory (a few
+    KB per device) stays allocated until the process exits, so a compiled program replayed from
+    a CUDA graph never touches freed memory."""
     if available():
         _ext.intranode_release(comm_id)
 
@@ -174,8 +195,10 @@ def intranode_error(comm_id: int) -> str:
     return _ext.intranode_error(comm_id) if available() else ""
 
 
-def _attrs(comm):
-    return dict(comm_id=np.int64(comm.comm_id), num_sms=np.int32(comm.cfg.num_sms or 0),
+def _ep_call(comm, target, out_types, *args):
+    """An intranode op on this rank's shards (the communicator's id and limits as attributes)."""
+    return _ffi(target, out_types, args, comm.cfg.axis_names, comm_id=np.int64(comm.comm_id),
+                num_sms=np.int32(comm.cfg.num_sms or 0),
                 timeout_ns=np.int64(int(comm.cfg.timeout_s * 1e9)))
 
 

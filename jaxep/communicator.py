@@ -58,14 +58,14 @@ class Communicator:
         self.global_expert = np.empty((self.num_ranks, self.num_local_experts), np.int32)
         self.global_expert[self.expert_rank, self.expert_slot] = np.arange(cfg.num_experts)
         self.backend = _resolve_backend(backend, mesh)
-        self.comm_id = id(self)
+        self.comm_id = None  # the CUDA registry's id of this communicator's workspaces
         self.workspace_bytes = 0  # per device, allocated outside XLA's allocator
         self._intranode = False
         if self.backend == "cuda":
             _cuda.register()
             if self._intranode_supported():
-                self.workspace_bytes = _cuda.intranode_create(
-                    self.comm_id, self.ep_groups(), cfg.max_tokens_per_rank)
+                self.comm_id, self.workspace_bytes = _cuda.intranode_create(
+                    self.ep_groups(), cfg.max_tokens_per_rank)
                 self._intranode = True
                 self._release = weakref.finalize(self, _cuda.intranode_release, self.comm_id)
         self._closed = False
@@ -98,9 +98,15 @@ class Communicator:
             raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
         if self.backend != "cuda":
             return "xla"
-        if op in CUDA_OPS or (op in INTRANODE_OPS and self._intranode):
+        if op in CUDA_OPS and self._layout_supported():
+            return "cuda"
+        if op in INTRANODE_OPS and self._intranode:
             return "cuda"
         return "xla"
+
+    def _layout_supported(self) -> bool:
+        return (self.num_ranks <= _cuda.LAYOUT_MAX_RANKS
+                and self.cfg.num_experts <= _cuda.LAYOUT_MAX_EXPERTS)
 
     def check(self) -> None:
         """Raise ``RuntimeError`` if a kernel of this communicator recorded a failure (a peer
@@ -112,8 +118,10 @@ class Communicator:
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Release backend resources (the CUDA workspaces, after synchronising their devices);
-        idempotent. The pure-JAX backend holds none."""
+        """Retire the communicator; idempotent. Ops refuse it afterwards, and compiled programs
+        using its CUDA workspaces fail with a clear error; the workspaces' memory (a few KB per
+        device) stays allocated until the process exits, so a program replayed from a CUDA graph
+        never touches freed memory. The pure-JAX backend holds nothing."""
         if self._intranode:
             self._release()
         self._closed = True

@@ -9,7 +9,8 @@ bits: a scale with a non-zero mantissa goes to the next exponent). With ``ue8m0`
 int32, little-endian: block ``4*i + j`` sits in bits ``8*j .. 8*j+7`` of word ``i``; a partial
 last word is padded with exponent 127 (scale 1.0).
 
-The CUDA kernels reproduce this bit for bit.
+A CUDA quantiser must reproduce this bit for bit (the LL kernels of issue 4 will be tested
+against this function); today every FP8 path runs this JAX code.
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def quantize_fp8(x, round_scale: bool = False, ue8m0: bool = False):
       ``ue8m0=True`` ``[..., ceil(H/512)] int32`` of packed exponents.
 
     Gradient: the scales are held constant (``stop_gradient``), so the payload's cotangent
-    reaches ``x`` divided by its scale and ``dequantize_fp8(*quantize_fp8(x))`` has the identity
-    gradient (quantisation treated as identity). The cotangent of an e4m3 payload is itself
-    e4m3 in JAX, so such gradients carry fp8 precision; train with bf16 on the wire where that
-    matters.
+    reaches ``x`` divided by its scale: ``dequantize_fp8(*quantize_fp8(x))`` has the identity
+    gradient *up to the payload cotangent's precision*. JAX types that cotangent like the
+    payload, e4m3, and it holds ``g * scale``, which is small: e4m3's smallest subnormal is
+    2**-9, so for |x| ~ 1 (scale ~ 1/150) cotangents below ~0.3 round to zero. Train with bf16 on
+    the wire (``fp8=False``) when gradients must flow through the quantisation.
     """
     if ue8m0 and not round_scale:
         raise ValueError("quantize_fp8: ue8m0=True needs round_scale=True (UE8M0 holds only "

@@ -12,8 +12,9 @@ and unpacks it; independent work placed between them may overlap the transfer.
 
 Gradients by autodiff of the same computation (the CUDA backend will give the same rules as
 custom VJPs, DESIGN.md §2). With ``fp8=True`` quantisation is treated as identity: the
-payload's cotangent reaches ``x`` divided by its scale (see :func:`jaxep.quantize_fp8` for the
-precision caveat).
+payload's cotangent reaches ``x`` divided by its scale, but JAX types that cotangent as e4m3,
+so small cotangents round to zero (see :func:`jaxep.quantize_fp8`); DESIGN's "bf16/f32
+backward" for fp8 needs the CUDA custom VJP of issue 4. Use ``fp8=False`` for training.
 """
 
 from __future__ import annotations

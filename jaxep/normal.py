@@ -119,7 +119,7 @@ def dispatch_layout(comm, topk_idx) -> Layout:
     topk_idx = topk_idx.astype(jnp.int32)
     if comm.implementation("dispatch_layout") == "cuda":
         out = _cuda.dispatch_layout(topk_idx, jnp.asarray(comm.expert_rank), comm.num_ranks,
-                                    comm.cfg.num_experts)
+                                    comm.cfg.num_experts, comm.cfg.axis_names)
     else:
         out = _xla.dispatch_layout(comm, topk_idx)
     return Layout(*out)
@@ -206,13 +206,14 @@ def _dispatch(comm, x, topk_idx, topk_weights):
 
 def _dispatch_fwd(comm, x, topk_idx, topk_weights):
     out = _dispatch_impl(comm, x, topk_idx, topk_weights)
-    return out, (out.handle, out.topk_idx, x, topk_idx)
+    # x itself is not needed backwards; an FP8 x is kept only to shape its zero cotangent.
+    return out, (out.handle, out.topk_idx, x if isinstance(x, tuple) else None, topk_idx)
 
 
 def _dispatch_bwd(comm, res, g: Dispatched):
-    handle, recv_idx, x, topk_idx = res
-    if isinstance(x, tuple):
-        gx = tuple(_zero_cotangent(a) for a in x)
+    handle, recv_idx, fp8_x, topk_idx = res
+    if fp8_x is not None:
+        gx = tuple(_zero_cotangent(a) for a in fp8_x)
     else:
         gx = _combine_rows_impl(comm, g.x, handle)
     gw_rows = jnp.where(recv_idx >= 0, g.topk_weights, jnp.zeros((), g.topk_weights.dtype))
