@@ -1,0 +1,252 @@
+"""Time low-latency ``jaxep.ll_dispatch`` (FP8, optionally BF16) and ``jaxep.ll_combine`` (BF16),
+their send / recv phases, and a matmul overlapped between send and recv; cuda vs xla.
+
+Method (shared with ``bench_normal.py``, whose helpers this imports): time per call = (host wall
+time of one jitted function chaining N+1 dependent calls - that of one chaining 1 call) / N,
+median over ``--repeats``; the chain is 1 + N % unroll unrolled calls, then a ``fori_loop`` of
+N // unroll iterations of ``--unroll`` unrolled calls. Combine runs on a fixed
+``y, handle = ll_dispatch(x)`` (BF16) and is weighted by ``topk_weights``.
+
+Send / recv: ``*_send`` is timed alone (chained like the full op). ``*_recv`` is timed directly,
+chained on one fixed pending (the output of one send), and also reported as full - send.
+
+Overlap (at T = 128, else the largest T): (a) send+recv alone, i.e. the full op (``ll_dispatch``
+is literally ``ll_dispatch_recv(ll_dispatch_send(...))``); (b) a BF16 ``[M, H] @ [H, H]`` matmul
+alone (``--matmul-m``), independent of the transfer; (c) send -> matmul -> recv in one call.
+Gain = (a) + (b) - (c), bounded by min((a), (b)). XLA schedules by data dependencies only, so
+program order is imposed with them: the recv takes the pending, the matmul's result is returned
+with the recv's output (consumed after the recv), and in the "pinned" variant
+``jax.lax.optimization_barrier`` groups (pending, matmul operand) right after the send, so the
+matmul cannot be hoisted above the send, and (pending, matmul result) before the recv, so the
+recv cannot be hoisted above the matmul nor the send sunk below it (XLA turns the barriers into
+control dependencies, so the compiled HLO no longer shows them). This is the order of
+DeepEP's two-phase hook; it overlaps only if the send returns while its transfer is still in
+flight (a CUDA send kernel). In the xla path the pending is the result of ``lax.all_to_all``,
+so the barrier waits for the transfer: pinned gain ~0 by construction. The "free" variant drops
+both barriers and lets XLA's scheduler overlap (e.g. an async all-to-all) if it can.
+
+Bandwidth follows DeepEP's LL figures: logical = bytes of all (token, expert) rows a rank
+receives, its own included, per-rank average (NVL: rows from other ranks only), / full time.
+Row bytes: FP8 H + 4H/128, BF16 2H; combine sends the BF16 rows (2H per copy) back.
+
+    python benchmarks/bench_ll.py --json ll.json --plot ll.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_normal import compile_all, csv, environment, make_routing, measure  # noqa: E402
+
+import jaxep  # noqa: E402
+
+# DESIGN.md §4, 4xH200, T=128, H=7168, K=8, E=256 (us): DeepEP V1 total, send, recv; XLA dense.
+REFERENCE = {"dispatch fp8": (32.7, 24.7, 8.0, 43.0), "combine bf16": (56.8, 44.5, 9.6, 62.0)}
+
+
+def two_phase(send, recv, pinned):
+    """fn(comm, a, b, *op_args): send -> a @ b -> recv; see the module docstring."""
+    def fn(comm, a, b, *args):
+        pending = send(comm, *args)
+        if pinned:  # the matmul's operand only exists after the send
+            pending, a = jax.lax.optimization_barrier((pending, a))
+        z = a @ b
+        if pinned:  # the recv's input only exists after the matmul
+            pending, z = jax.lax.optimization_barrier((pending, z))
+        return recv(comm, pending), z
+    return fn
+
+
+def ll_rows(expert_rank, idx, r, t):
+    """Per destination rank: (received (token, expert) rows, those from other ranks), ``[R]``."""
+    dest = expert_rank[idx]  # [R*T, K]; routing has distinct experts per token
+    remote = dest != (np.arange(idx.shape[0]) // t)[:, None]
+    return np.bincount(dest.ravel(), minlength=r), np.bincount(dest[remote], minlength=r)
+
+
+def run_case(mesh, backend, t, a, with_overlap, log):
+    r, spec = mesh.size, P("ep")
+    cfg = jaxep.EPConfig(num_experts=a.experts, num_topk=a.topk, hidden=a.hidden,
+                         max_tokens_per_rank=t)
+    comm = jaxep.Communicator(mesh, cfg, backend=backend)
+    out = NamedSharding(mesh, spec)
+    per_rank = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))  # noqa: E731
+    idx_np, w_np = make_routing(np.random.default_rng(a.seed), r * t, a.experts, a.topk,
+                                "random", 0.0)
+    idx, w = jax.device_put(idx_np, out), jax.device_put(w_np, out)
+    normal = lambda k, *shape: jax.jit(  # noqa: E731
+        lambda k: jax.random.normal(k, shape, jnp.bfloat16), out_shardings=out)(k)
+    keys = jax.random.split(jax.random.key(a.seed), 3)
+    x = normal(keys[0], r * t, a.hidden)
+    y, handle = per_rank(lambda x, i: (lambda d: (d.x, d.handle))(jaxep.ll_dispatch(comm, x, i)))(
+        x, idx)
+    ops = {}  # name: (full, send, recv, args, row bytes)
+    for fp8 in (True, False) if a.also_bf16 else (True,):
+        ops[f"dispatch {'fp8' if fp8 else 'bf16'}"] = (
+            functools.partial(jaxep.ll_dispatch, fp8=fp8),
+            functools.partial(jaxep.ll_dispatch_send, fp8=fp8), jaxep.ll_dispatch_recv,
+            (x, idx), a.hidden + a.hidden // 128 * 4 if fp8 else 2 * a.hidden)
+    ops["combine bf16"] = (jaxep.ll_combine, jaxep.ll_combine_send, jaxep.ll_combine_recv,
+                           (y, idx, w, handle), 2 * a.hidden)
+    if with_overlap:
+        mats = (normal(keys[1], r * a.matmul_m, a.hidden), normal(keys[2], r * a.hidden, a.hidden))
+    jobs = {}
+    for name, (full, send, recv, args, _) in ops.items():
+        # one fixed pending per rank, with a leading axis of 1 so it leaves shard_map as [R, ...]
+        pending = per_rank(lambda *v, s=send: jax.tree.map(lambda u: u[None], s(comm, *v)))(*args)
+        jobs[name] = (full, args)
+        jobs[name + " send"] = (send, args)
+        jobs[name + " recv"] = (lambda c, p, rv=recv: rv(c, jax.tree.map(lambda u: u[0], p)),
+                                (pending,))
+        if with_overlap:
+            jobs[name + " pinned"] = (two_phase(send, recv, True), (*mats, *args))
+            jobs[name + " free"] = (two_phase(send, recv, False), (*mats, *args))
+    if with_overlap:
+        jobs["matmul"] = (lambda c, m, k: m @ k, mats)
+    t0 = time.perf_counter()
+    compiled = compile_all(comm, jobs, a.calls, a.unroll)
+    log(f"  compiled {2 * len(jobs)} chains in {time.perf_counter() - t0:.1f} s")
+    us = {}
+    for job, (_, args) in jobs.items():
+        us[job] = measure(compiled[job, 1], compiled[job, a.calls + 1], args, a.calls, a.repeats)
+        if hasattr(comm, "check"):
+            comm.check()  # a CUDA kernel that timed out waiting for a peer raises here
+    recv, remote = ll_rows(comm.expert_rank, idx_np, r, t)
+    rows, overlap = [], []
+    for name, (*_, b) in ops.items():
+        impl = comm.implementation("ll_" + name.split()[0])
+        full, send, rcv = (us[name + s]["us"] for s in ("", " send", " recv"))
+        row = dict(op=name, tokens=t, backend=backend, impl=impl, us=full, send_us=send,
+                   recv_us=rcv, full_minus_send_us=full - send, row_bytes=b,
+                   recv_rows=recv.tolist(), remote_rows=remote.tolist(),
+                   bytes_avg=float(recv.mean() * b), nvlink_bytes_avg=float(remote.mean() * b),
+                   samples_us={k: us[k]["samples_us"] for k in us if k.startswith(name)})
+        row["gbps"] = row["bytes_avg"] / full / 1e3
+        row["nvlink_gbps"] = row["nvlink_bytes_avg"] / full / 1e3
+        log(f"  {name:13s} {backend:4s} (impl {impl:4s}): {full:9.1f} us = send {send:.1f} + "
+            f"recv {rcv:.1f}, {row['gbps']:6.1f} GB/s")
+        rows.append(row)
+        if with_overlap:
+            mm, pin, free = us["matmul"]["us"], us[name + " pinned"]["us"], us[name + " free"]["us"]
+            overlap.append(dict(op=name, tokens=t, backend=backend, impl=impl, alone_us=full,
+                                matmul_us=mm, pinned_us=pin, free_us=free,
+                                gain_pinned_us=full + mm - pin, gain_free_us=full + mm - free,
+                                matmul_shape=[a.matmul_m, a.hidden, a.hidden]))
+            log(f"  {name:13s} overlap: alone {full:.1f} + matmul {mm:.1f}; pinned {pin:.1f} "
+                f"(gain {full + mm - pin:.1f}), free {free:.1f} (gain {full + mm - free:.1f})")
+    comm.close()
+    return rows, overlap
+
+
+def table(rows, overlap, a, big):
+    fmt = "{:13s} {:>5} {:7s} {:4s} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8}"
+    print("\n" + fmt.format("op", "T", "backend", "impl", "us", "send", "recv", "full-send",
+                            "GB/s", "NVL GB/s"))
+    for r in sorted(rows, key=lambda r: (r["op"][0] == "c", r["op"], r["tokens"], r["backend"])):
+        print(fmt.format(r["op"], r["tokens"], r["backend"], r["impl"], *(
+            f"{r[k]:.1f}" for k in ("us", "send_us", "recv_us", "full_minus_send_us", "gbps",
+                                    "nvlink_gbps"))))
+    print("\nreference, DESIGN.md §4 (4xH200, T=128, H=7168, K=8, E=256), us:")
+    for op, (tot, send, recv, xla) in REFERENCE.items():
+        print(f"  {op:13s} DeepEP V1 {tot} = send {send} + recv {recv}; XLA dense {xla}")
+    if overlap:
+        print(f"\noverlap at T={big}: bf16 [{a.matmul_m}, {a.hidden}] @ [{a.hidden}, {a.hidden}] "
+              f"between send and recv; gain = (a) + (b) - (c)")
+        fmt = "{:13s} {:7s} {:4s} {:>10} {:>10} {:>10} {:>7} {:>10} {:>7}"
+        print(fmt.format("op", "backend", "impl", "(a) alone", "(b) matmul", "(c) pinned",
+                         "gain", "(c) free", "gain"))
+        for o in overlap:
+            print(fmt.format(o["op"], o["backend"], o["impl"], *(f"{o[k]:.1f}" for k in (
+                "alone_us", "matmul_us", "pinned_us", "gain_pinned_us", "free_us",
+                "gain_free_us"))))
+
+
+def plot(path, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = sorted({r["op"] for r in rows})
+    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        for backend in sorted({r["backend"] for r in rows}):
+            sel = sorted((r for r in rows if r["op"] == op and r["backend"] == backend),
+                         key=lambda r: r["tokens"])
+            for key, style in (("us", "o-"), ("send_us", "s--"), ("recv_us", "^:")):
+                ax.plot([r["tokens"] for r in sel], [r[key] for r in sel], style,
+                        label=f"{backend} {key[:-3] if key != 'us' else 'full'}")
+        ax.set_xscale("log", base=2)
+        ax.set(title=op, xlabel="tokens per rank", ylabel="us per call")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("jaxep low-latency mode")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", type=int, default=None, help="devices (default: all visible)")
+    p.add_argument("--tokens", type=csv(int), default=[32, 64, 128], help="tokens per rank")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--backends", type=csv(str), default=["cuda", "xla"])
+    p.add_argument("--also-bf16", action="store_true", help="also time BF16 ll_dispatch")
+    p.add_argument("--matmul-m", type=int, default=256, help="rows M of the overlapped matmul")
+    p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
+    p.add_argument("--calls", type=int, default=50, help="N, timed calls per repeat")
+    p.add_argument("--unroll", type=int, default=10,
+                   help="calls per loop iteration (0: all N+1 calls unrolled)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every measurement here")
+    p.add_argument("--plot", default=None, help="write a PNG of time vs tokens here")
+    a = p.parse_args()
+    devices = jax.devices()
+    r = a.ranks or len(devices)
+    mesh = Mesh(np.array(devices[:r]), ("ep",))
+    env = environment(devices, r)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    log(f"R={r} x {env['device']}, jax {env['jax']}, commit {env['commit']}"
+        f"{' (dirty)' if env['dirty'] else ''}, H={a.hidden}, K={a.topk}, E={a.experts}, "
+        f"N={a.calls} chained calls (unroll {a.unroll or 'all'}), {a.repeats} repeats")
+    big = 128 if 128 in a.tokens else max(a.tokens)
+    rows, overlap, t_start = [], [], time.perf_counter()
+    for backend in a.backends:
+        try:
+            jaxep.Communicator(mesh, jaxep.EPConfig(r, 1, 128, 1), backend=backend).close()
+        except (ValueError, RuntimeError) as err:
+            log(f"{backend}: skipped ({err})")
+            continue
+        for t in a.tokens:
+            log(f"[{backend}] T={t} ({time.perf_counter() - t_start:.0f} s)")
+            got = run_case(mesh, backend, t, a, t == big and not a.no_overlap, log)
+            rows += got[0]
+            overlap += got[1]
+    print(f"\nR={r} {env['device']}, H={a.hidden}, K={a.topk}, E={a.experts}; median time per "
+          f"call (us); GB/s = per-rank average received (token, expert) bytes / full time; "
+          f"impl = what ran (no LL CUDA kernels yet: 'xla' under backend cuda)")
+    table(rows, overlap, a, big)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(args=vars(a), environment=env, bytes="per-rank average",
+                           reference_us=REFERENCE, results=rows, overlap=overlap), f, indent=1)
+    if a.plot:
+        plot(a.plot, rows)
+
+
+if __name__ == "__main__":
+    main()
