@@ -5,11 +5,11 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <initializer_list>
 #include <string>
 
 #include <cuda_runtime_api.h>
 
+#include "checks.h"
 #include "handlers.h"
 #include "layout.h"
 #include "xla/ffi/api/ffi.h"
@@ -19,79 +19,41 @@ namespace ffi = xla::ffi;
 namespace jaxep {
 namespace {
 
-std::string Dims(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(dims[i]);
-  }
-  return s + "]";
-}
-
-template <typename B>
-ffi::Error CheckShape(const char* what, const B& buf, std::initializer_list<int64_t> expected) {
-  auto dims = buf.dimensions();
-  bool ok = dims.size() == expected.size();
-  if (ok) {
-    size_t i = 0;
-    for (int64_t d : expected) ok = ok && dims[i++] == d;
-  }
-  if (ok) return ffi::Error::Success();
-  std::string want = "[";
-  size_t i = 0;
-  for (int64_t d : expected) want += (i++ ? ", " : "") + std::to_string(d);
-  want += "]";
-  return ffi::Error::InvalidArgument(std::string("jaxep_dispatch_layout_ffi: ") + what +
-                                     " must have shape " + want + ", got " + Dims(dims));
-}
-
 ffi::Error DispatchLayoutImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> topk_idx,
                               ffi::Buffer<ffi::S32> expert_rank,
                               ffi::ResultBuffer<ffi::S32> tokens_per_rank,
                               ffi::ResultBuffer<ffi::S32> tokens_per_expert,
                               ffi::ResultBuffer<ffi::PRED> is_token_in_rank, int32_t num_ranks,
                               int32_t num_experts) {
-  const std::string name = "jaxep_dispatch_layout_ffi: ";
+  const char* op = "dispatch_layout";
   if (num_ranks < 1 || num_ranks > kLayoutMaxRanks) {
-    return ffi::Error::InvalidArgument(name + "num_ranks must be in [1, " +
-                                       std::to_string(kLayoutMaxRanks) + "], got " +
-                                       std::to_string(num_ranks));
+    return Invalid(op, "num_ranks must be in [1, " + std::to_string(kLayoutMaxRanks) +
+                           "], got " + std::to_string(num_ranks));
   }
   if (num_experts < 1 || num_experts > kLayoutMaxExperts) {
-    return ffi::Error::InvalidArgument(name + "num_experts must be in [1, " +
-                                       std::to_string(kLayoutMaxExperts) + "], got " +
-                                       std::to_string(num_experts));
+    return Invalid(op, "num_experts must be in [1, " + std::to_string(kLayoutMaxExperts) +
+                           "], got " + std::to_string(num_experts));
   }
   auto idx_dims = topk_idx.dimensions();
   if (idx_dims.size() != 2) {
-    return ffi::Error::InvalidArgument(name + "topk_idx must have rank 2 [T, K], got shape " +
-                                       Dims(idx_dims));
+    return Invalid(op, "topk_idx must have rank 2 [T, K], got shape " + Dims(idx_dims));
   }
   const int64_t num_tokens = idx_dims[0];
   const int64_t num_topk = idx_dims[1];
   if (num_topk > kLayoutMaxTopk) {
-    return ffi::Error::InvalidArgument(name + "topk_idx.shape[1] (K) must be <= " +
-                                       std::to_string(kLayoutMaxTopk) + ", got " +
-                                       std::to_string(num_topk));
+    return Invalid(op, "topk_idx.shape[1] (K) must be <= " + std::to_string(kLayoutMaxTopk) +
+                           ", got " + std::to_string(num_topk));
   }
   if (num_tokens * num_topk > INT32_MAX || num_tokens * num_ranks > INT32_MAX) {
-    return ffi::Error::InvalidArgument(
-        name + "too many tokens: T*K and T*R must fit in int32, got T=" +
-        std::to_string(num_tokens) + ", K=" + std::to_string(num_topk) +
-        ", R=" + std::to_string(num_ranks));
+    return Invalid(op, "too many tokens: T*K and T*R must fit in int32, got T=" +
+                           std::to_string(num_tokens) + ", K=" + std::to_string(num_topk) +
+                           ", R=" + std::to_string(num_ranks));
   }
-  if (auto e = CheckShape("expert_rank", expert_rank, {num_experts}); e.failure()) return e;
-  if (auto e = CheckShape("tokens_per_rank", *tokens_per_rank, {num_ranks}); e.failure()) {
-    return e;
-  }
-  if (auto e = CheckShape("tokens_per_expert", *tokens_per_expert, {num_experts});
-      e.failure()) {
-    return e;
-  }
-  if (auto e = CheckShape("is_token_in_rank", *is_token_in_rank, {num_tokens, num_ranks});
-      e.failure()) {
-    return e;
-  }
+  JAXEP_RETURN_IF_ERROR(Shape(op, "expert_rank", expert_rank, {num_experts}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "tokens_per_rank", *tokens_per_rank, {num_ranks}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "tokens_per_expert", *tokens_per_expert, {num_experts}));
+  JAXEP_RETURN_IF_ERROR(
+      Shape(op, "is_token_in_rank", *is_token_in_rank, {num_tokens, num_ranks}));
 
   const cudaError_t err = LaunchDispatchLayout(
       topk_idx.typed_data(), expert_rank.typed_data(), static_cast<int>(num_tokens),

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "checks.h"
 #include "handlers.h"
 #include "intranode.h"
 #include "registry.h"
@@ -21,31 +22,6 @@ namespace ffi = xla::ffi;
 
 namespace jaxep {
 namespace {
-
-std::string Dims(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
-
-ffi::Error Invalid(const char* op, const std::string& what) {
-  return ffi::Error::InvalidArgument(std::string("jaxep_") + op + "_ffi: " + what);
-}
-
-// `what` must have shape `want`.
-template <typename B>
-ffi::Error Shape(const char* op, const char* what, const B& buf,
-                 std::initializer_list<int64_t> want) {
-  auto dims = buf.dimensions();
-  bool ok = dims.size() == want.size();
-  size_t i = 0;
-  for (int64_t d : want) ok = ok && dims[i++] == d;
-  if (ok) return ffi::Error::Success();
-  std::string w = "[";
-  i = 0;
-  for (int64_t d : want) w += (i++ ? ", " : "") + std::to_string(d);
-  return Invalid(op, std::string(what) + " must have shape " + w + "], got " + Dims(dims));
-}
 
 // Bytes of one row of a buffer whose leading dim is `rows`.
 int64_t RowBytes(const ffi::AnyBuffer& b, int64_t rows) {
@@ -71,11 +47,6 @@ ffi::Error LaunchStatus(const char* op, cudaError_t err) {
                               cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
-#define JAXEP_RETURN_IF_ERROR(expr)        \
-  if (ffi::Error e_ = (expr); e_.failure()) { \
-    return e_;                             \
-  }
-
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::AnyBuffer scales, ffi::Buffer<ffi::S32> topk_idx,
                         ffi::Buffer<ffi::F32> topk_weights, ffi::Buffer<ffi::S32> expert_rank,
@@ -89,18 +60,17 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::ResultBuffer<ffi::S32> meta, int64_t comm_id, int32_t num_sms,
                         int64_t timeout_ns) {
   const char* op = "dispatch";
-  WorkspaceRef w;
-  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, w));
-  const WorkspaceRef* ref = &w;
-  const int64_t R = ref->num_ranks;
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, ref));
+  const int64_t R = ref.num_ranks;
   auto idx_dims = topk_idx.dimensions();
   if (idx_dims.size() != 2) return Invalid(op, "topk_idx must be [T, K], got " + Dims(idx_dims));
   const int64_t T = idx_dims[0], K = idx_dims[1];
   const int64_t E = expert_rank.dimensions().size() == 1 ? expert_rank.dimensions()[0] : -1;
   const int64_t C = recv_x->dimensions().size() == 0 ? -1 : recv_x->dimensions()[0];
-  if (T > ref->max_tokens) {
+  if (T > ref.max_tokens) {
     return Invalid(op, "T=" + std::to_string(T) + " exceeds the workspace's max_tokens=" +
-                           std::to_string(ref->max_tokens));
+                           std::to_string(ref.max_tokens));
   }
   if (K > kMaxTopkIntranode) {
     return Invalid(op, "K must be <= " + std::to_string(kMaxTopkIntranode) + ", got " +
@@ -132,7 +102,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   JAXEP_RETURN_IF_ERROR(Shape(op, "meta", *meta, {3}));
 
   DispatchArgs a{};
-  a.ws = ref->ws;
+  a.ws = ref.ws;
   a.num_tokens = static_cast<int>(T);
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(E);
@@ -163,16 +133,15 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                        ffi::Buffer<ffi::S32> send_slot, ffi::Result<ffi::AnyBuffer> out,
                        int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
   const char* op = "combine";
-  WorkspaceRef w;
-  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, w));
-  const WorkspaceRef* ref = &w;
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, ref));
   const auto type = y.element_type();
   if (type != ffi::DataType::BF16 && type != ffi::DataType::F32) {
     return Invalid(op, "y must be bfloat16 or float32");
   }
   auto slot_dims = send_slot.dimensions();
-  if (slot_dims.size() != 2 || slot_dims[1] != ref->num_ranks) {
-    return Invalid(op, "send_slot must be [T, R=" + std::to_string(ref->num_ranks) + "], got " +
+  if (slot_dims.size() != 2 || slot_dims[1] != ref.num_ranks) {
+    return Invalid(op, "send_slot must be [T, R=" + std::to_string(ref.num_ranks) + "], got " +
                            Dims(slot_dims));
   }
   const int64_t T = slot_dims[0];
@@ -184,7 +153,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                            Dims(out->dimensions()) + " for y " + Dims(y.dimensions()));
   }
   CombineArgs a{};
-  a.ws = ref->ws;
+  a.ws = ref.ws;
   a.num_tokens = static_cast<int>(T);
   a.row_elems = static_cast<int>(row_elems);
   a.dtype = type == ffi::DataType::BF16 ? 0 : 1;
@@ -200,17 +169,16 @@ ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                             ffi::Buffer<ffi::S32> src_index, ffi::Result<ffi::AnyBuffer> out,
                             int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
   const char* op = "dispatch_rows";
-  WorkspaceRef w;
-  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, w));
-  const WorkspaceRef* ref = &w;
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, ref));
   if (src_index.dimensions().size() != 1 || rows.dimensions().size() == 0) {
     return Invalid(op, "src_index must be [C] and rows [T, ...], got " +
                            Dims(src_index.dimensions()) + " and " + Dims(rows.dimensions()));
   }
   const int64_t C = src_index.dimensions()[0], T = rows.dimensions()[0];
-  if (T > ref->max_tokens) {
+  if (T > ref.max_tokens) {
     return Invalid(op, "T=" + std::to_string(T) + " exceeds max_tokens=" +
-                           std::to_string(ref->max_tokens));
+                           std::to_string(ref.max_tokens));
   }
   if (out->element_type() != rows.element_type() || out->dimensions().size() == 0 ||
       out->dimensions()[0] != C || RowBytes(*out, C) != RowBytes(rows, T)) {
@@ -218,7 +186,7 @@ ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                            Dims(out->dimensions()) + " for rows " + Dims(rows.dimensions()));
   }
   DispatchRowsArgs a{};
-  a.ws = ref->ws;
+  a.ws = ref.ws;
   a.num_tokens = static_cast<int>(T);
   a.capacity = static_cast<int>(C);
   a.row_bytes = static_cast<int>(RowBytes(rows, T));

@@ -1,0 +1,46 @@
+// Validation helpers shared by the FFI handlers: every message starts with the target's name
+// ("jaxep_<op>_ffi: ") and says what was expected and what was given.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxep {
+
+namespace ffi = xla::ffi;
+
+inline std::string Dims(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+inline ffi::Error Invalid(const char* op, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string("jaxep_") + op + "_ffi: " + what);
+}
+
+// `what` must have shape `want`.
+template <typename B>
+ffi::Error Shape(const char* op, const char* what, const B& buf,
+                 std::initializer_list<int64_t> want) {
+  auto dims = buf.dimensions();
+  bool ok = dims.size() == want.size();
+  size_t i = 0;
+  for (int64_t d : want) ok = ok && dims[i++] == d;
+  if (ok) return ffi::Error::Success();
+  std::string w = "[";
+  i = 0;
+  for (int64_t d : want) w += (i++ ? ", " : "") + std::to_string(d);
+  return Invalid(op, std::string(what) + " must have shape " + w + "], got " + Dims(dims));
+}
+
+}  // namespace jaxep
+
+#define JAXEP_RETURN_IF_ERROR(expr)              \
+  if (::xla::ffi::Error e_ = (expr); e_.failure()) { \
+    return e_;                                   \
+  }
