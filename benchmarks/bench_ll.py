@@ -47,7 +47,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_normal import compile_all, csv, environment, make_routing, measure  # noqa: E402
+from bench_normal import (add_timing_args, compile_all, csv, environment, make_routing,  # noqa: E402
+                          measure)
 
 import jaxep  # noqa: E402
 
@@ -206,13 +207,7 @@ def main():
     p.add_argument("--also-bf16", action="store_true", help="also time BF16 ll_dispatch")
     p.add_argument("--matmul-m", type=int, default=256, help="rows M of the overlapped matmul")
     p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
-    p.add_argument("--calls", type=int, default=50, help="N, timed calls per repeat")
-    p.add_argument("--unroll", type=int, default=10,
-                   help="calls per loop iteration (0: all N+1 calls unrolled)")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write every measurement here")
-    p.add_argument("--plot", default=None, help="write a PNG of time vs tokens here")
+    add_timing_args(p)
     a = p.parse_args()
     devices = jax.devices()
     r = a.ranks or len(devices)

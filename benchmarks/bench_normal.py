@@ -272,6 +272,17 @@ def environment(devices, r):
                 dirty=None if status is None else bool(status))
 
 
+def add_timing_args(p: argparse.ArgumentParser) -> None:
+    """The options of the timing method (shared with bench_ll.py) and its outputs."""
+    p.add_argument("--calls", type=int, default=50, help="N, timed calls per repeat")
+    p.add_argument("--unroll", type=int, default=10,
+                   help="calls per loop iteration (0: all N+1 calls unrolled)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every measurement here")
+    p.add_argument("--plot", default=None, help="write a PNG of time vs tokens here")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=None, help="devices (default: all visible)")
@@ -285,13 +296,7 @@ def main():
     p.add_argument("--num-sms", type=csv(sms_value), default=[None, 24],
                    help="'none' = EPConfig default")
     p.add_argument("--backends", type=csv(str), default=["cuda", "xla"])
-    p.add_argument("--calls", type=int, default=50, help="N, timed calls per repeat")
-    p.add_argument("--unroll", type=int, default=10,
-                   help="calls per loop iteration (0: all N+1 calls unrolled)")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write every measurement here")
-    p.add_argument("--plot", default=None, help="write a PNG of time vs tokens here")
+    add_timing_args(p)
     a = p.parse_args()
     devices = jax.devices()
     r = a.ranks or len(devices)
