@@ -33,12 +33,6 @@ def _check_hidden(x, what: str) -> int:
     return h // BLOCK
 
 
-def num_scale_columns(hidden: int, ue8m0: bool = False) -> int:
-    """Width of the scales array for ``hidden`` channels: H/128, or ceil(H/128/4) packed."""
-    g = hidden // BLOCK
-    return -(-g // 4) if ue8m0 else g
-
-
 def _round_pow2_up(scale):
     bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
     exp = bits & jnp.uint32(0x7F800000)
