@@ -11,7 +11,7 @@
 
 #include <cuda_bf16.h>
 
-#include <cstdio>
+#include "sync.cuh"
 
 namespace jaxep {
 namespace {
@@ -25,22 +25,6 @@ constexpr int kCombineDefaultBlocks = 32;
 
 __device__ __forceinline__ int32_t* PosTable(Workspace* ws) {
   return reinterpret_cast<int32_t*>(ws + 1);
-}
-
-__device__ __forceinline__ void StoreRelease(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ unsigned long long LoadAcquire(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ unsigned long long GlobalTimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
 }
 
 __device__ __forceinline__ const void* LoadPublished(const Workspace* peer, int i) {
@@ -58,23 +42,8 @@ __device__ void BlockBarrier(Workspace* ws, int phase, unsigned long long timeou
     ws->seq = s;
     const int num_ranks = ws->num_ranks, me = ws->rank;
     for (int p = 0; p < num_ranks; ++p) StoreRelease(&ws->peers[p]->flags[me], s);
-    const unsigned long long start = GlobalTimer();
     for (int p = 0; p < num_ranks; ++p) {
-      while (LoadAcquire(&ws->flags[p]) < s) {
-        if (GlobalTimer() - start > timeout_ns) {
-          ErrorRecord* e = ws->error;
-          e->rank = me;
-          e->peer = p;
-          e->phase = phase;
-          e->seq = s;
-          __threadfence_system();
-          atomicExch(&e->code, 1);
-          __threadfence_system();
-          printf("jaxep: rank %d timed out waiting for peer %d (phase %d, barrier %llu)\n", me,
-                 p, phase, s);
-          __trap();
-        }
-      }
+      WaitAtLeast(&ws->flags[p], s, ws->error, me, p, phase, timeout_ns);
     }
   }
   __syncthreads();

@@ -15,6 +15,7 @@
 #include "checks.h"
 #include "handlers.h"
 #include "intranode.h"
+#include "lookup.h"
 #include "registry.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -26,25 +27,6 @@ namespace {
 // Bytes of one row of a buffer whose leading dim is `rows`.
 int64_t RowBytes(const ffi::AnyBuffer& b, int64_t rows) {
   return rows ? static_cast<int64_t>(b.size_bytes()) / rows : 0;
-}
-
-ffi::Error Lookup(const char* op, int64_t comm_id, int32_t device, WorkspaceRef& ref) {
-  ref = FindWorkspace(comm_id, device);
-  if (!ref.ws) {
-    return Invalid(op, "no workspace for communicator " + std::to_string(comm_id) +
-                           " on device " + std::to_string(device) +
-                           " (closed, or built for another mesh)");
-  }
-  if (std::string e = DescribeError(*ref.error); !e.empty()) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, e);
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error LaunchStatus(const char* op, cudaError_t err) {
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jaxep_") + op + "_ffi: launch failed: " +
-                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,

@@ -5,6 +5,7 @@
 //                      empty without CUDA.
 //   intranode_create(groups, max_tokens) -> (id, bytes per device)  (CUDA builds)
 //   intranode_release(id), intranode_error(id) -> str ("" when none)
+//   ll_workspace_bytes(...), ll_shared_bytes(...): sizes of the low-latency buffers / kernels
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -48,6 +49,10 @@ NB_MODULE(_jaxep_ext, m) {
         d["jaxep_dispatch_ffi"] = Encapsulate(JaxepDispatchFfi);
         d["jaxep_combine_ffi"] = Encapsulate(JaxepCombineFfi);
         d["jaxep_dispatch_rows_ffi"] = Encapsulate(JaxepDispatchRowsFfi);
+        d["jaxep_ll_dispatch_send_ffi"] = Encapsulate(JaxepLLDispatchSendFfi);
+        d["jaxep_ll_dispatch_recv_ffi"] = Encapsulate(JaxepLLDispatchRecvFfi);
+        d["jaxep_ll_combine_send_ffi"] = Encapsulate(JaxepLLCombineSendFfi);
+        d["jaxep_ll_combine_recv_ffi"] = Encapsulate(JaxepLLCombineRecvFfi);
 #endif
         return d;
       },
@@ -56,15 +61,35 @@ NB_MODULE(_jaxep_ext, m) {
 #ifdef JAXEP_WITH_CUDA
   m.def(
       "intranode_create",
-      [](const std::vector<std::vector<int>>& groups, int max_tokens) {
+      [](const std::vector<std::vector<int>>& groups, int max_tokens, bool low_latency,
+         int num_topk, int num_local_experts, int hidden) {
         size_t bytes = 0;
         int64_t id = 0;
-        std::string err = jaxep::RegisterCommunicator(groups, max_tokens, &id, &bytes);
+        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden};
+        std::string err = jaxep::RegisterCommunicator(groups, max_tokens, ll, &id, &bytes);
         if (!err.empty()) throw std::runtime_error(err);
         return nb::make_tuple(id, bytes);
       },
+      nb::arg("groups"), nb::arg("max_tokens"), nb::arg("low_latency") = false,
+      nb::arg("num_topk") = 0, nb::arg("num_local_experts") = 0, nb::arg("hidden") = 0,
       "Allocate the intranode workspaces of a new communicator (groups[g][r] = device ordinal "
-      "of rank r of EP group g); returns (id, bytes allocated per device).");
+      "of rank r of EP group g), with the low-latency buffers when `low_latency`; returns "
+      "(id, bytes allocated per device).");
+  m.def(
+      "ll_workspace_bytes",
+      [](int num_ranks, int max_tokens, int num_topk, int num_local_experts, int hidden) {
+        return jaxep::LLWorkspaceBytes(num_ranks, max_tokens, num_topk, num_local_experts,
+                                       hidden);
+      },
+      "Bytes per device of the low-latency buffers for these sizes.");
+  m.def(
+      "ll_shared_bytes",
+      [](int num_ranks, int max_tokens, int num_topk, int num_experts) {
+        const size_t send = jaxep::LLSendSharedBytes(num_ranks, max_tokens, num_topk, num_experts);
+        const size_t recv = jaxep::LLRecvSharedBytes(num_ranks, num_experts / num_ranks);
+        return nb::make_tuple(send > recv ? send : recv, jaxep::kLLMaxSharedBytes);
+      },
+      "(shared memory the low-latency kernels need, the limit) for these sizes.");
   m.def(
       "intranode_release", [](int64_t id) { jaxep::ReleaseCommunicator(id); },
       "Retire communicator `id` (its memory stays allocated until the process exits).");

@@ -16,6 +16,8 @@ struct Group {
   std::vector<Workspace*> ws;
   std::vector<ErrorRecord*> errors;
   int max_tokens = 0;
+  std::vector<LLWorkspace*> ll;  // empty when the low-latency buffers were not requested
+  LLConfig ll_cfg;
 };
 
 std::mutex& Mutex() {
@@ -42,11 +44,18 @@ const char* PhaseName(int phase) {
     case kCombineEnd: return "combine (end barrier)";
     case kRowsStart: return "dispatch along handle (start barrier)";
     case kRowsEnd: return "dispatch along handle (end barrier)";
+    case kLLDispatchSend: return "ll_dispatch send (waiting for the destination to release its buffer)";
+    case kLLDispatchRecv: return "ll_dispatch receive (waiting for the source's rows)";
+    case kLLCombineSend: return "ll_combine send (waiting for the destination to release its buffer)";
+    case kLLCombineRecv: return "ll_combine receive (waiting for the expert rank's rows)";
     default: return "unknown phase";
   }
 }
 
 void Free(Group& g) {
+  if (!g.ll.empty()) {
+    DestroyLLWorkspaces(static_cast<int>(g.devices.size()), g.devices.data(), g.ll.data());
+  }
   DestroyWorkspaces(static_cast<int>(g.devices.size()), g.devices.data(), g.ws.data(),
                     g.errors.data());
 }
@@ -54,7 +63,7 @@ void Free(Group& g) {
 }  // namespace
 
 std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, int max_tokens,
-                                 int64_t* id, size_t* bytes_per_device) {
+                                 const LLConfig& ll, int64_t* id, size_t* bytes_per_device) {
   std::lock_guard<std::mutex> lock(Mutex());
   std::vector<Group> made;
   for (const auto& devices : groups) {
@@ -64,18 +73,43 @@ std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, in
       return "an EP group must have 1.." + std::to_string(kMaxRanks) + " GPUs of this process, got " +
              std::to_string(n);
     }
-    Group g{devices, std::vector<Workspace*>(n), std::vector<ErrorRecord*>(n), max_tokens};
-    const cudaError_t err =
+    Group g{devices, std::vector<Workspace*>(n), std::vector<ErrorRecord*>(n), max_tokens, {},
+            ll};
+    cudaError_t err =
         CreateWorkspaces(n, g.devices.data(), max_tokens, g.ws.data(), g.errors.data());
     if (err != cudaSuccess) {
       for (auto& done : made) Free(done);
       return std::string("creating the intranode workspaces failed: ") + cudaGetErrorName(err) +
              ": " + cudaGetErrorString(err);
     }
+    if (ll.enabled) {
+      std::vector<ErrorRecord*> device_errors(n);
+      for (int r = 0; r < n && err == cudaSuccess; ++r) {
+        err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_errors[r]), g.errors[r], 0);
+      }
+      g.ll.assign(n, nullptr);
+      if (err == cudaSuccess) {
+        err = CreateLLWorkspaces(n, g.devices.data(), max_tokens, ll.num_topk,
+                                 ll.num_local_experts, ll.hidden, device_errors.data(),
+                                 g.ll.data());
+      }
+      if (err != cudaSuccess) {
+        g.ll.clear();
+        Free(g);
+        for (auto& done : made) Free(done);
+        return std::string("creating the low-latency buffers failed: ") + cudaGetErrorName(err) +
+               ": " + cudaGetErrorString(err);
+      }
+    }
     made.push_back(std::move(g));
   }
   if (bytes_per_device && !groups.empty()) {
-    *bytes_per_device = WorkspaceBytes(static_cast<int>(groups[0].size()), max_tokens);
+    const int n = static_cast<int>(groups[0].size());
+    *bytes_per_device = WorkspaceBytes(n, max_tokens);
+    if (ll.enabled) {
+      *bytes_per_device +=
+          LLWorkspaceBytes(n, max_tokens, ll.num_topk, ll.num_local_experts, ll.hidden);
+    }
   }
   *id = Table().next_id++;
   Table().live[*id] = std::move(made);
@@ -97,8 +131,10 @@ WorkspaceRef FindWorkspace(int64_t id, int device) {
   for (const auto& g : it->second) {
     for (size_t r = 0; r < g.devices.size(); ++r) {
       if (g.devices[r] == device) {
-        return {g.ws[r], g.errors[r], static_cast<int>(r), static_cast<int>(g.devices.size()),
-                g.max_tokens};
+        const int n = static_cast<int>(g.devices.size());
+        return {g.ws[r], g.errors[r], static_cast<int>(r), n, g.max_tokens,
+                g.ll.empty() ? nullptr : g.ll[r],
+                LLShape{n, g.ll_cfg.num_local_experts, g.ll_cfg.hidden}, g.ll_cfg.num_topk};
       }
     }
   }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "intranode.h"
+#include "low_latency.h"
 
 namespace jaxep {
 
@@ -18,13 +19,22 @@ struct WorkspaceRef {
   int rank = -1;
   int num_ranks = 0;
   int max_tokens = 0;
+  LLWorkspace* ll = nullptr;  // low-latency buffers, when allocated
+  LLShape ll_shape{};
+  int ll_topk = 0;
+};
+
+// Sizes of a communicator's low-latency buffers (allocated when `enabled`).
+struct LLConfig {
+  bool enabled = false;
+  int num_topk = 0, num_local_experts = 0, hidden = 0;
 };
 
 // Allocates the workspaces of every EP group (groups[g][r] = device ordinal of rank r) under a
 // new id (*id; ids are 1, 2, ... in creation order, so compiled programs are reproducible).
 // Returns an empty string on success, else what failed.
 std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, int max_tokens,
-                                 int64_t* id, size_t* bytes_per_device);
+                                 const LLConfig& ll, int64_t* id, size_t* bytes_per_device);
 // Retires communicator `id`: handlers no longer find its workspaces (their calls fail with a
 // clear error). The memory stays allocated until the process exits, because a program captured
 // in a CUDA graph replays its kernels without calling the handler again: freeing would let such

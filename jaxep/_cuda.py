@@ -175,10 +175,14 @@ MAX_TOPK = 32  # kMaxTopkIntranode
 MAX_EXPERTS = 8192  # kMaxExpertsIntranode
 
 
-def intranode_create(groups, max_tokens: int) -> tuple[int, int]:
-    """Allocate the workspaces of a communicator: ``(id, bytes per device)``."""
+def intranode_create(groups, max_tokens: int, low_latency: bool = False, num_topk: int = 0,
+                     num_local_experts: int = 0, hidden: int = 0) -> tuple[int, int]:
+    """Allocate the workspaces of a communicator (and its low-latency buffers when
+    ``low_latency``): ``(id, bytes per device)``."""
     _require()
-    comm_id, nbytes = _ext.intranode_create([list(map(int, g)) for g in groups], int(max_tokens))
+    comm_id, nbytes = _ext.intranode_create(
+        [list(map(int, g)) for g in groups], int(max_tokens), bool(low_latency), int(num_topk),
+        int(num_local_experts), int(hidden))
     return int(comm_id), int(nbytes)
 
 
@@ -234,3 +238,82 @@ def dispatch_rows(comm, rows, src_index):
     """``out[c] = rows_src[src_index[c]]`` (zeros where -1): dispatch along a cached handle."""
     out = jax.ShapeDtypeStruct(src_index.shape + rows.shape[1:], rows.dtype)
     return _ep_call(comm, DISPATCH_ROWS_TARGET, out, rows, src_index)
+
+
+# ---- low-latency mode (one process, several GPUs) -----------------------------------------
+
+LL_DISPATCH_SEND_TARGET = "jaxep_ll_dispatch_send_ffi"
+LL_DISPATCH_RECV_TARGET = "jaxep_ll_dispatch_recv_ffi"
+LL_COMBINE_SEND_TARGET = "jaxep_ll_combine_send_ffi"
+LL_COMBINE_RECV_TARGET = "jaxep_ll_combine_recv_ffi"
+LL_MAX_TOPK = 32  # kLLMaxTopk in cuda/low_latency.h
+
+
+def ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden) -> int:
+    """Bytes per device of the low-latency buffers for these sizes."""
+    return int(_ext.ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden))
+
+
+def ll_supported(num_ranks, max_tokens, num_topk, num_experts, hidden) -> bool:
+    """Whether the low-latency kernels handle these sizes (shared memory, K, hidden % 16)."""
+    if not available() or num_topk > LL_MAX_TOPK or hidden % 16 or num_ranks > MAX_RANKS:
+        return False
+    need, limit = _ext.ll_shared_bytes(num_ranks, max_tokens, num_topk, num_experts)
+    return need <= limit
+
+
+def _ll_call(comm, target, out_types, *args, **attrs):
+    return _ffi(target, out_types, args, comm.cfg.axis_names, comm_id=np.int64(comm.comm_id),
+                num_sms=np.int32(comm.cfg.num_sms or 0),
+                timeout_ns=np.int64(int(comm.cfg.timeout_s * 1e9)), **attrs)
+
+
+def ll_dispatch_send(comm, x, topk_idx, weights=None, *, fp8=False, round_scale=False):
+    """Send phase: writes ``x [T, H]`` (quantised with ``fp8``) into the destinations' buffers.
+
+    ``weights [T, K]`` (optional) travel with the rows and scale them on receipt (the gradient
+    of ``ll_combine``). Returns ``info [2]`` int32 (num_invalid, call number) for the recv.
+    """
+    t, k = topk_idx.shape
+    w = jnp.zeros((0,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    return _ll_call(comm, LL_DISPATCH_SEND_TARGET, jax.ShapeDtypeStruct((2,), jnp.int32), x,
+                    topk_idx, w, jnp.asarray(comm.expert_rank), jnp.asarray(comm.expert_slot),
+                    fp8=bool(fp8), round_scale=bool(round_scale))
+
+
+def ll_dispatch_recv(comm, info, num_tokens, dtype, *, fp8=False, ue8m0=False,
+                     zero_padding=True, weighted=False):
+    """Receive phase: ``(x, scales or None, counts, src_index, src_topk, num_invalid)``."""
+    el, rt, h = comm.num_local_experts, comm.num_ranks * num_tokens, comm.cfg.hidden
+    sds = jax.ShapeDtypeStruct
+    if fp8:
+        x_t = sds((el, rt, h), jnp.float8_e4m3fn)
+        g = h // 128
+        s_t = sds((el, rt, -(-g // 4)), jnp.int32) if ue8m0 else sds((el, rt, g), jnp.float32)
+    else:
+        x_t = sds((el, rt, h), dtype)
+        s_t = sds((el, rt, 0), jnp.float32)
+    i32 = jnp.int32
+    out = _ll_call(comm, LL_DISPATCH_RECV_TARGET,
+                   (x_t, s_t, sds((el,), i32), sds((el, rt), i32), sds((el, rt), i32),
+                    sds((), i32)), info,
+                   ue8m0=bool(ue8m0), zero_padding=bool(zero_padding), weighted=bool(weighted))
+    x, scales, counts, src_index, src_topk, num_invalid = out
+    return x, (scales if fp8 else None), counts, src_index, src_topk, num_invalid
+
+
+def ll_combine_send(comm, y, src_index, src_topk, counts):
+    """Send phase of combine: writes each valid row of ``y [E_l, R*T, H]`` to its source."""
+    return _ll_call(comm, LL_COMBINE_SEND_TARGET, jax.ShapeDtypeStruct((1,), jnp.int32), y,
+                    src_index, src_topk, counts)
+
+
+def ll_combine_recv(comm, info, topk_idx, weights, dtype, want_rows=False):
+    """Receive phase of combine: ``(out [T, H], rows [T, K, H] or None)``."""
+    t, k = topk_idx.shape
+    h = comm.cfg.hidden
+    sds = jax.ShapeDtypeStruct
+    rows_t = sds((t, k, h), dtype) if want_rows else sds((0,), dtype)
+    out, rows = _ll_call(comm, LL_COMBINE_RECV_TARGET, (sds((t, h), dtype), rows_t), info,
+                         topk_idx, weights.astype(jnp.float32))
+    return out, (rows if want_rows else None)

@@ -171,25 +171,29 @@ def dispatch(comm, x, topk_idx, topk_weights, capacity):
 # ---------------------------------------------------------------------------------------------
 
 
-def ll_copy_mask(comm, idx):
-    """``[R, E_l, T]`` bool: token t selected expert (rank r, slot e) (sanitised ``idx``)."""
+def ll_copy_topk(comm, idx):
+    """``[R, E_l, T]`` int32: the top-k entry (first listing) by which token t selected expert
+    (rank r, slot e), -1 where it did not (sanitised ``idx``)."""
     first = _first_occurrence(idx)
+    k = idx.shape[1]
     onehot = (idx[:, :, None] == jnp.asarray(comm.global_expert).reshape(-1)[None, None, :])
-    sel = jnp.any(onehot & first[:, :, None], axis=1)  # [T, E] in (rank, slot) order
-    return sel.T.reshape(comm.num_ranks, comm.num_local_experts, -1)
+    hit = onehot & first[:, :, None]  # [T, K, E] in (rank, slot) order; one k at most per e
+    entry = jnp.max(jnp.where(hit, jnp.arange(k, dtype=jnp.int32)[None, :, None], -1), axis=1)
+    return entry.T.reshape(comm.num_ranks, comm.num_local_experts, -1)
 
 
-def ll_send(comm, rows, copy_mask):
-    """Send phase: ``rows [T, ...]`` -> received ``[R(src), E_l, T, ...]`` and its mask.
+def ll_send(comm, rows, copy_topk):
+    """Send phase: ``rows [T, ...]`` -> received ``[R(src), E_l, T, ...]`` and the received
+    ``copy_topk`` (see :func:`ll_copy_topk`; -1 marks an empty cell).
 
     Every (destination, local expert, token) cell is a static slot of the worst-case buffer;
     cells of tokens that did not select that expert are zero.
     """
-    r, el, t = copy_mask.shape
+    r, el, t = copy_topk.shape
     shape = (r, el) + rows.shape
-    m = copy_mask.reshape((r, el, t) + (1,) * (rows.ndim - 1))
+    m = (copy_topk >= 0).reshape((r, el, t) + (1,) * (rows.ndim - 1))
     buf = jnp.where(m, jnp.broadcast_to(rows, shape), jnp.zeros((), rows.dtype))
-    return _a2a(comm, buf), _a2a(comm, copy_mask)
+    return _a2a(comm, buf), _a2a(comm, copy_topk)
 
 
 def ll_layout(comm, recv_mask):
@@ -211,18 +215,6 @@ def ll_unpack(rows, src_index):
     per_expert = jnp.transpose(rows, (1, 0, 2) + tuple(range(3, rows.ndim)))
     per_expert = per_expert.reshape((el, r * t) + rows.shape[3:])
     return jax.vmap(_gather_rows)(per_expert, src_index)
-
-
-def ll_slots(comm, idx, pos):
-    """Source side: row of each (token, k) in its expert's output, from the receivers' ``pos``.
-
-    ``pos [R(src), E_l, T]`` on each receiver -> ``slot [T, K]`` (-1 for invalid k).
-    """
-    back = _a2a(comm, pos)  # [R(dest), E_l, T]
-    dest = _lookup(comm.expert_rank, idx)
-    slot = _lookup(comm.expert_slot, idx)
-    t = jnp.arange(idx.shape[0])[:, None]
-    return jnp.where(idx >= 0, back[jnp.maximum(dest, 0), jnp.maximum(slot, 0), t], -1)
 
 
 def ll_combine_send(comm, y, src_index):

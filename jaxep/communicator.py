@@ -19,6 +19,10 @@ BACKENDS = ("auto", "cuda", "xla")
 # of the mesh addressable by this process, EP groups of at most 8 GPUs, K <= 32, E <= 8192.
 CUDA_OPS = frozenset({"dispatch_layout"})
 INTRANODE_OPS = frozenset({"dispatch", "combine"})
+# The low-latency ops need the intranode transport plus the low-latency buffers
+# (EPConfig.low_latency), hidden % 16 == 0 and routing tables that fit in shared memory.
+LL_OPS = frozenset({"ll_dispatch", "ll_combine"})
+LL_AUTO_MAX_BYTES = 512 << 20
 ALL_OPS = ("dispatch_layout", "dispatch", "combine", "ll_dispatch", "ll_combine")
 
 
@@ -61,12 +65,17 @@ class Communicator:
         self.comm_id = None  # the CUDA registry's id of this communicator's workspaces
         self.workspace_bytes = 0  # per device, allocated outside XLA's allocator
         self._intranode = False
+        self._low_latency = False
         if self.backend == "cuda":
             _cuda.register()
             if self._intranode_supported():
+                ll = self._ll_wanted()
                 self.comm_id, self.workspace_bytes = _cuda.intranode_create(
-                    self.ep_groups(), cfg.max_tokens_per_rank)
+                    self.ep_groups(), cfg.max_tokens_per_rank,
+                    low_latency=ll, num_topk=cfg.num_topk,
+                    num_local_experts=self.num_local_experts, hidden=cfg.hidden)
                 self._intranode = True
+                self._low_latency = ll
                 self._release = weakref.finalize(self, _cuda.intranode_release, self.comm_id)
         self._closed = False
 
@@ -92,6 +101,19 @@ class Communicator:
                 and self.cfg.num_experts <= _cuda.MAX_EXPERTS
                 and all(d.process_index == me for d in self.mesh.devices.flat))
 
+    def _ll_wanted(self) -> bool:
+        """Whether to allocate the low-latency buffers (see ``EPConfig.low_latency``)."""
+        cfg = self.cfg
+        if cfg.low_latency is False or not _cuda.ll_supported(
+                self.num_ranks, cfg.max_tokens_per_rank, cfg.num_topk, cfg.num_experts,
+                cfg.hidden):
+            return False
+        if cfg.low_latency:
+            return True
+        nbytes = _cuda.ll_workspace_bytes(self.num_ranks, cfg.max_tokens_per_rank, cfg.num_topk,
+                                          self.num_local_experts, cfg.hidden)
+        return nbytes <= LL_AUTO_MAX_BYTES
+
     def implementation(self, op: str) -> str:
         """Which implementation runs ``op`` on this communicator: ``"cuda"`` or ``"xla"``."""
         if op not in ALL_OPS:
@@ -101,6 +123,8 @@ class Communicator:
         if op in CUDA_OPS and self._layout_supported():
             return "cuda"
         if op in INTRANODE_OPS and self._intranode:
+            return "cuda"
+        if op in LL_OPS and self._low_latency:
             return "cuda"
         return "xla"
 
@@ -120,7 +144,7 @@ class Communicator:
     def close(self) -> None:
         """Retire the communicator; idempotent. Ops refuse it afterwards, and compiled programs
         using its CUDA workspaces fail with a clear error; the workspaces' memory (a few KB per
-        device) stays allocated until the process exits, so a program replayed from a CUDA graph
+        device, plus the low-latency buffers) stays allocated until the process exits, so a program replayed from a CUDA graph
         never touches freed memory. The pure-JAX backend holds nothing."""
         if self._intranode:
             self._release()

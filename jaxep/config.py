@@ -44,6 +44,11 @@ class EPConfig:
         4xH200).
       timeout_s: a peer that does not arrive within this many seconds fails the call instead of
         hanging it (CUDA backend).
+      low_latency: allocate the CUDA low-latency buffers (``ll_*`` ops), per GPU about
+        ``8 * max_tokens_per_rank * hidden * (R + num_topk)`` bytes (float32-sized row slots,
+        two parities; ``Communicator.workspace_bytes`` says what was allocated). ``None``
+        (default) allocates them when that is at most 512 MiB, i.e. for decoding-sized
+        ``max_tokens_per_rank``; ``False`` never (the ``ll_*`` ops then run the pure-JAX path).
     """
 
     num_experts: int
@@ -55,6 +60,7 @@ class EPConfig:
     recv_capacity: int | None = None
     num_sms: int | None = None
     timeout_s: float = 60.0
+    low_latency: bool | None = None
 
     def __post_init__(self):
         for name in ("num_experts", "num_topk", "hidden", "max_tokens_per_rank"):
@@ -80,6 +86,9 @@ class EPConfig:
             raise TypeError(f"EPConfig.timeout_s must be a number, got {self.timeout_s!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"EPConfig.timeout_s must be positive, got {self.timeout_s}")
+        if self.low_latency is not None and not isinstance(self.low_latency, bool):
+            raise TypeError(f"EPConfig.low_latency must be None, True or False, got "
+                            f"{self.low_latency!r}")
 
     @property
     def axis_names(self) -> tuple[str, ...]:

@@ -4,42 +4,72 @@ Run per rank inside ``jax.shard_map``. Notation as in :mod:`jaxep.normal`; here 
 (token, selected expert) pair is one row: a token is sent **once per selected expert** (an
 expert listed twice in a token's top-k is sent once and both weights apply to that row in
 :func:`ll_combine`). The receiver holds ``[E_l, R*T, H]``: for each local expert, its rows
-ordered by source rank then source token, valid rows first (``counts[e]`` of them), then zero
+ordered by source rank then source token, valid rows first (``counts[e]`` of them), then
 padding. ``R*T`` rows per expert always suffice, so nothing is dropped.
 
-Two-phase forms: ``*_send`` issues the transfer and returns a pending pytree, ``*_recv`` waits
-and unpacks it; independent work placed between them may overlap the transfer.
+Padding rows are zeros by default. ``zero_padding=False`` (CUDA backend) leaves their payload
+and scales unspecified, which saves writing ``E_l * R*T * H`` bytes per call (235 MB at
+E=256, R=4, T=128, H=7168 with fp8): use it with expert kernels that read only the first
+``counts[e]`` rows (grouped GEMMs masked by ``counts``); a dense matmul over padding could see
+NaNs. The handle's padding entries are always -1.
 
-Gradients by autodiff of the same computation (the CUDA backend will give the same rules as
-custom VJPs, DESIGN.md §2). With ``fp8=True`` quantisation is treated as identity: the
-payload's cotangent reaches ``x`` divided by its scale, but JAX types that cotangent as e4m3,
-so small cotangents round to zero (see :func:`jaxep.quantize_fp8`); DESIGN's "bf16/f32
-backward" for fp8 needs the CUDA custom VJP of issue 4. Use ``fp8=False`` for training.
+Two-phase forms: ``*_send`` issues the transfer and returns a pending pytree, ``*_recv`` waits
+and unpacks it; independent work placed between them may overlap the transfer. On the CUDA
+backend the send kernel writes the rows into the destinations' buffers and returns; nothing
+spins until the recv kernel. XLA orders a recv after its send because the recv consumes the
+send's ``info`` array (a data dependency); it is free to place independent work before the send
+or after the recv, so to pin ``send -> work -> recv`` make the work's inputs and the pending
+pytree pass through one ``jax.lax.optimization_barrier``, and the work's result and the pending
+through another (``benchmarks/bench_ll.py`` does this). Every send must be followed by its
+recv, in the same order on every rank; at most two sends of one kind (dispatch, combine) may be
+outstanding per communicator (a third waits for the first to be received, and times out with
+an error naming the phase if it never is).
+
+Gradients (DESIGN.md §2): ``ll_dispatch``'s w.r.t. ``x`` is the sum of the cotangent rows of a
+token's copies (with ``fp8`` the quantisation counts as identity: the payload cotangent is
+divided by the row's scale first; JAX types that cotangent as e4m3, so it arrives rounded to
+e4m3 -- train with ``fp8=False``); ``ll_combine``'s w.r.t. ``y`` is the output cotangent
+dispatched and scaled by ``w[t, k]``, w.r.t. ``topk_weights[t, k]`` the dot product of the
+output cotangent with that row. The CUDA backend implements them as custom VJPs on its own
+kernels; the pure-JAX backend by autodiff.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
-from jaxep import _checks, _xla, fp8 as _fp8
+from jaxep import _checks, _cuda, _xla, fp8 as _fp8
 from jaxep._checks import FLOAT_DTYPES
-from jaxep.normal import _pytree
+from jaxep.normal import _pytree, _zero_cotangent
+
+
+def _pytree_with_meta(*meta):
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        data = [f.name for f in dataclasses.fields(cls) if f.name not in meta]
+        return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=list(meta))
+    return wrap
 
 
 @_pytree
 class LLHandle:
-    """Routing of one :func:`ll_dispatch`, consumed by :func:`ll_combine`.
+    """Routing of one :func:`ll_dispatch`, consumed by :func:`ll_combine` (receiver side).
 
     Attributes:
-      src_index: ``[E_l, R*T]`` int32, receiver side: for each row of each local expert its
-        source ``src_rank * T + src_token``; -1 for padding.
-      slot: ``[T, K]`` int32, sender side: the row of token t's copy in the output of expert
-        ``topk_idx[t, k]`` on its rank; -1 for invalid k.
+      src_index: ``[E_l, R*T]`` int32: for each row of each local expert its source
+        ``src_rank * T + src_token``; -1 for padding.
+      src_topk: ``[E_l, R*T]`` int32: which top-k entry of the source token the row serves
+        (the first listing of that expert); -1 for padding.
+      counts: ``[E_l]`` int32, valid rows per local expert (as ``LLDispatched.counts``).
     """
 
     src_index: jax.Array
-    slot: jax.Array
+    src_topk: jax.Array
+    counts: jax.Array
 
 
 @_pytree
@@ -61,21 +91,31 @@ class LLDispatched:
     handle: LLHandle
 
 
-@_pytree
+@_pytree_with_meta("fp8", "ue8m0")
 class LLDispatchPending:
     """In-flight :func:`ll_dispatch_send`: what :func:`ll_dispatch_recv` unpacks.
 
     Attributes:
-      rows: received ``[R(src), E_l, T, ...]`` cells (a tuple for FP8: payload and scales).
-      recv_mask: ``[R(src), E_l, T]`` bool, which cells hold a copy.
-      topk_idx: ``[T, K]`` int32, the sender's sanitised ids (-1 for none/invalid).
+      rows: pure-JAX backend: received ``[R(src), E_l, T, ...]`` cells (a tuple for FP8:
+        payload and scales); None on the CUDA backend (the rows wait in jaxep's buffers).
+      recv_topk: pure-JAX backend: ``[R(src), E_l, T]`` int32, the source's top-k entry of
+        each cell, -1 for empty cells; None on the CUDA backend.
+      info: CUDA backend: ``[2]`` int32 written by the send kernel (num_invalid, call number);
+        the recv consumes it, which orders it after the send. None on the pure-JAX backend.
+      x: CUDA backend: the sent ``x`` (carries the gradient to the recv); None otherwise.
+      topk_idx: ``[T, K]`` int32, the sender's ids (sanitised on the pure-JAX backend).
       num_invalid: int32 scalar.
+      fp8, ue8m0: static: the options of the send.
     """
 
-    rows: jax.Array | tuple[jax.Array, jax.Array]
-    recv_mask: jax.Array
+    rows: jax.Array | tuple[jax.Array, jax.Array] | None
+    recv_topk: jax.Array | None
+    info: jax.Array | None
+    x: jax.Array | None
     topk_idx: jax.Array
     num_invalid: jax.Array
+    fp8: bool = False
+    ue8m0: bool = False
 
 
 @_pytree
@@ -83,13 +123,24 @@ class LLCombinePending:
     """In-flight :func:`ll_combine_send`: what :func:`ll_combine_recv` reduces.
 
     Attributes:
-      rows: ``[R(dest), E_l, T, H]`` expert outputs returned to this rank.
+      rows: pure-JAX backend: ``[R(dest), E_l, T, H]`` expert outputs returned to this rank;
+        None on the CUDA backend.
+      info: CUDA backend: ``[1]`` int32 from the send kernel (orders the recv after it).
+      y: CUDA backend: the sent ``y`` (carries its gradient to the recv); None otherwise.
+      handle: CUDA backend: the dispatch's :class:`LLHandle` (for the gradient); None otherwise.
       topk_idx: ``[T, K]`` int32; topk_weights: ``[T, K]`` float32.
     """
 
-    rows: jax.Array
+    rows: jax.Array | None
+    info: jax.Array | None
+    y: jax.Array | None
+    handle: LLHandle | None
     topk_idx: jax.Array
     topk_weights: jax.Array
+
+
+def _on_cuda(comm) -> bool:
+    return comm.implementation("ll_dispatch") == "cuda"
 
 
 def _check_x(comm, op, x, fp8):
@@ -109,50 +160,114 @@ def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool 
     _checks.topk(comm, op, topk_idx, x.shape[0])
     if (round_scale or ue8m0) and not fp8:
         raise ValueError(f"jaxep.{op}: round_scale/ue8m0 need fp8=True")
-    idx, num_invalid = _xla.sanitize(comm, topk_idx.astype(jnp.int32))
-    mask = _xla.ll_copy_mask(comm, idx)
+    if ue8m0 and not round_scale:
+        raise ValueError(f"jaxep.{op}: ue8m0=True needs round_scale=True (UE8M0 holds only "
+                         f"powers of two)")
+    idx = topk_idx.astype(jnp.int32)
+    if _on_cuda(comm):
+        info = _cuda.ll_dispatch_send(comm, jax.lax.stop_gradient(x), idx, fp8=fp8,
+                                      round_scale=round_scale)
+        return LLDispatchPending(None, None, info, x, idx, info[0], fp8, ue8m0)
+    idx, num_invalid = _xla.sanitize(comm, idx)
+    copy_topk = _xla.ll_copy_topk(comm, idx)
     if fp8:
         payload, scales = _fp8.quantize_fp8(x, round_scale=round_scale, ue8m0=ue8m0)
-        recv_p, recv_mask = _xla.ll_send(comm, payload, mask)
-        recv_s, _ = _xla.ll_send(comm, scales, mask)
+        recv_p, recv_topk = _xla.ll_send(comm, payload, copy_topk)
+        recv_s, _ = _xla.ll_send(comm, scales, copy_topk)
         rows = (recv_p, recv_s)
     else:
-        rows, recv_mask = _xla.ll_send(comm, x, mask)
-    return LLDispatchPending(rows, recv_mask, idx, num_invalid)
+        rows, recv_topk = _xla.ll_send(comm, x, copy_topk)
+    return LLDispatchPending(rows, recv_topk, None, None, idx, num_invalid, fp8, ue8m0)
 
 
-def ll_dispatch_recv(comm, pending: LLDispatchPending) -> LLDispatched:
-    """Receive phase of :func:`ll_dispatch`: wait for the transfer and unpack it."""
+def ll_dispatch_recv(comm, pending: LLDispatchPending, *, zero_padding: bool = True
+                     ) -> LLDispatched:
+    """Receive phase of :func:`ll_dispatch`: wait for the transfer and unpack it.
+
+    ``zero_padding=False`` leaves the payload and scales of padding rows unspecified (CUDA
+    backend; see the module docstring).
+    """
     op = "ll_dispatch_recv"
     _checks.ep_group(comm, op)
     if not isinstance(pending, LLDispatchPending):
         raise TypeError(f"jaxep.{op}: expected the LLDispatchPending of ll_dispatch_send, "
                         f"got {type(pending).__name__}")
-    src_index, pos, counts = _xla.ll_layout(comm, pending.recv_mask)
+    if pending.info is not None:
+        if not _on_cuda(comm):
+            raise ValueError(f"jaxep.{op}: this pending transfer was sent by the CUDA backend of "
+                             f"another communicator")
+        out = _ll_recv_cuda(comm, pending.fp8, pending.ue8m0, bool(zero_padding),
+                            pending.x.dtype, pending.x, pending.info, pending.topk_idx)
+        x, counts, src_index, src_topk, num_invalid = out
+        return LLDispatched(x, counts, num_invalid, LLHandle(src_index, src_topk, counts))
+    src_index, _, counts = _xla.ll_layout(comm, pending.recv_topk >= 0)
     unpack = lambda a: _xla.ll_unpack(a, src_index)  # noqa: E731
     rows = pending.rows
     x = tuple(unpack(a) for a in rows) if isinstance(rows, tuple) else unpack(rows)
-    slot = _xla.ll_slots(comm, pending.topk_idx, pos)
-    return LLDispatched(x, counts, pending.num_invalid, LLHandle(src_index, slot))
+    src_topk = jnp.where(src_index >= 0, unpack(pending.recv_topk), -1)
+    return LLDispatched(x, counts, pending.num_invalid, LLHandle(src_index, src_topk, counts))
 
 
 def ll_dispatch(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = False,
-                ue8m0: bool = False) -> LLDispatched:
+                ue8m0: bool = False, zero_padding: bool = True) -> LLDispatched:
     """Send each (token, selected expert) pair to the expert's rank (low-latency mode).
 
     Args:
       comm: the :class:`jaxep.Communicator`.
       x: ``[T, H]`` bfloat16 (or float32), ``T <= max_tokens_per_rank``.
-      topk_idx: ``[T, K]`` int32 global expert ids, -1 for none.
+      topk_idx: ``[T, K]`` int32 global expert ids, -1 for none (ids outside ``[-1, E)`` are
+        treated as -1 and counted in ``num_invalid``).
       fp8: quantise to e4m3 with one scale per 128 channels before sending (H % 128 == 0).
       round_scale: round scales up to powers of two. ue8m0: pack them as UE8M0 (needs
         ``round_scale``). Bit-equal to :func:`jaxep.quantize_fp8` of the routed rows.
+      zero_padding: zero the payload (and scales) of rows past ``counts`` (default); False
+        leaves them unspecified on the CUDA backend (see the module docstring).
 
     Returns:
-      :class:`LLDispatched` with ``[E_l, R*T, ...]`` rows.
+      :class:`LLDispatched` with ``[E_l, R*T, ...]`` rows, sharded like ``x`` over the EP axis.
     """
     pending = ll_dispatch_send(comm, x, topk_idx, fp8=fp8, round_scale=round_scale, ue8m0=ue8m0)
-    return ll_dispatch_recv(comm, pending)
+    return ll_dispatch_recv(comm, pending, zero_padding=zero_padding)
+
+
+def _first_weights(topk_idx, num_experts):
+    """``[T, K]`` float32: 1 at the first listing of each valid expert, else 0."""
+    idx = jnp.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx, -1)
+    return _xla._first_occurrence(idx).astype(jnp.float32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _ll_recv_cuda(comm, fp8, ue8m0, zero_padding, x_dtype, x, info, topk_idx):
+    return _ll_recv_cuda_fwd(comm, fp8, ue8m0, zero_padding, x_dtype, x, info, topk_idx)[0]
+
+
+def _ll_recv_cuda_fwd(comm, fp8, ue8m0, zero_padding, x_dtype, x, info, topk_idx):
+    del x  # only carries the gradient
+    payload, scales, counts, src_index, src_topk, num_invalid = _cuda.ll_dispatch_recv(
+        comm, info, topk_idx.shape[0], x_dtype, fp8=fp8, ue8m0=ue8m0,
+        zero_padding=zero_padding)
+    out = ((payload, scales) if fp8 else payload, counts, src_index, src_topk, num_invalid)
+    return out, (src_index, src_topk, counts, scales, info, topk_idx)
+
+
+def _ll_recv_cuda_bwd(comm, fp8, ue8m0, zero_padding, x_dtype, res, g):
+    src_index, src_topk, counts, scales, info, topk_idx = res
+    if fp8:
+        gp = g[0][0]
+        h = gp.shape[-1]
+        if ue8m0:
+            scales = _fp8._unpack_ue8m0(scales, h // _fp8.BLOCK)
+        rows = gp.astype(jnp.float32).reshape(*gp.shape[:-1], -1, _fp8.BLOCK) / scales[..., None]
+        rows = rows.reshape(gp.shape).astype(x_dtype)
+    else:
+        rows = g[0]
+    sent = _cuda.ll_combine_send(comm, rows, src_index, src_topk, counts)
+    gx, _ = _cuda.ll_combine_recv(comm, sent, topk_idx,
+                                  _first_weights(topk_idx, comm.cfg.num_experts), rows.dtype)
+    return gx.astype(x_dtype), _zero_cotangent(info), _zero_cotangent(topk_idx)
+
+
+_ll_recv_cuda.defvjp(_ll_recv_cuda_fwd, _ll_recv_cuda_bwd)
 
 
 def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle) -> LLCombinePending:
@@ -162,13 +277,19 @@ def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle) -> LLComb
     if not isinstance(handle, LLHandle):
         raise TypeError(f"jaxep.{op}: handle must be an LLHandle (LLDispatched.handle), "
                         f"got {type(handle).__name__}")
-    t = handle.slot.shape[0]
+    rt = handle.src_index.shape[1]
+    t = rt // comm.num_ranks
     _checks.topk(comm, op, topk_idx, t, topk_weights)
     _checks.array(op, "y", y, 3, FLOAT_DTYPES)
-    want = (comm.num_local_experts, comm.num_ranks * t, comm.cfg.hidden)
+    want = (comm.num_local_experts, rt, comm.cfg.hidden)
     _checks.dim(op, "y shape [E_l, R*T, H]", want, tuple(y.shape))
+    idx = topk_idx.astype(jnp.int32)
+    if _on_cuda(comm):
+        info = _cuda.ll_combine_send(comm, jax.lax.stop_gradient(y), handle.src_index,
+                                     handle.src_topk, handle.counts)
+        return LLCombinePending(None, info, y, handle, idx, topk_weights)
     rows = _xla.ll_combine_send(comm, y, handle.src_index)
-    return LLCombinePending(rows, topk_idx.astype(jnp.int32), topk_weights)
+    return LLCombinePending(rows, None, None, None, idx, topk_weights)
 
 
 def ll_combine_recv(comm, pending: LLCombinePending):
@@ -178,6 +299,12 @@ def ll_combine_recv(comm, pending: LLCombinePending):
     if not isinstance(pending, LLCombinePending):
         raise TypeError(f"jaxep.{op}: expected the LLCombinePending of ll_combine_send, "
                         f"got {type(pending).__name__}")
+    if pending.info is not None:
+        if not _on_cuda(comm):
+            raise ValueError(f"jaxep.{op}: this pending transfer was sent by the CUDA backend of "
+                             f"another communicator")
+        return _ll_combine_cuda(comm, pending.y, pending.topk_weights, pending.info,
+                                pending.topk_idx, pending.handle)
     return _xla.ll_combine_recv(comm, pending.rows, pending.topk_idx, pending.topk_weights)
 
 
@@ -188,14 +315,42 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle):
       comm: the :class:`jaxep.Communicator`.
       y: ``[E_l, R*T, H]`` bfloat16 (or float32) expert outputs, in the row order of the
         :func:`ll_dispatch` that produced ``handle``; padding rows are ignored.
-      topk_idx, topk_weights: ``[T, K]``, as given to that dispatch / the routing weights.
+      topk_idx, topk_weights: ``[T, K]``: the ``topk_idx`` given to that dispatch, and the
+        routing weights.
       handle: ``LLDispatched.handle``.
 
     Returns:
-      ``[T, H]`` in ``y.dtype``: ``sum_k w[t, k] * y[expert_k][slot(t, k)]`` accumulated in
-      float32 (invalid k contribute nothing).
+      ``[T, H]`` in ``y.dtype``: ``sum_k w[t, k] * y[expert_k][row(t, k)]`` accumulated in
+      float32 (invalid k contribute nothing; an expert listed twice contributes its row once
+      per listing, with each listing's weight).
 
     Gradients: w.r.t. ``y`` the output cotangent dispatched and scaled by ``w[t, k]``; w.r.t.
     ``topk_weights[t, k]`` the dot product of the output cotangent with that row.
     """
     return ll_combine_recv(comm, ll_combine_send(comm, y, topk_idx, topk_weights, handle))
+
+
+def _ll_combine_impl(comm, y, topk_weights, info, topk_idx, want_rows):
+    return _cuda.ll_combine_recv(comm, info, topk_idx, topk_weights, y.dtype, want_rows)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ll_combine_cuda(comm, y, topk_weights, info, topk_idx, handle):
+    return _ll_combine_impl(comm, y, topk_weights, info, topk_idx, False)[0]
+
+
+def _ll_combine_cuda_fwd(comm, y, topk_weights, info, topk_idx, handle):
+    out, rows = _ll_combine_impl(comm, y, topk_weights, info, topk_idx, True)
+    return out, (rows, topk_weights, info, topk_idx, handle)
+
+
+def _ll_combine_cuda_bwd(comm, res, g):
+    rows, topk_weights, info, topk_idx, handle = res
+    gw = jnp.einsum("tkh,th->tk", rows.astype(jnp.float32), g.astype(jnp.float32))
+    sent = _cuda.ll_dispatch_send(comm, g.astype(rows.dtype), topk_idx, topk_weights)
+    gy = _cuda.ll_dispatch_recv(comm, sent, topk_idx.shape[0], rows.dtype, weighted=True)[0]
+    return (gy, gw.astype(topk_weights.dtype), _zero_cotangent(info),
+            _zero_cotangent(topk_idx), jax.tree.map(_zero_cotangent, handle))
+
+
+_ll_combine_cuda.defvjp(_ll_combine_cuda_fwd, _ll_combine_cuda_bwd)

@@ -197,7 +197,9 @@ def ll_dispatch(xs, topk_idx, expert_rank, expert_slot, num_ranks):
     """Low-latency dispatch: one row per (token, distinct selected expert).
 
     Returns per rank: dict(x (array or tuple) [E_l, R*T, ...], counts [E_l],
-    src_index [E_l, R*T], slot [T, K] (sender side), num_invalid).
+    src_index [E_l, R*T], src_topk [E_l, R*T] (the source's first top-k entry listing the
+    expert), slot [T, K] (sender side: row of each entry in its expert's output; the oracle's
+    own bookkeeping for ll_combine), num_invalid).
     """
     R = num_ranks
     E = len(expert_rank)
@@ -218,6 +220,7 @@ def ll_dispatch(xs, topk_idx, expert_rank, expert_slot, num_ranks):
         rows = tuple(np.zeros((El, R * T) + a.shape[1:], a.dtype) for a in arrays)
         counts = np.zeros(El, np.int32)
         src_index = np.full((El, R * T), -1, np.int32)
+        src_topk = np.full((El, R * T), -1, np.int32)
         for e in range(E):
             if expert_rank[e] != d:
                 continue
@@ -225,6 +228,7 @@ def ll_dispatch(xs, topk_idx, expert_rank, expert_slot, num_ranks):
             counts[s] = len(per_expert[e])
             for i, g in enumerate(per_expert[e]):
                 src_index[s, i] = g
+                src_topk[s, i] = list(ids[g]).index(e)
                 for a, r in zip(arrays, rows):
                     r[s, i] = a[g]
         slot = np.full((T, K), -1, np.int32)
@@ -235,7 +239,7 @@ def ll_dispatch(xs, topk_idx, expert_rank, expert_slot, num_ranks):
                 if e >= 0:
                     slot[t, k] = per_expert[e].index(g)
         out.append(dict(x=rows if is_tuple else rows[0], counts=counts, src_index=src_index,
-                        slot=slot, num_invalid=sum(bad[d * T:(d + 1) * T])))
+                        src_topk=src_topk, slot=slot, num_invalid=sum(bad[d * T:(d + 1) * T])))
     return out
 
 

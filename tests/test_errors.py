@@ -180,7 +180,7 @@ def test_ll_dispatch_bad_input(comm, x, idx, kw, exc, match):
     with pytest.raises(exc, match=match):
         trace(comm, lambda x, i: jaxep.ll_dispatch(comm, x, i, **kw).counts, x, idx)
     with pytest.raises(exc, match=match):
-        trace(comm, lambda x, i: jaxep.ll_dispatch_send(comm, x, i, **kw).recv_mask, x, idx)
+        trace(comm, lambda x, i: jaxep.ll_dispatch_send(comm, x, i, **kw).recv_topk, x, idx)
 
 
 def test_ll_dispatch_fp8_hidden_not_multiple_of_128():

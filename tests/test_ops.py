@@ -282,9 +282,11 @@ def ll_fn(num_ranks, cfg, fp8=False, round_scale=False, ue8m0=False):
         d = jaxep.ll_dispatch(comm, x, idx, **kw)
         d2 = jaxep.ll_dispatch_recv(comm, jaxep.ll_dispatch_send(comm, x, idx, **kw))
         res = dict(x=d.x, counts=d.counts, num_invalid=d.num_invalid[None],
-                   src_index=d.handle.src_index, slot=d.handle.slot,
+                   src_index=d.handle.src_index, src_topk=d.handle.src_topk,
+                   hcounts=d.handle.counts,
                    x2=d2.x, counts2=d2.counts, num_invalid2=d2.num_invalid[None],
-                   src_index2=d2.handle.src_index, slot2=d2.handle.slot)
+                   src_index2=d2.handle.src_index, src_topk2=d2.handle.src_topk,
+                   hcounts2=d2.handle.counts)
         if not fp8:
             res["out"] = jaxep.ll_combine(comm, y, idx, w, d.handle)
             res["out2"] = jaxep.ll_combine_recv(
@@ -313,11 +315,13 @@ def check_ll(num_ranks, cfg, kind, seed, tokens=None, dtype=jnp.bfloat16, fp8=Fa
     else:
         ref = oracle.ll_dispatch(x, idx, comm.expert_rank, comm.expert_slot, R)
     for sfx in ("", "2"):   # one-phase and two-phase
-        g = {k: per_rank(got[k + sfx], R) for k in ("counts", "num_invalid", "src_index", "slot")}
+        g = {k: per_rank(got[k + sfx], R)
+             for k in ("counts", "num_invalid", "src_index", "src_topk", "hcounts")}
         for r in range(R):
             np.testing.assert_array_equal(g["counts"][r], ref[r]["counts"])
+            np.testing.assert_array_equal(g["hcounts"][r], ref[r]["counts"])
             np.testing.assert_array_equal(g["src_index"][r], ref[r]["src_index"])
-            np.testing.assert_array_equal(g["slot"][r], ref[r]["slot"])
+            np.testing.assert_array_equal(g["src_topk"][r], ref[r]["src_topk"])
             assert int(g["num_invalid"][r, 0]) == ref[r]["num_invalid"]
         gx = got["x" + sfx]
         if fp8:

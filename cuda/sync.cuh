@@ -1,0 +1,54 @@
+// Device-side synchronisation primitives shared by the transport kernels (intranode.cu,
+// low_latency.cu): system-scope release/acquire flags and bounded waits that report a missing
+// peer in the host-mapped ErrorRecord, then trap (never an infinite hang).
+#pragma once
+
+#include <cstdio>
+
+#include "intranode.h"
+
+namespace jaxep {
+
+__device__ __forceinline__ void StoreRelease(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long LoadAcquire(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long GlobalTimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Records (rank, peer, phase, seq) in the host-mapped ErrorRecord, prints it and traps.
+__device__ __noinline__ inline void ReportTimeout(ErrorRecord* e, int rank, int peer, int phase,
+                                                  unsigned long long seq) {
+  e->rank = rank;
+  e->peer = peer;
+  e->phase = phase;
+  e->seq = seq;
+  __threadfence_system();
+  atomicExch(&e->code, 1);
+  __threadfence_system();
+  printf("jaxep: rank %d timed out waiting for peer %d (phase %d, call %llu)\n", rank, peer,
+         phase, seq);
+  __trap();
+}
+
+// Waits (bounded by timeout_ns) until *flag >= want; acquire at system scope.
+__device__ __forceinline__ void WaitAtLeast(const unsigned long long* flag, unsigned long long want,
+                                            ErrorRecord* error, int rank, int peer, int phase,
+                                            unsigned long long timeout_ns) {
+  if (LoadAcquire(flag) >= want) return;
+  const unsigned long long start = GlobalTimer();
+  while (LoadAcquire(flag) < want) {
+    if (GlobalTimer() - start > timeout_ns) ReportTimeout(error, rank, peer, phase, want);
+  }
+}
+
+}  // namespace jaxep

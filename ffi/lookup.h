@@ -1,0 +1,37 @@
+// Shared by the transport handlers: find this device's workspace of a communicator, and turn a
+// launcher's status into an ffi::Error naming the target.
+#pragma once
+#ifdef JAXEP_WITH_CUDA
+
+#include <cstdint>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+#include "checks.h"
+#include "registry.h"
+
+namespace jaxep {
+
+inline ffi::Error Lookup(const char* op, int64_t comm_id, int32_t device, WorkspaceRef& ref) {
+  ref = FindWorkspace(comm_id, device);
+  if (!ref.ws) {
+    return Invalid(op, "no workspace for communicator " + std::to_string(comm_id) +
+                           " on device " + std::to_string(device) +
+                           " (closed, or built for another mesh)");
+  }
+  if (std::string e = DescribeError(*ref.error); !e.empty()) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, e);
+  }
+  return ffi::Error::Success();
+}
+
+inline ffi::Error LaunchStatus(const char* op, cudaError_t err) {
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jaxep_") + op + "_ffi: launch failed: " +
+                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+}  // namespace jaxep
+
+#endif  // JAXEP_WITH_CUDA

@@ -1,0 +1,314 @@
+// XLA FFI handlers of the low-latency ops (one process, several GPUs):
+//   jaxep_ll_dispatch_send_ffi -> jaxep::LaunchLLDispatchSend
+//   jaxep_ll_dispatch_recv_ffi -> jaxep::LaunchLLDispatchRecv
+//   jaxep_ll_combine_send_ffi  -> jaxep::LaunchLLCombineSend
+//   jaxep_ll_combine_recv_ffi  -> jaxep::LaunchLLCombineRecv
+// Each finds its device's low-latency buffers in the registry, validates every buffer against
+// them, and only enqueues one kernel. A send returns a small `info` array that its recv takes
+// as an operand: the data dependency orders the two phases in XLA's schedule.
+#ifdef JAXEP_WITH_CUDA
+
+#include <cstdint>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+#include "checks.h"
+#include "handlers.h"
+#include "lookup.h"
+#include "low_latency.h"
+#include "registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jaxep {
+namespace {
+
+std::string Str(int64_t v) { return std::to_string(v); }
+
+ffi::Error LookupLL(const char* op, int64_t comm_id, int32_t device, WorkspaceRef& ref) {
+  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, ref));
+  if (!ref.ll) {
+    return Invalid(op, "communicator " + Str(comm_id) + " has no low-latency buffers "
+                       "(EPConfig.low_latency=False, or too large for the automatic choice)");
+  }
+  return ffi::Error::Success();
+}
+
+int ElemBytes(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F8E4M3FN: return 1;
+    case ffi::DataType::BF16: return 2;
+    case ffi::DataType::F32: return 4;
+    default: return 0;
+  }
+}
+
+ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                              ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
+                              ffi::Buffer<ffi::S32> expert_rank, ffi::Buffer<ffi::S32> expert_slot,
+                              ffi::ResultBuffer<ffi::S32> info, int64_t comm_id, int32_t num_sms,
+                              int64_t timeout_ns, bool fp8, bool round_scale) {
+  const char* op = "ll_dispatch_send";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, K = ref.ll_topk;
+  const int64_t El = ref.ll_shape.num_local_experts;
+  auto idx_dims = topk_idx.dimensions();
+  if (idx_dims.size() != 2 || idx_dims[1] != K) {
+    return Invalid(op, "topk_idx must be [T, K=" + Str(K) + "], got " + Dims(idx_dims));
+  }
+  const int64_t T = idx_dims[0];
+  if (T > ref.max_tokens) {
+    return Invalid(op, "T=" + Str(T) + " exceeds max_tokens=" + Str(ref.max_tokens));
+  }
+  if (x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F32) {
+    return Invalid(op, "x must be bfloat16 or float32");
+  }
+  JAXEP_RETURN_IF_ERROR(Shape(op, "x", x, {T, H}));
+  if (fp8 && H % 128) return Invalid(op, "fp8 needs hidden % 128 == 0, got " + Str(H));
+  const int64_t E = R * El;
+  JAXEP_RETURN_IF_ERROR(Shape(op, "expert_rank", expert_rank, {E}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "expert_slot", expert_slot, {E}));
+  const bool has_weights = weights.element_count() > 0;
+  if (has_weights) JAXEP_RETURN_IF_ERROR(Shape(op, "weights", weights, {T, K}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
+  const size_t smem = LLSendSharedBytes(static_cast<int>(R), static_cast<int>(T),
+                                        static_cast<int>(K), static_cast<int>(E));
+  if (smem > kLLMaxSharedBytes) {
+    return Invalid(op, "routing tables need " + Str(smem) + " bytes of shared memory, over the " +
+                           Str(kLLMaxSharedBytes) + " limit (T=" + Str(T) + ", E=" + Str(E) + ")");
+  }
+  LLDispatchSendArgs a{};
+  a.ws = ref.ll;
+  a.shape = ref.ll_shape;
+  a.num_tokens = static_cast<int>(T);
+  a.num_topk = static_cast<int>(K);
+  a.num_experts = static_cast<int>(E);
+  a.x_dtype = x.element_type() == ffi::DataType::BF16 ? 0 : 1;
+  a.fp8 = fp8;
+  a.round_scale = round_scale;
+  a.x = x.untyped_data();
+  a.topk_idx = topk_idx.typed_data();
+  a.weights = has_weights ? weights.typed_data() : nullptr;
+  a.expert_rank = expert_rank.typed_data();
+  a.expert_slot = expert_slot.typed_data();
+  a.info = info->typed_data();
+  a.num_sms = num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  return LaunchStatus(op, LaunchLLDispatchSend(a, stream));
+}
+
+ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> info,
+                              ffi::Result<ffi::AnyBuffer> x, ffi::Result<ffi::AnyBuffer> scales,
+                              ffi::ResultBuffer<ffi::S32> counts,
+                              ffi::ResultBuffer<ffi::S32> src_index,
+                              ffi::ResultBuffer<ffi::S32> src_topk,
+                              ffi::ResultBuffer<ffi::S32> num_invalid, int64_t comm_id,
+                              int32_t num_sms, int64_t timeout_ns, bool ue8m0, bool zero_padding,
+                              bool weighted) {
+  const char* op = "ll_dispatch_recv";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {2}));
+  auto dims = x->dimensions();
+  if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
+    return Invalid(op, "x must be [E_l=" + Str(El) + ", R*T, H=" + Str(H) + "] with R=" + Str(R) +
+                           ", got " + Dims(dims));
+  }
+  const int64_t RT = dims[1], T = RT / R;
+  if (T > ref.max_tokens) {
+    return Invalid(op, "T=" + Str(T) + " exceeds max_tokens=" + Str(ref.max_tokens));
+  }
+  const int elem = ElemBytes(x->element_type());
+  if (!elem) return Invalid(op, "x must be float8_e4m3fn, bfloat16 or float32");
+  const bool fp8 = elem == 1;
+  if (weighted && fp8) return Invalid(op, "weighted rows need bfloat16 or float32");
+  if (fp8) {
+    const int64_t G = H / 128, GW = (G + 3) / 4;
+    if (ue8m0) {
+      if (scales->element_type() != ffi::DataType::S32) return Invalid(op, "ue8m0 scales must be int32");
+      JAXEP_RETURN_IF_ERROR(Shape(op, "scales", *scales, {El, RT, GW}));
+    } else {
+      if (scales->element_type() != ffi::DataType::F32) return Invalid(op, "scales must be float32");
+      JAXEP_RETURN_IF_ERROR(Shape(op, "scales", *scales, {El, RT, G}));
+    }
+  } else if (scales->element_count() != 0) {
+    return Invalid(op, "scales must be empty without fp8, got " + Dims(scales->dimensions()));
+  }
+  JAXEP_RETURN_IF_ERROR(Shape(op, "counts", *counts, {El}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "src_index", *src_index, {El, RT}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", *src_topk, {El, RT}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "num_invalid", *num_invalid, {}));
+  LLDispatchRecvArgs a{};
+  a.ws = ref.ll;
+  a.shape = ref.ll_shape;
+  a.num_tokens = static_cast<int>(T);
+  a.elem_bytes = elem;
+  a.fp8 = fp8;
+  a.ue8m0 = ue8m0;
+  a.zero_padding = zero_padding;
+  a.weighted = weighted;
+  a.info = info.typed_data();
+  a.x = x->untyped_data();
+  a.scales = fp8 ? scales->untyped_data() : nullptr;
+  a.counts = counts->typed_data();
+  a.src_index = src_index->typed_data();
+  a.src_topk = src_topk->typed_data();
+  a.num_invalid = num_invalid->typed_data();
+  a.num_sms = num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  return LaunchStatus(op, LaunchLLDispatchRecv(a, stream));
+}
+
+ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                             ffi::Buffer<ffi::S32> src_index, ffi::Buffer<ffi::S32> src_topk,
+                             ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::S32> info,
+                             int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+  const char* op = "ll_combine_send";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
+  const int elem = ElemBytes(y.element_type());
+  if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
+  auto dims = y.dimensions();
+  if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
+    return Invalid(op, "y must be [E_l=" + Str(El) + ", R*T, H=" + Str(H) + "] with R=" + Str(R) +
+                           ", got " + Dims(dims));
+  }
+  const int64_t RT = dims[1], T = RT / R;
+  if (T > ref.max_tokens) {
+    return Invalid(op, "T=" + Str(T) + " exceeds max_tokens=" + Str(ref.max_tokens));
+  }
+  JAXEP_RETURN_IF_ERROR(Shape(op, "src_index", src_index, {El, RT}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", src_topk, {El, RT}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "counts", counts, {El}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {1}));
+  LLCombineSendArgs a{};
+  a.ws = ref.ll;
+  a.shape = ref.ll_shape;
+  a.num_tokens = static_cast<int>(T);
+  a.elem_bytes = elem;
+  a.y = y.untyped_data();
+  a.src_index = src_index.typed_data();
+  a.src_topk = src_topk.typed_data();
+  a.counts = counts.typed_data();
+  a.info = info->typed_data();
+  a.num_sms = num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  return LaunchStatus(op, LaunchLLCombineSend(a, stream));
+}
+
+ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> info,
+                             ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
+                             ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> rows,
+                             int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+  const char* op = "ll_combine_recv";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, K = ref.ll_topk;
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {1}));
+  auto idx_dims = topk_idx.dimensions();
+  if (idx_dims.size() != 2 || idx_dims[1] != K) {
+    return Invalid(op, "topk_idx must be [T, K=" + Str(K) + "], got " + Dims(idx_dims));
+  }
+  const int64_t T = idx_dims[0];
+  if (T > ref.max_tokens) {
+    return Invalid(op, "T=" + Str(T) + " exceeds max_tokens=" + Str(ref.max_tokens));
+  }
+  JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", weights, {T, K}));
+  const int elem = ElemBytes(out->element_type());
+  if (elem != 2 && elem != 4) return Invalid(op, "out must be bfloat16 or float32");
+  JAXEP_RETURN_IF_ERROR(Shape(op, "out", *out, {T, H}));
+  const bool want_rows = rows->element_count() > 0;
+  if (want_rows) {
+    if (rows->element_type() != out->element_type()) return Invalid(op, "rows must match out's dtype");
+    JAXEP_RETURN_IF_ERROR(Shape(op, "rows", *rows, {T, K, H}));
+  }
+  LLCombineRecvArgs a{};
+  a.ws = ref.ll;
+  a.shape = ref.ll_shape;
+  a.num_tokens = static_cast<int>(T);
+  a.num_topk = static_cast<int>(K);
+  a.num_experts = static_cast<int>(R * ref.ll_shape.num_local_experts);
+  a.elem_bytes = elem;
+  a.info = info.typed_data();
+  a.topk_idx = topk_idx.typed_data();
+  a.weights = weights.typed_data();
+  a.out = out->untyped_data();
+  a.rows = want_rows ? rows->untyped_data() : nullptr;
+  a.num_sms = num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  return LaunchStatus(op, LaunchLLCombineRecv(a, stream));
+}
+
+}  // namespace
+}  // namespace jaxep
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchSendFfi, jaxep::LLDispatchSendImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [2]
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns")
+                                  .Attr<bool>("fp8")
+                                  .Attr<bool>("round_scale"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi, jaxep::LLDispatchRecvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // info [2] of the send
+                                  .Ret<ffi::AnyBuffer>()         // x [E_l, R*T, H]
+                                  .Ret<ffi::AnyBuffer>()         // scales (empty without fp8)
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // counts [E_l]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // num_invalid []
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns")
+                                  .Attr<bool>("ue8m0")
+                                  .Attr<bool>("zero_padding")
+                                  .Attr<bool>("weighted"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendFfi, jaxep::LLCombineSendImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // counts [E_l]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [1]
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // info [1] of the send
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
+                                  .Ret<ffi::AnyBuffer>()         // out [T, H]
+                                  .Ret<ffi::AnyBuffer>()         // rows [T, K, H] or empty
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+#endif  // JAXEP_WITH_CUDA
