@@ -69,6 +69,34 @@ def two_phase(send, recv, pinned):
     return fn
 
 
+def kernel_times(fn, args, repeats=3):
+    """Median device time (us) per kernel name of ``fn(*args)``, over calls and GPUs, read from a
+    ``jax.profiler`` trace (XLA's own kernels are skipped: names starting with ``LL`` only)."""
+    import glob
+    import tempfile
+
+    fn(*args).block_until_ready()
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(repeats):
+                fn(*args).block_until_ready()
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        durations = {}
+        for path in files:
+            data = jax.profiler.ProfileData.from_file(path)
+            for plane in data.planes:
+                if not plane.name.startswith("/device:GPU"):
+                    continue
+                for line in plane.lines:
+                    for ev in line.events:
+                        name = ev.name
+                        for short in ("LLDispatchSendKernel", "LLDispatchRecvKernel",
+                                      "LLCombineSendKernel", "LLCombineRecvKernel"):
+                            if short in name:
+                                durations.setdefault(short, []).append(ev.duration_ns / 1e3)
+    return {k: float(np.median(v)) for k, v in sorted(durations.items())}
+
+
 def ll_rows(expert_rank, idx, r, t):
     """Per destination rank: (received (token, expert) rows, those from other ranks), ``[R]``."""
     dest = expert_rank[idx]  # [R*T, K]; routing has distinct experts per token
@@ -79,7 +107,7 @@ def ll_rows(expert_rank, idx, r, t):
 def run_case(mesh, backend, t, a, with_overlap, log):
     r, spec = mesh.size, P("ep")
     cfg = jaxep.EPConfig(num_experts=a.experts, num_topk=a.topk, hidden=a.hidden,
-                         max_tokens_per_rank=t)
+                         max_tokens_per_rank=t, low_latency=backend == "cuda" or None)
     comm = jaxep.Communicator(mesh, cfg, backend=backend)
     out = NamedSharding(mesh, spec)
     per_rank = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))  # noqa: E731
@@ -98,15 +126,26 @@ def run_case(mesh, backend, t, a, with_overlap, log):
             functools.partial(jaxep.ll_dispatch, fp8=fp8),
             functools.partial(jaxep.ll_dispatch_send, fp8=fp8), jaxep.ll_dispatch_recv,
             (x, idx), a.hidden + a.hidden // 128 * 4 if fp8 else 2 * a.hidden)
+    if comm.implementation("ll_dispatch") == "cuda":  # padding left unspecified (CUDA only)
+        ops["dispatch fp8 nopad"] = (
+            functools.partial(jaxep.ll_dispatch, fp8=True, zero_padding=False),
+            functools.partial(jaxep.ll_dispatch_send, fp8=True),
+            functools.partial(jaxep.ll_dispatch_recv, zero_padding=False),
+            (x, idx), a.hidden + a.hidden // 128 * 4)
     ops["combine bf16"] = (jaxep.ll_combine, jaxep.ll_combine_send, jaxep.ll_combine_recv,
                            (y, idx, w, handle), 2 * a.hidden)
     if with_overlap:
         mats = (normal(keys[1], r * a.matmul_m, a.hidden), normal(keys[2], r * a.hidden, a.hidden))
     jobs = {}
+    # The CUDA LL kernels need every send followed by its recv (their buffer protocol), so
+    # their phases are timed from the profiler's kernel durations inside the full op instead.
+    on_cuda = comm.implementation("ll_dispatch") == "cuda"
     for name, (full, send, recv, args, _) in ops.items():
+        jobs[name] = (full, args)
+        if on_cuda:
+            continue
         # one fixed pending per rank, with a leading axis of 1 so it leaves shard_map as [R, ...]
         pending = per_rank(lambda *v, s=send: jax.tree.map(lambda u: u[None], s(comm, *v)))(*args)
-        jobs[name] = (full, args)
         jobs[name + " send"] = (send, args)
         jobs[name + " recv"] = (lambda c, p, rv=recv: rv(c, jax.tree.map(lambda u: u[0], p)),
                                 (pending,))
@@ -123,13 +162,27 @@ def run_case(mesh, backend, t, a, with_overlap, log):
         us[job] = measure(compiled[job, 1], compiled[job, a.calls + 1], args, a.calls, a.repeats)
         if hasattr(comm, "check"):
             comm.check()  # a CUDA kernel that timed out waiting for a peer raises here
+    kernels = {}
+    if on_cuda:
+        for name in ops:
+            kernels[name] = kernel_times(compiled[name, a.calls + 1], jobs[name][1])
+            log(f"  {name}: kernel device time (median over calls and GPUs, us): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in kernels[name].items()))
     recv, remote = ll_rows(comm.expert_rank, idx_np, r, t)
     rows, overlap = [], []
     for name, (*_, b) in ops.items():
         impl = comm.implementation("ll_" + name.split()[0])
-        full, send, rcv = (us[name + s]["us"] for s in ("", " send", " recv"))
+        full = us[name]["us"]
+        if on_cuda:
+            kt = kernels[name]
+            send = next((v for k, v in kt.items() if "Send" in k), float("nan"))
+            rcv = next((v for k, v in kt.items() if "Recv" in k), float("nan"))
+        else:
+            send, rcv = us[name + " send"]["us"], us[name + " recv"]["us"]
         row = dict(op=name, tokens=t, backend=backend, impl=impl, us=full, send_us=send,
                    recv_us=rcv, full_minus_send_us=full - send, row_bytes=b,
+                   phase_method="kernel device time (profiler)" if on_cuda else "host chains",
+                   kernels_us=kernels.get(name, {}),
                    recv_rows=recv.tolist(), remote_rows=remote.tolist(),
                    bytes_avg=float(recv.mean() * b), nvlink_bytes_avg=float(remote.mean() * b),
                    samples_us={k: us[k]["samples_us"] for k in us if k.startswith(name)})
@@ -151,7 +204,7 @@ def run_case(mesh, backend, t, a, with_overlap, log):
 
 
 def table(rows, overlap, a, big):
-    fmt = "{:13s} {:>5} {:7s} {:4s} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8}"
+    fmt = "{:18s} {:>5} {:7s} {:4s} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8}"
     print("\n" + fmt.format("op", "T", "backend", "impl", "us", "send", "recv", "full-send",
                             "GB/s", "NVL GB/s"))
     for r in sorted(rows, key=lambda r: (r["op"][0] == "c", r["op"], r["tokens"], r["backend"])):
@@ -164,7 +217,7 @@ def table(rows, overlap, a, big):
     if overlap:
         print(f"\noverlap at T={big}: bf16 [{a.matmul_m}, {a.hidden}] @ [{a.hidden}, {a.hidden}] "
               f"between send and recv; gain = (a) + (b) - (c)")
-        fmt = "{:13s} {:7s} {:4s} {:>10} {:>10} {:>10} {:>7} {:>10} {:>7}"
+        fmt = "{:18s} {:7s} {:4s} {:>10} {:>10} {:>10} {:>7} {:>10} {:>7}"
         print(fmt.format("op", "backend", "impl", "(a) alone", "(b) matmul", "(c) pinned",
                          "gain", "(c) free", "gain"))
         for o in overlap:
@@ -232,7 +285,7 @@ def main():
             overlap += got[1]
     print(f"\nR={r} {env['device']}, H={a.hidden}, K={a.topk}, E={a.experts}; median time per "
           f"call (us); GB/s = per-rank average received (token, expert) bytes / full time; "
-          f"impl = what ran (no LL CUDA kernels yet: 'xla' under backend cuda)")
+          f"impl = what ran; cuda send/recv = median kernel device time from the profiler")
     table(rows, overlap, a, big)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
     if a.json:

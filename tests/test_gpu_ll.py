@@ -1,0 +1,355 @@
+"""GPU tests of the low-latency kernels: the CUDA backend against the pure-JAX backend on the same
+GPUs, fresh random inputs per trial (marked ``gpu``; skipped without CUDA devices).
+
+Dispatch must match exactly (rows incl. zero padding, fp8 payload and scales, counts, handle,
+num_invalid); combine within one bf16 ulp (both accumulate in float32, in different orders);
+gradients against the pure-JAX backend's autodiff.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxep
+from jaxep import _cuda
+from conftest import ep_call, make_mesh
+from test_gpu import _routing
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not _cuda.available(), reason="extension built without CUDA")]
+
+KINDS = ["random", "minus_one", "invalid", "one_expert", "empty_rank", "zipf", "duplicates"]
+# (E, K, H, T_max): a small case, a wide one (H % 512 != 0), DeepSeek's decoding shape.
+CASES = {"small": (32, 4, 256, 24), "h640": (64, 6, 640, 40), "deepseek": (256, 8, 7168, 128)}
+
+
+@functools.lru_cache(maxsize=None)
+def comms(num_ranks, case, placement="linear"):
+    e, k, h, t = CASES[case]
+    mesh = make_mesh(num_ranks, "gpu")
+    cfg = jaxep.EPConfig(num_experts=e, num_topk=k, hidden=h, max_tokens_per_rank=t,
+                         placement=placement, low_latency=True)
+    cuda = jaxep.Communicator(mesh, cfg, backend="cuda")
+    assert cuda.implementation("ll_dispatch") == "cuda", "low-latency buffers not allocated"
+    assert cuda.implementation("ll_combine") == "cuda"
+    return cuda, jaxep.Communicator(mesh, cfg, backend="xla")
+
+
+@functools.lru_cache(maxsize=None)
+def ll_fn(comm, fp8=False, round_scale=False, ue8m0=False, zero_padding=True):
+    kw = dict(fp8=fp8, round_scale=round_scale, ue8m0=ue8m0)
+
+    def f(x, idx, w, y):
+        d = jaxep.ll_dispatch(comm, x, idx, zero_padding=zero_padding, **kw)
+        out = {"x": d.x, "counts": d.counts, "num_invalid": d.num_invalid[None],
+               "src_index": d.handle.src_index, "src_topk": d.handle.src_topk}
+        if not fp8:
+            out["out"] = jaxep.ll_combine(comm, y, idx, w, d.handle)
+        return out
+
+    return ep_call(comm, f)
+
+
+def inputs(rng, comm, kind, tokens, dtype=jnp.bfloat16):
+    r, h, e, k = comm.num_ranks, comm.cfg.hidden, comm.cfg.num_experts, comm.cfg.num_topk
+    idx = _routing(rng, kind, tokens, k, e, r)
+    x = jnp.asarray(rng.standard_normal((r * tokens, h)) * 3, dtype)
+    w = jnp.asarray(rng.random((r * tokens, k)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((r * comm.num_local_experts, r * tokens, h)), dtype)
+    return x, jnp.asarray(idx), w, y
+
+
+def valid_rows(counts, rt):
+    """[E_l_total, R*T] bool: rows below each expert's count."""
+    return np.arange(rt)[None, :] < counts[:, None]
+
+
+def assert_bits(a, b, msg=""):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, (msg, a.dtype, b.dtype, a.shape, b.shape)
+    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=msg)
+
+
+def check_case(num_ranks, case, trials, fp8=False, round_scale=False, ue8m0=False,
+               zero_padding=True, placement="linear", dtype=jnp.bfloat16, seed=0):
+    cuda, xla = comms(num_ranks, case, placement)
+    f_cuda = ll_fn(cuda, fp8, round_scale, ue8m0, zero_padding)
+    f_xla = ll_fn(xla, fp8, round_scale, ue8m0)
+    tmax = cuda.cfg.max_tokens_per_rank
+    rng = np.random.default_rng(seed)
+    for trial in range(trials):
+        kind = KINDS[trial % len(KINDS)]
+        tokens = tmax if trial % 2 == 0 else max(1, tmax // 2 - 3)  # full and below capacity
+        args = inputs(rng, cuda, kind, tokens, dtype)
+        got = jax.device_get(f_cuda(*args))
+        want = jax.device_get(f_xla(*args))
+        msg = f"{case} R={num_ranks} {kind} T={tokens} fp8={fp8}/{round_scale}/{ue8m0}"
+        for name in ("counts", "num_invalid", "src_index", "src_topk"):
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name}: {msg}")
+        keep = valid_rows(want["counts"], num_ranks * tokens)
+        pairs = zip(got["x"], want["x"]) if fp8 else [(got["x"], want["x"])]
+        for g, w in pairs:
+            if zero_padding:
+                assert_bits(g, w, f"x: {msg}")
+            else:  # padding unspecified: compare valid rows only
+                assert_bits(g[keep], w[keep], f"x (valid rows): {msg}")
+        if not fp8:
+            g = np.asarray(got["out"], np.float32)
+            w = np.asarray(want["out"], np.float32)
+            np.testing.assert_allclose(g, w, rtol=2 ** -7, atol=1e-6, err_msg=f"combine: {msg}")
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+@pytest.mark.parametrize("case", ["small", "h640"])
+def test_bf16_matches_xla(num_ranks, case):
+    check_case(num_ranks, case, trials=21, seed=num_ranks)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_round_robin_float32(num_ranks):
+    check_case(num_ranks, "small", trials=7, placement="round_robin", dtype=jnp.float32, seed=5)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+@pytest.mark.parametrize("round_scale,ue8m0", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("case", ["h640", "deepseek"])
+def test_fp8_bit_equal(num_ranks, case, round_scale, ue8m0):
+    check_case(num_ranks, case, trials=7, fp8=True, round_scale=round_scale, ue8m0=ue8m0,
+               seed=11)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_deepseek_shape_bf16_and_no_zero_padding(num_ranks):
+    check_case(num_ranks, "deepseek", trials=4, seed=3)
+    check_case(num_ranks, "deepseek", trials=4, zero_padding=False, seed=4)
+    check_case(num_ranks, "deepseek", trials=2, fp8=True, zero_padding=False, seed=6)
+
+
+def test_fp8_float32_input():
+    check_case(2, "h640", trials=4, fp8=True, dtype=jnp.float32, seed=8)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_two_phase_with_work_between(num_ranks):
+    """send -> matmul -> recv (pinned with optimization_barrier) equals the one-phase ops."""
+    cuda, _ = comms(num_ranks, "small")
+
+    def f(x, idx, w, y, a):
+        p = jaxep.ll_dispatch_send(cuda, x, idx, fp8=True)
+        p, a = jax.lax.optimization_barrier((p, a))
+        m = a @ a
+        p, m = jax.lax.optimization_barrier((p, m))
+        d = jaxep.ll_dispatch_recv(cuda, p)
+        c = jaxep.ll_combine_send(cuda, y, idx, w, d.handle)
+        c, m = jax.lax.optimization_barrier((c, m))
+        m2 = m @ a
+        c, m2 = jax.lax.optimization_barrier((c, m2))
+        out = jaxep.ll_combine_recv(cuda, c)
+        d1 = jaxep.ll_dispatch(cuda, x, idx, fp8=True)
+        out1 = jaxep.ll_combine(cuda, y, idx, w, d1.handle)
+        return d.x[0], d1.x[0], d.x[1], d1.x[1], out, out1, m2
+
+    rng = np.random.default_rng(9)
+    x, idx, w, y = inputs(rng, cuda, "random", 24)
+    a = jnp.asarray(rng.standard_normal((num_ranks * 256, 256)), jnp.float32)
+    res = jax.device_get(ep_call(cuda, f)(x, idx, w, y, a))
+    for i in (0, 2, 4):
+        assert_bits(res[i], res[i + 1], f"output {i}")
+
+
+def _loss_fn(comm, fp8=False):
+    def f(x, idx, w, y_scale, proj):
+        d = jaxep.ll_dispatch(comm, x, idx, fp8=fp8)
+        rows = jaxep.dequantize_fp8(*d.x, dtype=x.dtype) if fp8 else d.x
+        y = rows * y_scale
+        out = jaxep.ll_combine(comm, y, idx, w, d.handle)
+        return jnp.sum(out.astype(jnp.float32) * proj)[None]
+
+    def loss(x, idx, w, y_scale, proj):
+        return jnp.sum(ep_call(comm, f)(x, idx, w, y_scale, proj))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grads_match_xla(num_ranks, dtype):
+    cuda, xla = comms(num_ranks, "small")
+    rng = np.random.default_rng(13)
+    for kind in ("random", "minus_one", "duplicates", "invalid"):
+        x, idx, w, _ = inputs(rng, cuda, kind, 24, dtype)
+        el = cuda.num_local_experts
+        y_scale = jnp.asarray(rng.standard_normal((num_ranks * el, 1, 1)), dtype)
+        proj = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+        got = jax.device_get(_loss_fn(cuda)(x, idx, w, y_scale, proj))
+        want = jax.device_get(_loss_fn(xla)(x, idx, w, y_scale, proj))
+        tol = 1e-5 if dtype == jnp.float32 else 3e-2
+        for name, g, wv in zip(("x", "w", "y_scale"), got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(wv, np.float32),
+                                       rtol=tol, atol=tol, err_msg=f"grad {name} ({kind})")
+
+
+def test_fp8_grad_is_straight_through():
+    """fp8 forward, float backward: grad x[t] = sum over copies of e4m3(cot * s) / s, where JAX
+    rounds the payload's cotangent to e4m3 and the kernel VJP divides by the scale in f32."""
+    cuda, _ = comms(2, "h640")
+    rng = np.random.default_rng(17)
+    x, idx, w, _ = inputs(rng, cuda, "random", 40, jnp.float32)
+    r, el, h = 2, cuda.num_local_experts, 640
+    proj = jnp.asarray(rng.standard_normal((r * el, r * 40, h)) * 50, jnp.float32)
+
+    def f(x, idx, proj):
+        d = jaxep.ll_dispatch(cuda, x, idx, fp8=True)
+        return jnp.sum(jaxep.dequantize_fp8(*d.x) * proj)[None], d.x[1], d.handle.src_index
+
+    def loss(x, idx, proj):
+        v, s, si = ep_call(cuda, f)(x, idx, proj)
+        return jnp.sum(v), (s, si)
+
+    g, (scales, src_index) = jax.jit(jax.grad(loss, has_aux=True))(x, idx, proj)
+    scales, src_index, proj, g = map(np.asarray, (scales, src_index, proj, g))
+    want = np.zeros((r * 40, h), np.float64)
+    for rank in range(r):
+        for l in range(el):
+            for row in range(r * 40):
+                si = src_index[rank * el + l, row]
+                if si < 0:
+                    continue
+                s = np.repeat(scales[rank * el + l, row], 128)
+                ct = (proj[rank * el + l, row] * s).astype(ml_dtypes.float8_e4m3fn)
+                want[si] += ct.astype(np.float64) / s
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_thousand_iteration_loop(num_ranks):
+    """1000 dispatch -> combine rounds in one lax.fori_loop, checked exactly: float32 integer
+    tokens, K distinct valid experts with weight 1/K (a power of two), so each round returns the
+    token itself; the loop adds 1 per round."""
+    cuda, _ = comms(num_ranks, "small")
+    k, e, t = cuda.cfg.num_topk, cuda.cfg.num_experts, 24
+    rng = np.random.default_rng(21)
+    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(num_ranks * t)])
+                      .astype(np.int32))
+    w = jnp.full((num_ranks * t, k), 1.0 / k, jnp.float32)
+    x0 = jnp.asarray(rng.integers(-64, 64, (num_ranks * t, cuda.cfg.hidden)), jnp.float32)
+
+    def f(x, idx, w):
+        def body(i, carry):
+            x, total = carry
+            d = jaxep.ll_dispatch(cuda, x, idx)
+            out = jaxep.ll_combine(cuda, d.x, idx, w, d.handle)
+            return out + 1.0, total + jnp.sum(d.counts)
+        x, total = jax.lax.fori_loop(0, 1000, body, (x, jnp.int32(0)))
+        return x, total[None]
+
+    x, total = jax.device_get(ep_call(cuda, f)(x0, idx, w))
+    np.testing.assert_array_equal(x, np.asarray(x0) + 1000)
+    assert int(np.sum(total)) == 1000 * num_ranks * t * k
+
+
+CMD_BUFFER_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    import jaxep
+    mesh = Mesh(np.array(jax.devices("gpu")[:2]), ("ep",))
+    cfg = jaxep.EPConfig(num_experts=32, num_topk=4, hidden=256, max_tokens_per_rank=16,
+                         low_latency=True)
+    comm = jaxep.Communicator(mesh, cfg, backend="cuda")
+    rng = np.random.default_rng(0)
+    idx = jnp.asarray(np.stack([rng.choice(32, 4, replace=False) for _ in range(32)]), jnp.int32)
+    w = jnp.full((32, 4), 0.25, jnp.float32)
+
+    def step(x, idx, w):
+        d = jaxep.ll_dispatch(comm, x, idx)
+        return jaxep.ll_combine(comm, d.x * 2, idx, w, d.handle)
+
+    f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+    x = jnp.asarray(rng.integers(-8, 8, (32, 256)), jnp.float32)
+    hlo = f.lower(x, idx, w).compile().as_text()
+    blocks = [b for b in hlo.split("\n\n") if "command_buffer" in b.splitlines()[0]]
+    print("COMMAND_BUFFERS", len(blocks))
+    print("LL_IN_CMD_BUFFER", any("jaxep_ll_dispatch_send" in b for b in blocks),
+          any("jaxep_ll_combine_recv" in b for b in blocks))
+    if not blocks:
+        print(hlo)
+    for i in range(50):  # replayed graphs: the device-side call counters advance by themselves
+        x = f(x, idx, w)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(
+        jnp.asarray(np.random.default_rng(0).integers(-8, 8, (32, 256)), jnp.float32)) * 2.0**50)
+    print("OK")
+""")
+
+
+def test_command_buffers_capture_ll_ops():
+    """With XLA's command buffers forced on for custom calls (CUDA graphs), the LL ops are
+    captured and 50 replays stay correct. In a subprocess: the flags must precede jax's init."""
+    if len(jax.devices("gpu")) < 2:
+        pytest.skip("needs 2 GPUs")
+    flags = ("--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL "
+             "--xla_gpu_graph_min_graph_size=1")
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", CMD_BUFFER_SCRIPT], capture_output=True,
+                          text=True, timeout=300, env=env)
+    log = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, log
+    assert "LL_IN_CMD_BUFFER True True" in proc.stdout, log
+    assert "OK" in proc.stdout, log
+
+
+TIMEOUT_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    import jaxep
+    from jaxep import _cuda
+    devices = jax.devices("gpu")
+    cfg = jaxep.EPConfig(num_experts=8, num_topk=2, hidden=128, max_tokens_per_rank=16,
+                         timeout_s=2.0, low_latency=True)
+    comm = jaxep.Communicator(Mesh(np.array(devices[:2]), ("ep",)), cfg, backend="cuda")
+    only_rank0 = Mesh(np.array(devices[:1]), ("ep",))   # rank 1 never sends
+
+    def f(x, idx):
+        info = _cuda.ll_dispatch_send(comm, x, idx)
+        return _cuda.ll_dispatch_recv(comm, info, 16, x.dtype)[0]
+
+    x = jnp.ones((16, 128), jnp.bfloat16)
+    idx = jnp.tile(jnp.array([[0, 7]], jnp.int32), (16, 1))
+    try:
+        jax.block_until_ready(jax.jit(jax.shard_map(
+            f, mesh=only_rank0, in_specs=P("ep"), out_specs=P("ep")))(x, idx))
+        print("NO ERROR FROM XLA")
+    except Exception as e:
+        print("XLA error:", type(e).__name__)
+    try:
+        comm.check()
+    except RuntimeError as e:
+        print("CHECK:", e)
+        sys.exit(3)
+    sys.exit(0)
+""")
+
+
+def test_missing_peer_times_out_in_ll_recv():
+    if len(jax.devices("gpu")) < 2:
+        pytest.skip("needs 2 GPUs")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", TIMEOUT_SCRIPT], capture_output=True, text=True,
+                          timeout=180, env=env)
+    log = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 3, log
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("CHECK:"))
+    assert "rank 0 timed out waiting for peer 1" in line, log
+    assert "ll_dispatch receive" in line, log
