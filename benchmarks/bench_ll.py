@@ -142,13 +142,14 @@ def run_case(mesh, backend, t, a, with_overlap, log):
     on_cuda = comm.implementation("ll_dispatch") == "cuda"
     for name, (full, send, recv, args, _) in ops.items():
         jobs[name] = (full, args)
-        if on_cuda:
-            continue
-        # one fixed pending per rank, with a leading axis of 1 so it leaves shard_map as [R, ...]
-        pending = per_rank(lambda *v, s=send: jax.tree.map(lambda u: u[None], s(comm, *v)))(*args)
-        jobs[name + " send"] = (send, args)
-        jobs[name + " recv"] = (lambda c, p, rv=recv: rv(c, jax.tree.map(lambda u: u[0], p)),
-                                (pending,))
+        if not on_cuda:
+            # one fixed pending per rank, with a leading axis of 1 so it leaves shard_map as
+            # [R, ...]
+            pending = per_rank(
+                lambda *v, s=send: jax.tree.map(lambda u: u[None], s(comm, *v)))(*args)
+            jobs[name + " send"] = (send, args)
+            jobs[name + " recv"] = (lambda c, p, rv=recv: rv(c, jax.tree.map(lambda u: u[0], p)),
+                                    (pending,))
         if with_overlap:
             jobs[name + " pinned"] = (two_phase(send, recv, True), (*mats, *args))
             jobs[name + " free"] = (two_phase(send, recv, False), (*mats, *args))

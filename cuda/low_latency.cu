@@ -162,6 +162,11 @@ __device__ __forceinline__ void WaitPeers(LLWorkspace* ws, const unsigned long l
   __syncthreads();
 }
 
+__device__ __forceinline__ unsigned long long CallNumber(const int32_t* lo_hi) {
+  return static_cast<unsigned long long>(static_cast<uint32_t>(lo_hi[0])) |
+         (static_cast<unsigned long long>(static_cast<uint32_t>(lo_hi[1])) << 32);
+}
+
 __device__ __forceinline__ int PopcBelow(const uint32_t* mask, int t) {
   int n = 0;
   for (int w = 0; w < (t >> 5); ++w) n += __popc(mask[w]);
@@ -209,8 +214,8 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     invalid += !ok && e != -1;
     s_idx[i] = ok ? e : -1;
   }
+  __syncthreads();  // s_invalid = 0 is visible before any thread adds to it
   if (invalid) atomicAdd(&s_invalid, invalid);
-  __syncthreads();
   for (int i = tid; i < T * K; i += kThreads) {
     const int e = s_idx[i];
     if (e < 0) continue;
@@ -223,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     atomicOr(&s_rmask[s_rank[e] * W + (t >> 5)], bit);
   }
   // 2. The destinations must have read the call that last used this parity (call - 2).
-  WaitPeers(ws, ws->dispatch_ack, seq > 2 ? seq - 2 : 0, kLLDispatchSend, a.timeout_ns);
+  WaitPeers(ws, ws->dispatch_ack[p], seq > 2 ? seq - 2 : 0, kLLDispatchSend, a.timeout_ns);
 
   // 3. Block 0: per-(destination, local expert) counts and rows per destination.
   if (blockIdx.x == 0) {
@@ -313,7 +318,8 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   if (LastBlock(ws, kDispatchSendCtr)) {
     for (int d = 0; d < R; ++d) StoreRelease(&ws->peers[d]->dispatch_flag[p][me], seq);
     ws->seq[kDispatchSendCtr] = seq;
-    a.info[1] = static_cast<int32_t>(seq);
+    a.info[1] = static_cast<int32_t>(seq & 0xffffffffu);
+    a.info[2] = static_cast<int32_t>(seq >> 32);
   }
 }
 
@@ -327,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
   const int G = H / 128, GW = (G + 3) / 4;
   const size_t row_bytes = static_cast<size_t>(H) * kElem;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const unsigned long long seq = ws->seq[kDispatchRecvCtr] + 1;
+  const unsigned long long seq = CallNumber(a.info + 1);  // the send's, not a counter
   const int p = static_cast<int>(seq & 1);
 
   extern __shared__ int32_t smem[];
@@ -457,8 +463,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
 
   // The last block tells every source that this parity may be rewritten.
   if (LastBlock(ws, kDispatchRecvCtr)) {
-    ws->seq[kDispatchRecvCtr] = seq;
-    for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->dispatch_ack[me], seq);
+    for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->dispatch_ack[p][me], seq);
   }
 }
 
@@ -483,7 +488,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
     }
     s_base[El] = acc;
   }
-  WaitPeers(ws, ws->combine_ack, seq > 2 ? seq - 2 : 0, kLLCombineSend, a.timeout_ns);
+  WaitPeers(ws, ws->combine_ack[p], seq > 2 ? seq - 2 : 0, kLLCombineSend, a.timeout_ns);
 
   const int chunks = (H + kLLChunk - 1) / kLLChunk;
   const int items = s_base[El] * chunks;
@@ -511,7 +516,8 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
   if (LastBlock(ws, kCombineSendCtr)) {
     for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->combine_flag[p][me], seq);
     ws->seq[kCombineSendCtr] = seq;
-    a.info[0] = static_cast<int32_t>(seq);
+    a.info[0] = static_cast<int32_t>(seq & 0xffffffffu);
+    a.info[1] = static_cast<int32_t>(seq >> 32);
   }
 }
 
@@ -523,7 +529,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArg
   const int R = ws->num_ranks, me = ws->rank, H = ws->hidden;
   const int Tn = a.num_tokens, K = a.num_topk, E = a.num_experts;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const unsigned long long seq = ws->seq[kCombineRecvCtr] + 1;
+  const unsigned long long seq = CallNumber(a.info);
   const int p = static_cast<int>(seq & 1);
 
   WaitPeers(ws, ws->combine_flag[p], seq, kLLCombineRecv, a.timeout_ns);
@@ -563,8 +569,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArg
   }
 
   if (LastBlock(ws, kCombineRecvCtr)) {
-    ws->seq[kCombineRecvCtr] = seq;
-    for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->combine_ack[me], seq);
+    for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->combine_ack[p][me], seq);
   }
 }
 

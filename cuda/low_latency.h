@@ -14,7 +14,8 @@
 //     the top-k weights in float32.
 // Reuse protocol: calls alternate between two buffer parities; a receiver acknowledges a call
 // once it has read it, and a sender waits for the acknowledgement of the call two back before
-// writing the same parity. So at most two sends of one family may be outstanding per
+// writing the same parity. A recv takes its call number from its send's `info` (not from a
+// counter of its own), so XLA may order the recvs of two outstanding sends either way. So at most two sends of one family may be outstanding per
 // communicator; a third waits, and if the receiver never reads, times out with an error.
 // Sequence numbers live on the device (advanced by the kernels), so the host keeps no per-call
 // state and the launches can be captured in CUDA graphs. Nothing spins between the phases.
@@ -46,9 +47,9 @@ enum LLCounter : int { kDispatchSendCtr = 0, kDispatchRecvCtr = 1, kCombineSendC
 struct LLWorkspace {
   // Written by peers.
   alignas(128) unsigned long long dispatch_flag[2][kMaxRanks];  // [parity][src]: src's call
-  alignas(128) unsigned long long dispatch_ack[kMaxRanks];      // [dest]: last call dest read
+  alignas(128) unsigned long long dispatch_ack[2][kMaxRanks];   // [parity][dest]: last call read
   alignas(128) unsigned long long combine_flag[2][kMaxRanks];
-  alignas(128) unsigned long long combine_ack[kMaxRanks];
+  alignas(128) unsigned long long combine_ack[2][kMaxRanks];
   // This device's call counters and last-block tickets (LLCounter order).
   alignas(128) unsigned long long seq[4];
   unsigned int ticket[4];
@@ -95,7 +96,8 @@ struct LLDispatchSendArgs {
   const float* weights;         // [T, K] or null: shipped so the receiver can scale rows
   const int32_t* expert_rank;   // [E]
   const int32_t* expert_slot;   // [E]
-  int32_t* info;                // [2]: num_invalid, call number (orders the recv after this)
+  int32_t* info;                // [3]: num_invalid, call number (low, high 32 bits); the recv
+                                //      reads it, which also orders it after this send
   int num_sms;
   unsigned long long timeout_ns;
 };
@@ -129,7 +131,7 @@ struct LLCombineSendArgs {
   const int32_t* src_index;  // [E_l, R*T]
   const int32_t* src_topk;   // [E_l, R*T]
   const int32_t* counts;     // [E_l]
-  int32_t* info;             // [1]: call number
+  int32_t* info;             // [2]: call number (low, high 32 bits)
   int num_sms;
   unsigned long long timeout_ns;
 };

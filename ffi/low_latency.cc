@@ -73,7 +73,7 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   JAXEP_RETURN_IF_ERROR(Shape(op, "expert_slot", expert_slot, {E}));
   const bool has_weights = weights.element_count() > 0;
   if (has_weights) JAXEP_RETURN_IF_ERROR(Shape(op, "weights", weights, {T, K}));
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {3}));
   const size_t smem = LLSendSharedBytes(static_cast<int>(R), static_cast<int>(T),
                                         static_cast<int>(K), static_cast<int>(E));
   if (smem > kLLMaxSharedBytes) {
@@ -112,7 +112,7 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {2}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {3}));
   auto dims = x->dimensions();
   if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
     return Invalid(op, "x must be [E_l=" + Str(El) + ", R*T, H=" + Str(H) + "] with R=" + Str(R) +
@@ -185,7 +185,7 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_index", src_index, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", src_topk, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "counts", counts, {El}));
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {1}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
   LLCombineSendArgs a{};
   a.ws = ref.ll;
   a.shape = ref.ll_shape;
@@ -209,7 +209,7 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, K = ref.ll_topk;
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {1}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {2}));
   auto idx_dims = topk_idx.dimensions();
   if (idx_dims.size() != 2 || idx_dims[1] != K) {
     return Invalid(op, "topk_idx must be [T, K=" + Str(K) + "], got " + Dims(idx_dims));
@@ -256,7 +256,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchSendFfi, jaxep::LLDispatchSendImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [2]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [3]
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int32_t>("num_sms")
                                   .Attr<int64_t>("timeout_ns")
@@ -268,7 +268,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi, jaxep::LLDispatchRecvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // info [2] of the send
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // info [3] of the send
                                   .Ret<ffi::AnyBuffer>()         // x [E_l, R*T, H]
                                   .Ret<ffi::AnyBuffer>()         // scales (empty without fp8)
                                   .Ret<ffi::Buffer<ffi::S32>>()  // counts [E_l]
@@ -291,7 +291,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendFfi, jaxep::LLCombineSendImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // counts [E_l]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [1]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [2]
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int32_t>("num_sms")
                                   .Attr<int64_t>("timeout_ns"),
@@ -301,7 +301,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // info [1] of the send
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // info [2] of the send
                                   .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
                                   .Ret<ffi::AnyBuffer>()         // out [T, H]

@@ -263,6 +263,9 @@ def ll_supported(num_ranks, max_tokens, num_topk, num_experts, hidden) -> bool:
 
 
 def _ll_call(comm, target, out_types, *args, **attrs):
+    # The kernels are never differentiated directly (jaxep.low_latency gives custom VJPs);
+    # stop_gradient keeps integer handles out of JAX's JVP of ffi_call.
+    args = tuple(jax.lax.stop_gradient(a) for a in args)
     return _ffi(target, out_types, args, comm.cfg.axis_names, comm_id=np.int64(comm.comm_id),
                 num_sms=np.int32(comm.cfg.num_sms or 0),
                 timeout_ns=np.int64(int(comm.cfg.timeout_s * 1e9)), **attrs)
@@ -272,11 +275,12 @@ def ll_dispatch_send(comm, x, topk_idx, weights=None, *, fp8=False, round_scale=
     """Send phase: writes ``x [T, H]`` (quantised with ``fp8``) into the destinations' buffers.
 
     ``weights [T, K]`` (optional) travel with the rows and scale them on receipt (the gradient
-    of ``ll_combine``). Returns ``info [2]`` int32 (num_invalid, call number) for the recv.
+    of ``ll_combine``). Returns ``info [3]`` int32 (num_invalid, call number low/high) for the
+    recv.
     """
     t, k = topk_idx.shape
     w = jnp.zeros((0,), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    return _ll_call(comm, LL_DISPATCH_SEND_TARGET, jax.ShapeDtypeStruct((2,), jnp.int32), x,
+    return _ll_call(comm, LL_DISPATCH_SEND_TARGET, jax.ShapeDtypeStruct((3,), jnp.int32), x,
                     topk_idx, w, jnp.asarray(comm.expert_rank), jnp.asarray(comm.expert_slot),
                     fp8=bool(fp8), round_scale=bool(round_scale))
 
@@ -304,7 +308,7 @@ def ll_dispatch_recv(comm, info, num_tokens, dtype, *, fp8=False, ue8m0=False,
 
 def ll_combine_send(comm, y, src_index, src_topk, counts):
     """Send phase of combine: writes each valid row of ``y [E_l, R*T, H]`` to its source."""
-    return _ll_call(comm, LL_COMBINE_SEND_TARGET, jax.ShapeDtypeStruct((1,), jnp.int32), y,
+    return _ll_call(comm, LL_COMBINE_SEND_TARGET, jax.ShapeDtypeStruct((2,), jnp.int32), y,
                     src_index, src_topk, counts)
 
 

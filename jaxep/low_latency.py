@@ -21,8 +21,9 @@ send's ``info`` array (a data dependency); it is free to place independent work 
 or after the recv, so to pin ``send -> work -> recv`` make the work's inputs and the pending
 pytree pass through one ``jax.lax.optimization_barrier``, and the work's result and the pending
 through another (``benchmarks/bench_ll.py`` does this). Every send must be followed by its
-recv, in the same order on every rank; at most two sends of one kind (dispatch, combine) may be
-outstanding per communicator (a third waits for the first to be received, and times out with
+recv, and every rank must issue the sends in the same order (a recv finds its data by its
+send's call number, so recvs may come in any order); at most two sends of one kind (dispatch,
+combine) may be outstanding per communicator (a third waits for the first to be received, and times out with
 an error naming the phase if it never is).
 
 Gradients (DESIGN.md §2): ``ll_dispatch``'s w.r.t. ``x`` is the sum of the cotangent rows of a
@@ -100,7 +101,7 @@ class LLDispatchPending:
         payload and scales); None on the CUDA backend (the rows wait in jaxep's buffers).
       recv_topk: pure-JAX backend: ``[R(src), E_l, T]`` int32, the source's top-k entry of
         each cell, -1 for empty cells; None on the CUDA backend.
-      info: CUDA backend: ``[2]`` int32 written by the send kernel (num_invalid, call number);
+      info: CUDA backend: ``[3]`` int32 written by the send kernel (num_invalid, call number);
         the recv consumes it, which orders it after the send. None on the pure-JAX backend.
       x: CUDA backend: the sent ``x`` (carries the gradient to the recv); None otherwise.
       topk_idx: ``[T, K]`` int32, the sender's ids (sanitised on the pure-JAX backend).
@@ -125,7 +126,8 @@ class LLCombinePending:
     Attributes:
       rows: pure-JAX backend: ``[R(dest), E_l, T, H]`` expert outputs returned to this rank;
         None on the CUDA backend.
-      info: CUDA backend: ``[1]`` int32 from the send kernel (orders the recv after it).
+      info: CUDA backend: ``[2]`` int32 from the send kernel (its call number; the recv reads
+        it, which orders it after the send).
       y: CUDA backend: the sent ``y`` (carries its gradient to the recv); None otherwise.
       handle: CUDA backend: the dispatch's :class:`LLHandle` (for the gradient); None otherwise.
       topk_idx: ``[T, K]`` int32; topk_weights: ``[T, K]`` float32.

