@@ -409,3 +409,13 @@ def test_fp8_helper_errors():
         jaxep.dequantize_fp8(p, jnp.zeros((2, 2), F32))
     with pytest.raises(ValueError, match=r"multiple of 128.*got 64"):
         jaxep.dequantize_fp8(jnp.zeros((2, 64), F8), jnp.zeros((2, 1), F32))
+
+
+def test_low_latency_flag_is_validated():
+    with pytest.raises(TypeError, match=r"low_latency must be None, True or False"):
+        jaxep.EPConfig(num_experts=8, num_topk=2, hidden=128, max_tokens_per_rank=4,
+                       low_latency="yes")
+    c = jaxep.EPConfig(num_experts=8, num_topk=2, hidden=128, max_tokens_per_rank=4,
+                       low_latency=True)
+    comm = jaxep.Communicator(make_mesh(2), c, backend="xla")
+    assert comm.implementation("ll_dispatch") == "xla"  # flag only matters on the CUDA backend
