@@ -427,8 +427,11 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
   }
 }
 
-int NumBlocks(int requested) {
-  if (requested > 0) return requested;
+int NumBlocks(int requested) { return requested > 0 ? requested : DeviceSmCount(); }
+
+}  // namespace
+
+int DeviceSmCount() {
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
@@ -436,8 +439,6 @@ int NumBlocks(int requested) {
   }
   return sms;
 }
-
-}  // namespace
 
 size_t WorkspaceBytes(int num_ranks, int max_tokens) {
   return sizeof(Workspace) + sizeof(int32_t) * static_cast<size_t>(num_ranks) * max_tokens;

@@ -60,6 +60,9 @@ struct Workspace {
   // of my tokens among my tokens sent there (-1 when not sent).
 };
 
+// SMs of the current device (132 if the query fails): the default grid of the copy kernels.
+int DeviceSmCount();
+
 size_t WorkspaceBytes(int num_ranks, int max_tokens);
 
 // Allocates one Workspace per device (devices[r] holds rank r), enables peer access between all

@@ -136,15 +136,15 @@ __device__ __forceinline__ float Quantize16(const float* v, bool round_scale, in
 
 // Every thread: make this block's writes (and finished reads) visible system-wide. Returns true
 // in thread 0 of the last block of the grid to get here (it then resets the ticket).
-__device__ __forceinline__ bool LastBlock(LLWorkspace* ws, int counter) {
+__device__ __forceinline__ bool LastBlock(LLWorkspace* ws, int ticket_index) {
   __shared__ bool s_last;
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned ticket = atomicAdd(&ws->ticket[counter], 1u);
+    const unsigned ticket = atomicAdd(&ws->ticket[ticket_index], 1u);
     s_last = ticket == gridDim.x - 1;
     if (s_last) {
-      ws->ticket[counter] = 0;
+      ws->ticket[ticket_index] = 0;
       __threadfence_system();
     }
   }
@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   }
 
   // 5. The last block announces the call to every destination.
-  if (LastBlock(ws, kDispatchSendCtr)) {
+  if (LastBlock(ws, kDispatchSendTicket)) {
     for (int d = 0; d < R; ++d) StoreRelease(&ws->peers[d]->dispatch_flag[p][me], seq);
     ws->seq[kDispatchSendCtr] = seq;
     a.info[1] = static_cast<int32_t>(seq & 0xffffffffu);
@@ -462,7 +462,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
   }
 
   // The last block tells every source that this parity may be rewritten.
-  if (LastBlock(ws, kDispatchRecvCtr)) {
+  if (LastBlock(ws, kDispatchRecvTicket)) {
     for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->dispatch_ack[p][me], seq);
   }
 }
@@ -513,7 +513,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
     for (int j = 0; j < static_cast<int>(sizeof(T)); ++j) dst[j] = v[j];
   }
 
-  if (LastBlock(ws, kCombineSendCtr)) {
+  if (LastBlock(ws, kCombineSendTicket)) {
     for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->combine_flag[p][me], seq);
     ws->seq[kCombineSendCtr] = seq;
     a.info[0] = static_cast<int32_t>(seq & 0xffffffffu);
@@ -568,19 +568,14 @@ __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArg
     if (active) Store16(static_cast<T*>(a.out) + static_cast<size_t>(t) * H + h0, acc);
   }
 
-  if (LastBlock(ws, kCombineRecvCtr)) {
+  if (LastBlock(ws, kCombineRecvTicket)) {
     for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->combine_ack[p][me], seq);
   }
 }
 
 int DefaultBlocks(int requested, int items_per_block_hint) {
   if (requested > 0) return requested;
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    sms = 132;
-  }
-  return max(1, min(sms, items_per_block_hint));
+  return max(1, min(DeviceSmCount(), items_per_block_hint));
 }
 
 int Chunks(int hidden) { return (hidden + kLLChunk - 1) / kLLChunk; }

@@ -40,9 +40,11 @@ enum LLPhase : int32_t {
   kLLCombineRecv = 14,
 };
 
-// Indices of LLWorkspace::seq and ::ticket.
-enum LLCounter : int { kDispatchSendCtr = 0, kDispatchRecvCtr = 1, kCombineSendCtr = 2,
-                       kCombineRecvCtr = 3 };
+// Indices of LLWorkspace::seq (call counters, advanced by the send kernels; a recv takes its
+// call number from its send's info) and of LLWorkspace::ticket (last-block detection).
+enum LLCounter : int { kDispatchSendCtr = 0, kCombineSendCtr = 1, kNumLLCounters = 2 };
+enum LLTicket : int { kDispatchSendTicket = 0, kDispatchRecvTicket = 1, kCombineSendTicket = 2,
+                      kCombineRecvTicket = 3, kNumLLTickets = 4 };
 
 struct LLWorkspace {
   // Written by peers.
@@ -50,9 +52,9 @@ struct LLWorkspace {
   alignas(128) unsigned long long dispatch_ack[2][kMaxRanks];   // [parity][dest]: last call read
   alignas(128) unsigned long long combine_flag[2][kMaxRanks];
   alignas(128) unsigned long long combine_ack[2][kMaxRanks];
-  // This device's call counters and last-block tickets (LLCounter order).
-  alignas(128) unsigned long long seq[4];
-  unsigned int ticket[4];
+  // This device's call counters (LLCounter) and last-block tickets (LLTicket).
+  alignas(128) unsigned long long seq[kNumLLCounters];
+  unsigned int ticket[kNumLLTickets];
   // Constant after setup.
   LLWorkspace* peers[kMaxRanks];
   ErrorRecord* error;  // device alias of the rank's host-mapped record

@@ -158,10 +158,7 @@ ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                            Dims(src_index.dimensions()) + " and " + Dims(rows.dimensions()));
   }
   const int64_t C = src_index.dimensions()[0], T = rows.dimensions()[0];
-  if (T > ref.max_tokens) {
-    return Invalid(op, "T=" + std::to_string(T) + " exceeds max_tokens=" +
-                           std::to_string(ref.max_tokens));
-  }
+  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   if (out->element_type() != rows.element_type() || out->dimensions().size() == 0 ||
       out->dimensions()[0] != C || RowBytes(*out, C) != RowBytes(rows, T)) {
     return Invalid(op, "out must be rows' rows for C=" + std::to_string(C) + ", got " +

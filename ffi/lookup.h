@@ -26,6 +26,13 @@ inline ffi::Error Lookup(const char* op, int64_t comm_id, int32_t device, Worksp
   return ffi::Error::Success();
 }
 
+// A call's T (tokens per rank) must fit the workspace's static capacity.
+inline ffi::Error CheckTokens(const char* op, int64_t tokens, const WorkspaceRef& ref) {
+  if (tokens <= ref.max_tokens) return ffi::Error::Success();
+  return Invalid(op, "T=" + std::to_string(tokens) + " exceeds max_tokens=" +
+                         std::to_string(ref.max_tokens));
+}
+
 inline ffi::Error LaunchStatus(const char* op, cudaError_t err) {
   if (err == cudaSuccess) return ffi::Error::Success();
   return ffi::Error::Internal(std::string("jaxep_") + op + "_ffi: launch failed: " +

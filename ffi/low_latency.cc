@@ -60,9 +60,7 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
     return Invalid(op, "topk_idx must be [T, K=" + Str(K) + "], got " + Dims(idx_dims));
   }
   const int64_t T = idx_dims[0];
-  if (T > ref.max_tokens) {
-    return Invalid(op, "T=" + Str(T) + " exceeds max_tokens=" + Str(ref.max_tokens));
-  }
+  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   if (x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F32) {
     return Invalid(op, "x must be bfloat16 or float32");
   }
@@ -119,9 +117,7 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
                            ", got " + Dims(dims));
   }
   const int64_t RT = dims[1], T = RT / R;
-  if (T > ref.max_tokens) {
-    return Invalid(op, "T=" + Str(T) + " exceeds max_tokens=" + Str(ref.max_tokens));
-  }
+  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   const int elem = ElemBytes(x->element_type());
   if (!elem) return Invalid(op, "x must be float8_e4m3fn, bfloat16 or float32");
   const bool fp8 = elem == 1;
@@ -179,9 +175,7 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
                            ", got " + Dims(dims));
   }
   const int64_t RT = dims[1], T = RT / R;
-  if (T > ref.max_tokens) {
-    return Invalid(op, "T=" + Str(T) + " exceeds max_tokens=" + Str(ref.max_tokens));
-  }
+  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_index", src_index, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", src_topk, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "counts", counts, {El}));
@@ -215,9 +209,7 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
     return Invalid(op, "topk_idx must be [T, K=" + Str(K) + "], got " + Dims(idx_dims));
   }
   const int64_t T = idx_dims[0];
-  if (T > ref.max_tokens) {
-    return Invalid(op, "T=" + Str(T) + " exceeds max_tokens=" + Str(ref.max_tokens));
-  }
+  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", weights, {T, K}));
   const int elem = ElemBytes(out->element_type());
   if (elem != 2 && elem != 4) return Invalid(op, "out must be bfloat16 or float32");
