@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on 8 virtual CPU devices unless marked ``gpu``."""
 
 import os
+from pathlib import Path
 
 # Must be set before jax initialises its backends; the CPU platform gets 8 virtual devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -27,6 +28,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env(**overrides: str) -> dict:
+    """``os.environ`` with ``overrides`` and the repository first on ``PYTHONPATH``: the
+    environment of a test that runs jaxep in a child process (jax flags must precede jax's
+    initialisation, so such tests cannot run in this one)."""
+    env = dict(os.environ, **overrides)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + path if path else "")
+    return env
 
 
 def make_mesh(num_ranks: int, platform: str = "cpu", axis: str = "ep") -> Mesh:

@@ -3,25 +3,20 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, subprocess_env
+
 EXAMPLE = REPO / "examples" / "train_moe.py"
 TIMEOUT_S = 300
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
     # Let the script ask for its own number of virtual devices (--devices); keep other flags.
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(flags)
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + path if path else "")
-    return env
+    return subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
 
 
 def _text(b) -> str:

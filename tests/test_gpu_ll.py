@@ -7,7 +7,6 @@ gradients against the pure-JAX backend's autodiff.
 """
 
 import functools
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ import pytest
 
 import jaxep
 from jaxep import _cuda
-from conftest import ep_call, make_mesh
+from conftest import ep_call, make_mesh, subprocess_env
 from test_gpu import _routing
 
 pytestmark = [pytest.mark.gpu,
@@ -306,11 +305,8 @@ def test_command_buffers_capture_ll_ops():
         pytest.skip("needs 2 GPUs")
     flags = ("--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL "
              "--xla_gpu_graph_min_graph_size=1")
-    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-         os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", CMD_BUFFER_SCRIPT], capture_output=True,
-                          text=True, timeout=300, env=env)
+                          text=True, timeout=300, env=subprocess_env(XLA_FLAGS=flags))
     log = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     print("\n".join(l for l in proc.stdout.splitlines() if l.startswith("GRAPH_EVENTS")))
     assert proc.returncode == 0, log
@@ -354,11 +350,8 @@ TIMEOUT_SCRIPT = textwrap.dedent("""
 def test_missing_peer_times_out_in_ll_recv():
     if len(jax.devices("gpu")) < 2:
         pytest.skip("needs 2 GPUs")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-         os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", TIMEOUT_SCRIPT], capture_output=True, text=True,
-                          timeout=180, env=env)
+                          timeout=180, env=subprocess_env())
     log = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert proc.returncode == 3, log
     line = next(l for l in proc.stdout.splitlines() if l.startswith("CHECK:"))

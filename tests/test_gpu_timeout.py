@@ -6,7 +6,6 @@ ranks 0/1 give up after ``timeout_s``, record (rank, peer, phase) in host-mapped
 A trap ends the CUDA context, so this runs in a subprocess.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import subprocess_env
 from jaxep import _cuda
 
 pytestmark = [pytest.mark.gpu,
@@ -59,9 +59,7 @@ def test_missing_peer_times_out_with_clear_error():
 
     if len(jax.devices("gpu")) < 4:
         pytest.skip("needs 4 GPUs")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-         os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env()
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                           timeout=180, env=env)

@@ -4,7 +4,6 @@ Each process runs ``tests/mp_worker.py``, which checks its own shards against Nu
 only starts them, bounds the time they take, and reports both processes' output on failure.
 """
 
-import os
 import socket
 import subprocess
 import sys
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, subprocess_env
+
 WORKER = Path(__file__).resolve().parent / "mp_worker.py"
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 4
@@ -27,12 +27,8 @@ def _free_port() -> int:
 
 
 def _worker_env() -> dict:
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + path if path else "")
-    return env
+    return subprocess_env(JAX_PLATFORMS="cpu",
+                          XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
 
 
 def _report(procs, outputs) -> str:
