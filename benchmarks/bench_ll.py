@@ -76,6 +76,7 @@ def kernel_times(fn, args, repeats=3):
     import tempfile
 
     fn(*args).block_until_ready()
+    copies = []
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(repeats):
@@ -90,11 +91,19 @@ def kernel_times(fn, args, repeats=3):
                 for line in plane.lines:
                     for ev in line.events:
                         name = ev.name
+                        if "emcpy" in name:  # copy-engine sends: bundle and flag copies
+                            copies.append(ev.duration_ns / 1e3)
                         for short in ("LLDispatchSendKernel", "LLDispatchRecvKernel",
                                       "LLCombineSendKernel", "LLCombineRecvKernel"):
                             if short in name:
                                 durations.setdefault(short, []).append(ev.duration_ns / 1e3)
-    return {k: float(np.median(v)) for k, v in sorted(durations.items())}
+    out = {k: float(np.median(v)) for k, v in sorted(durations.items())}
+    if copies:  # as many flag copies (8 bytes) as bundle copies: split at the median
+        copies.sort()
+        half = len(copies) // 2
+        out["flag copy"] = float(np.median(copies[:half] or copies))
+        out["bundle copy"] = float(np.median(copies[half:]))
+    return out
 
 
 def ll_rows(expert_rank, idx, r, t):
@@ -132,6 +141,12 @@ def run_case(mesh, backend, t, a, with_overlap, log):
             functools.partial(jaxep.ll_dispatch_send, fp8=True),
             functools.partial(jaxep.ll_dispatch_recv, zero_padding=False),
             (x, idx), a.hidden + a.hidden // 128 * 4)
+        # the same with copy-engine sends: the kernel packs locally, copy engines move the rows
+        ce_send = functools.partial(jaxep.ll_dispatch_send, fp8=True, copy_engine=True)
+        ce_recv = functools.partial(jaxep.ll_dispatch_recv, zero_padding=False)
+        ops["dispatch fp8 nopad ce"] = (
+            lambda c, *v: ce_recv(c, ce_send(c, *v)), ce_send, ce_recv,
+            (x, idx), a.hidden + a.hidden // 128 * 4)
     ops["combine bf16"] = (jaxep.ll_combine, jaxep.ll_combine_send, jaxep.ll_combine_recv,
                            (y, idx, w, handle), 2 * a.hidden)
     if with_overlap:
@@ -165,6 +180,8 @@ def run_case(mesh, backend, t, a, with_overlap, log):
             comm.check()  # a CUDA kernel that timed out waiting for a peer raises here
     kernels = {}
     if on_cuda:
+        from jaxep import _cuda
+        log(f"  copy-engine sends enqueued per GPU: {_cuda.ll_copy_engine_sends(comm)}")
         for name in ops:
             kernels[name] = kernel_times(compiled[name, a.calls + 1], jobs[name][1])
             log(f"  {name}: kernel device time (median over calls and GPUs, us): "
@@ -176,7 +193,7 @@ def run_case(mesh, backend, t, a, with_overlap, log):
         full = us[name]["us"]
         if on_cuda:
             kt = kernels[name]
-            send = next((v for k, v in kt.items() if "Send" in k), float("nan"))
+            send = next((v for k, v in kt.items() if "Send" in k), float("nan"))  # ce: the pack
             rcv = next((v for k, v in kt.items() if "Recv" in k), float("nan"))
         else:
             send, rcv = us[name + " send"]["us"], us[name + " recv"]["us"]

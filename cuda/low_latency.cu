@@ -12,6 +12,8 @@
 // must never serve it), flags with acquire/release at system scope; waits are bounded.
 #include "low_latency.h"
 
+#include <cstddef>
+
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -31,20 +33,27 @@ __device__ __forceinline__ char* Region(LLWorkspace* w, int64_t off) {
   return reinterpret_cast<char*>(w) + off;
 }
 
-__device__ __forceinline__ char* RowSlot(LLWorkspace* w, int p, int src, int i) {
-  const int64_t idx = (static_cast<int64_t>(p) * w->num_ranks + src) * w->max_tokens + i;
-  return Region(w, w->rows_off) + idx * w->slot_bytes;
+// Dispatch bundle `x` (source in an inbox, destination in an outbox) of `buffer`; `w` may be a
+// peer's workspace (same layout), the sizes always come from `ws`, this device's.
+__device__ __forceinline__ char* Bundle(const LLWorkspace* ws, LLWorkspace* w, int64_t region,
+                                        int buffer, int x) {
+  return Region(w, region) + (static_cast<int64_t>(buffer) * ws->num_ranks + x) * ws->bundle_bytes;
 }
 
-__device__ __forceinline__ int32_t* RowMeta(LLWorkspace* w, int p, int src, int i) {
-  const int64_t idx = (static_cast<int64_t>(p) * w->num_ranks + src) * w->max_tokens + i;
-  return reinterpret_cast<int32_t*>(Region(w, w->meta_off)) + idx * w->meta_ints;
-}
-
-__device__ __forceinline__ int32_t* Counts(LLWorkspace* w, int p, int src) {
-  const int64_t idx = (static_cast<int64_t>(p) * w->num_ranks + src) * (w->num_local_experts + 1);
-  return reinterpret_cast<int32_t*>(Region(w, w->counts_off)) + idx;
-}
+// The parts of one bundle of a call with T rows (see LLBundleUsedBytes).
+struct BundleParts {
+  int32_t* counts;  // [E_l + 1]
+  int32_t* meta;    // [T][meta_ints]
+  char* rows;       // [T] rows of `stride` bytes
+  int64_t stride;
+  __device__ BundleParts(const LLWorkspace* ws, char* base, int T, int elem_bytes)
+      : counts(reinterpret_cast<int32_t*>(base)),
+        meta(reinterpret_cast<int32_t*>(base + ws->counts_bytes)),
+        rows(base + LLRowsOffset(ws->counts_bytes, T, ws->meta_ints)),
+        stride(LLRowStride(elem_bytes, ws->hidden)) {}
+  __device__ int32_t* Meta(const LLWorkspace* ws, int i) const { return meta + i * ws->meta_ints; }
+  __device__ char* Row(int i) const { return rows + i * stride; }
+};
 
 __device__ __forceinline__ char* CombineSlot(LLWorkspace* w, int p, int t, int k) {
   const int64_t idx = (static_cast<int64_t>(p) * w->max_tokens + t) * w->num_topk + k;
@@ -190,7 +199,16 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   const int W = (T + 31) / 32;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const unsigned long long seq = ws->seq[kDispatchSendCtr] + 1;
-  const int p = static_cast<int>(seq & 1);
+  const bool outbox = a.buffer >= 0;  // copy-engine send: remote bundles go to the outbox
+  const unsigned long long sm_seq = ws->seq[kDispatchSmSendCtr] + !outbox;
+  const int p = outbox ? a.buffer : static_cast<int>(sm_seq & 1);
+  const int elem = a.fp8 ? 1 : static_cast<int>(sizeof(TIn));
+  // Where the bundle for destination d goes.
+  auto bundle = [&](int d) {
+    char* base = outbox && d != me ? Bundle(ws, ws, ws->outbox_off, p - kLLFirstCopyBuffer, d)
+                                   : Bundle(ws, ws->peers[d], ws->inbox_off, p, me);
+    return BundleParts(ws, base, T, elem);
+  };
 
   extern __shared__ int32_t smem[];
   int32_t* s_rank = smem;                                        // [E]
@@ -227,15 +245,15 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     atomicOr(&s_emask[static_cast<size_t>(e) * W + (t >> 5)], bit);
     atomicOr(&s_rmask[s_rank[e] * W + (t >> 5)], bit);
   }
-  // 2. The destinations must have read the call that last used this parity (call - 2).
-  WaitPeers(ws, ws->dispatch_ack[p], seq > 2 ? seq - 2 : 0, kLLDispatchSend, a.timeout_ns);
+  // 2. The destinations must have read the call that last used this buffer.
+  WaitPeers(ws, ws->dispatch_ack[p], ws->dispatch_last[p], kLLDispatchSend, a.timeout_ns);
 
   // 3. Block 0: per-(destination, local expert) counts and rows per destination.
   if (blockIdx.x == 0) {
     for (int e = tid; e < E; e += kThreads) {
-      Counts(ws->peers[s_rank[e]], p, me)[s_slot[e]] = PopcAll(s_emask + static_cast<size_t>(e) * W, W);
+      bundle(s_rank[e]).counts[s_slot[e]] = PopcAll(s_emask + static_cast<size_t>(e) * W, W);
     }
-    if (tid < R) Counts(ws->peers[tid], p, me)[El] = PopcAll(s_rmask + tid * W, W);
+    if (tid < R) bundle(tid).counts[El] = PopcAll(s_rmask + tid * W, W);
     if (tid == 0) a.info[0] = s_invalid;
   }
 
@@ -290,8 +308,8 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     for (int d = 0; d < R; ++d) {
       const int i = __shfl_sync(kFull, my_i, d);
       if (i < 0) continue;
-      LLWorkspace* peer = ws->peers[d];
-      char* slot = RowSlot(peer, p, me, i);
+      const BundleParts b = bundle(d);
+      char* slot = b.Row(i);
       if (active) {
         if (a.fp8) {
           *reinterpret_cast<int4*>(slot + h0) = q;
@@ -303,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
         }
       }
       if (c == 0) {
-        int32_t* meta = RowMeta(peer, p, me, i);
+        int32_t* meta = b.Meta(ws, i);
         if (lane == 0) meta[0] = t;
         if (lane < K) {
           const bool here = entry_e >= 0 && entry_rank == d;
@@ -314,12 +332,19 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     }
   }
 
-  // 5. The last block announces the call to every destination.
+  // 5. The last block announces the call to every destination (a copy-engine send: to itself;
+  //    the flag copies after the bundle copies announce it to the others).
   if (LastBlock(ws, kDispatchSendTicket)) {
-    for (int d = 0; d < R; ++d) StoreRelease(&ws->peers[d]->dispatch_flag[p][me], seq);
+    for (int d = 0; d < R; ++d) {
+      if (!outbox || d == me) StoreRelease(&ws->peers[d]->dispatch_flag[p][me], seq);
+    }
+    ws->dispatch_flag_out[p] = seq;
+    ws->dispatch_last[p] = seq;
     ws->seq[kDispatchSendCtr] = seq;
+    ws->seq[kDispatchSmSendCtr] = sm_seq;
     a.info[1] = static_cast<int32_t>(seq & 0xffffffffu);
     a.info[2] = static_cast<int32_t>(seq >> 32);
+    a.info[3] = p;
   }
 }
 
@@ -334,7 +359,10 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
   const size_t row_bytes = static_cast<size_t>(H) * kElem;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const unsigned long long seq = CallNumber(a.info + 1);  // the send's, not a counter
-  const int p = static_cast<int>(seq & 1);
+  const int p = a.info[3];                                 // the send's buffer
+  auto bundle = [&](int s) {
+    return BundleParts(ws, Bundle(ws, ws, ws->inbox_off, p, s), T, kElem);
+  };
 
   extern __shared__ int32_t smem[];
   int32_t* s_off = smem;              // [E_l][R]: first output row of source s in expert l
@@ -347,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
     int acc = 0;
     for (int s = 0; s < R; ++s) {
       s_off[l * R + s] = acc;
-      acc += __ldcg(Counts(ws, p, s) + l);
+      acc += __ldcg(bundle(s).counts + l);
     }
     s_total[l] = acc;
     if (blockIdx.x == 0) a.counts[l] = acc;
@@ -356,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
     int acc = 0;
     for (int s = 0; s < R; ++s) {
       s_rows[s] = acc;
-      acc += __ldcg(Counts(ws, p, s) + El);
+      acc += __ldcg(bundle(s).counts + El);
     }
     s_rows[R] = acc;
     if (blockIdx.x == 0) a.num_invalid[0] = a.info[0];
@@ -371,11 +399,12 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
     int s = 0;
     while (q >= s_rows[s + 1]) ++s;
     const int i = q - s_rows[s];
-    const int32_t* meta = RowMeta(ws, p, s, i);
+    const BundleParts b = bundle(s);
+    const int32_t* meta = b.Meta(ws, i);
     const int t = __ldcg(meta);
     const int ent = lane < K ? __ldcg(meta + 1 + lane) : -1;
     const float w = lane < K ? __int_as_float(__ldcg(meta + 1 + K + lane)) : 0.f;
-    const char* slot = RowSlot(ws, p, s, i);
+    const char* slot = b.Row(i);
     const int h0 = c * kLLChunk + lane * kPerLane;
     const bool active = h0 < H;
     constexpr int kVec = kElem;  // int4s per lane (16 elements)
@@ -602,17 +631,27 @@ cudaError_t LoadLLModule() {  // touch every kernel now (no lazy loading while a
 
 }  // namespace
 
+LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
+                         int hidden) {
+  auto up = [](int64_t n) { return (n + 255) & ~int64_t{255}; };
+  LLLayout l{};
+  l.slot_bytes = 4 * hidden;
+  l.meta_ints = 1 + 2 * num_topk;
+  l.counts_bytes = static_cast<int32_t>(LLAlign16(4 * (int64_t{num_local_experts} + 1)));
+  l.bundle_bytes = up(LLRowsOffset(l.counts_bytes, max_tokens, l.meta_ints) +
+                      int64_t{max_tokens} * l.slot_bytes);
+  const int64_t bundles = int64_t{num_ranks} * l.bundle_bytes;  // one buffer's
+  l.inbox_off = up(sizeof(LLWorkspace));
+  l.outbox_off = l.inbox_off + kLLDispatchBuffers * bundles;
+  l.combine_off = l.outbox_off + (kLLDispatchBuffers - kLLFirstCopyBuffer) * bundles;
+  l.total_bytes = l.combine_off + up(2 * int64_t{max_tokens} * num_topk * l.slot_bytes);
+  return l;
+}
+
 size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
                         int hidden) {
-  auto up = [](size_t n) { return (n + 255) & ~static_cast<size_t>(255); };
-  const size_t slot = static_cast<size_t>(4) * hidden;
-  const size_t meta_ints = 1 + 2 * static_cast<size_t>(num_topk);
-  size_t n = up(sizeof(LLWorkspace));
-  n += up(2 * static_cast<size_t>(num_ranks) * max_tokens * slot);
-  n += up(2 * static_cast<size_t>(num_ranks) * max_tokens * meta_ints * 4);
-  n += up(2 * static_cast<size_t>(num_ranks) * (num_local_experts + 1) * 4);
-  n += up(2 * static_cast<size_t>(max_tokens) * num_topk * slot);
-  return n;
+  return static_cast<size_t>(
+      ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden).total_bytes);
 }
 
 size_t LLSendSharedBytes(int num_ranks, int num_tokens, int num_topk, int num_experts) {
@@ -635,7 +674,8 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
   int previous = 0;
   cudaGetDevice(&previous);
   for (int r = 0; r < num_ranks; ++r) workspaces[r] = nullptr;
-  const size_t bytes = LLWorkspaceBytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden);
+  const LLLayout l = ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden);
+  const size_t bytes = static_cast<size_t>(l.total_bytes);
   cudaError_t err = cudaSuccess;
   for (int r = 0; r < num_ranks && err == cudaSuccess; ++r) {
     if ((err = cudaSetDevice(devices[r])) != cudaSuccess) break;
@@ -643,7 +683,6 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
     if ((err = cudaMemset(workspaces[r], 0, bytes)) != cudaSuccess) break;
     err = LoadLLModule();
   }
-  auto up = [](size_t n) { return (n + 255) & ~static_cast<size_t>(255); };
   for (int r = 0; r < num_ranks && err == cudaSuccess; ++r) {
     LLWorkspace h{};
     for (int p = 0; p < num_ranks; ++p) h.peers[p] = workspaces[p];
@@ -654,16 +693,13 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
     h.num_topk = num_topk;
     h.num_local_experts = num_local_experts;
     h.hidden = hidden;
-    h.slot_bytes = 4 * hidden;
-    h.meta_ints = 1 + 2 * num_topk;
-    size_t off = up(sizeof(LLWorkspace));
-    h.rows_off = static_cast<int64_t>(off);
-    off += up(2 * static_cast<size_t>(num_ranks) * max_tokens * h.slot_bytes);
-    h.meta_off = static_cast<int64_t>(off);
-    off += up(2 * static_cast<size_t>(num_ranks) * max_tokens * h.meta_ints * 4);
-    h.counts_off = static_cast<int64_t>(off);
-    off += up(2 * static_cast<size_t>(num_ranks) * (num_local_experts + 1) * 4);
-    h.combine_off = static_cast<int64_t>(off);
+    h.slot_bytes = l.slot_bytes;
+    h.meta_ints = l.meta_ints;
+    h.counts_bytes = l.counts_bytes;
+    h.bundle_bytes = l.bundle_bytes;
+    h.inbox_off = l.inbox_off;
+    h.outbox_off = l.outbox_off;
+    h.combine_off = l.combine_off;
     if ((err = cudaSetDevice(devices[r])) == cudaSuccess) {
       err = cudaMemcpy(workspaces[r], &h, sizeof(h), cudaMemcpyHostToDevice);
     }
@@ -688,7 +724,88 @@ cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace**
   return first;
 }
 
-cudaError_t LaunchLLDispatchSend(const LLDispatchSendArgs& a, cudaStream_t stream) {
+cudaError_t CreateLLCopyEngines(int num_ranks, const int* devices, LLWorkspace* const* workspaces,
+                                int max_tokens, int num_topk, int num_local_experts, int hidden,
+                                LLCopyEngines* engines) {
+  int previous = 0;
+  cudaGetDevice(&previous);
+  const LLLayout l = ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden);
+  cudaError_t err = cudaSuccess;
+  for (int r = 0; r < num_ranks && err == cudaSuccess; ++r) {
+    LLCopyEngines& c = engines[r];
+    c = LLCopyEngines{};
+    c.rank = r;
+    c.num_ranks = num_ranks;
+    c.layout = l;
+    for (int d = 0; d < num_ranks; ++d) c.peers[d] = workspaces[d];
+    if ((err = cudaSetDevice(devices[r])) != cudaSuccess) break;
+    if ((err = cudaEventCreateWithFlags(&c.packed, cudaEventDisableTiming)) != cudaSuccess) break;
+    err = cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking);
+  }
+  if (err != cudaSuccess) DestroyLLCopyEngines(num_ranks, devices, engines);
+  cudaSetDevice(previous);
+  return err;
+}
+
+void DestroyLLCopyEngines(int num_ranks, const int* devices, LLCopyEngines* engines) {
+  int previous = 0;
+  cudaGetDevice(&previous);
+  for (int r = 0; r < num_ranks; ++r) {
+    LLCopyEngines& c = engines[r];
+    if (cudaSetDevice(devices[r]) != cudaSuccess) continue;
+    if (c.stream) cudaStreamSynchronize(c.stream);
+    for (auto& per_buffer : c.graphs) {
+      for (LLCopyGraph& g : per_buffer) {
+        if (g.exec) cudaGraphExecDestroy(g.exec);
+        g = LLCopyGraph{};
+      }
+    }
+    if (c.stream) cudaStreamDestroy(c.stream);
+    if (c.packed) cudaEventDestroy(c.packed);
+    c.stream = nullptr;
+    c.packed = nullptr;
+  }
+  cudaSetDevice(previous);
+}
+
+namespace {
+
+// Builds the copy graph of `buffer` (2 or 3) for bundles of `bytes` (see LLCopyEngines).
+cudaError_t BuildCopyGraph(const LLCopyEngines& c, int buffer, size_t bytes,
+                           cudaGraphExec_t* exec) {
+  const LLLayout& l = c.layout;
+  const int me = c.rank;
+  auto at = [](LLWorkspace* w, int64_t off) { return reinterpret_cast<char*>(w) + off; };
+  cudaGraph_t graph = nullptr;
+  cudaError_t err = cudaGraphCreate(&graph, 0);
+  for (int d = 0; d < c.num_ranks && err == cudaSuccess; ++d) {
+    if (d == me) continue;
+    const int64_t out = int64_t{buffer - kLLFirstCopyBuffer} * c.num_ranks + d;
+    const int64_t in = int64_t{buffer} * c.num_ranks + me;
+    cudaGraphNode_t data = nullptr, flag = nullptr;
+    err = cudaGraphAddMemcpyNode1D(&data, graph, nullptr, 0, at(c.peers[d], l.inbox_off + in * l.bundle_bytes),
+                                   at(c.peers[me], l.outbox_off + out * l.bundle_bytes), bytes,
+                                   cudaMemcpyDeviceToDevice);
+    if (err != cudaSuccess) break;
+    err = cudaGraphAddMemcpyNode1D(
+        &flag, graph, &data, 1,
+        at(c.peers[d], offsetof(LLWorkspace, dispatch_flag) +
+                           (buffer * kMaxRanks + me) * sizeof(unsigned long long)),
+        at(c.peers[me], offsetof(LLWorkspace, dispatch_flag_out) +
+                            buffer * sizeof(unsigned long long)),
+        sizeof(unsigned long long), cudaMemcpyDeviceToDevice);
+  }
+  if (err == cudaSuccess) err = cudaGraphInstantiate(exec, graph, 0);
+  if (graph) cudaGraphDestroy(graph);
+  return err;
+}
+
+}  // namespace
+
+cudaError_t LaunchLLDispatchSend(const LLDispatchSendArgs& args, cudaStream_t stream,
+                                 LLCopyEngines* engines) {
+  LLDispatchSendArgs a = args;
+  a.buffer = engines ? kLLFirstCopyBuffer + static_cast<int>(engines->calls & 1) : -1;
   const size_t smem =
       LLSendSharedBytes(a.shape.num_ranks, a.num_tokens, a.num_topk, a.num_experts);
   const int items = a.num_tokens * Chunks(a.shape.hidden);
@@ -698,7 +815,35 @@ cudaError_t LaunchLLDispatchSend(const LLDispatchSendArgs& a, cudaStream_t strea
   } else {
     LLDispatchSendKernel<float><<<blocks, kThreads, smem, stream>>>(a);
   }
-  return cudaGetLastError();
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || !engines) return err;
+
+  // Copy-engine send: the copy graph of this buffer and size on jaxep's stream.
+  LLCopyEngines& c = *engines;
+  const int slot_set = a.buffer - kLLFirstCopyBuffer;
+  const int elem = a.fp8 ? 1 : (a.x_dtype == 0 ? 2 : 4);
+  const size_t bytes = static_cast<size_t>(LLBundleUsedBytes(
+      c.layout.counts_bytes, a.num_tokens, c.layout.meta_ints, elem, a.shape.hidden));
+  LLCopyGraph* graph = nullptr;
+  for (LLCopyGraph& g : c.graphs[slot_set]) {
+    if (g.exec && g.bytes == bytes) graph = &g;
+  }
+  if (!graph) {  // first call of this size: instantiate (replacing the oldest)
+    graph = &c.graphs[slot_set][c.next_slot[slot_set]];
+    c.next_slot[slot_set] = (c.next_slot[slot_set] + 1) % kLLCopyGraphsPerBuffer;
+    if (graph->exec) {
+      if ((err = cudaStreamSynchronize(c.stream)) != cudaSuccess) return err;
+      cudaGraphExecDestroy(graph->exec);
+      *graph = LLCopyGraph{};
+    }
+    if ((err = BuildCopyGraph(c, a.buffer, bytes, &graph->exec)) != cudaSuccess) return err;
+    graph->bytes = bytes;
+  }
+  if ((err = cudaEventRecord(c.packed, stream)) != cudaSuccess) return err;
+  if ((err = cudaStreamWaitEvent(c.stream, c.packed, 0)) != cudaSuccess) return err;
+  if ((err = cudaGraphLaunch(graph->exec, c.stream)) != cudaSuccess) return err;
+  ++c.calls;
+  return cudaSuccess;
 }
 
 cudaError_t LaunchLLDispatchRecv(const LLDispatchRecvArgs& a, cudaStream_t stream) {

@@ -19,12 +19,23 @@
 // communicator; a third waits, and if the receiver never reads, times out with an error.
 // Sequence numbers live on the device (advanced by the kernels), so the host keeps no per-call
 // state and the launches can be captured in CUDA graphs. Nothing spins between the phases.
+//
+// Dispatch buffers are *bundles*, one per (buffer, source) on the receiver: per-expert counts,
+// then T rows of metadata, then T rows (LLLayout), so that one contiguous copy moves a whole
+// call from one rank to another. Copy-engine sends (LLCopyEngines) use that: the send kernel
+// packs each destination's bundle into a local outbox and returns; copy engines then move the
+// bundles and the flags on jaxep's own streams, beside whatever XLA runs next, using no SM.
+// The two kinds of send use separate buffer pairs: SM sends alternate between buffers 0 and 1
+// (chosen on the device, as they may be replayed from a CUDA graph), copy-engine sends between
+// 2 and 3 (chosen by the host, which enqueues every one of them). A send to buffer b waits
+// until every destination has acknowledged the call that last used b (dispatch_last), so up to
+// two sends of each kind may be outstanding.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>  // __host__ __device__
 
 #include "intranode.h"  // kMaxRanks, ErrorRecord
 
@@ -42,30 +53,64 @@ enum LLPhase : int32_t {
 
 // Indices of LLWorkspace::seq (call counters, advanced by the send kernels; a recv takes its
 // call number from its send's info) and of LLWorkspace::ticket (last-block detection).
-enum LLCounter : int { kDispatchSendCtr = 0, kCombineSendCtr = 1, kNumLLCounters = 2 };
+// kDispatchSendCtr numbers every dispatch send (flags and acks carry it); kDispatchSmSendCtr
+// counts the SM sends only (their buffer alternates with it).
+enum LLCounter : int { kDispatchSendCtr = 0, kCombineSendCtr = 1, kDispatchSmSendCtr = 2,
+                       kNumLLCounters = 3 };
+inline constexpr int kLLDispatchBuffers = 4;  // 0, 1: SM sends; 2, 3: copy-engine sends
+inline constexpr int kLLFirstCopyBuffer = 2;
 enum LLTicket : int { kDispatchSendTicket = 0, kDispatchRecvTicket = 1, kCombineSendTicket = 2,
                       kCombineRecvTicket = 3, kNumLLTickets = 4 };
 
 struct LLWorkspace {
   // Written by peers.
-  alignas(128) unsigned long long dispatch_flag[2][kMaxRanks];  // [parity][src]: src's call
-  alignas(128) unsigned long long dispatch_ack[2][kMaxRanks];   // [parity][dest]: last call read
+  alignas(128) unsigned long long dispatch_flag[kLLDispatchBuffers][kMaxRanks];  // [buf][src]
+  alignas(128) unsigned long long dispatch_ack[kLLDispatchBuffers][kMaxRanks];   // [buf][dest]
   alignas(128) unsigned long long combine_flag[2][kMaxRanks];
   alignas(128) unsigned long long combine_ack[2][kMaxRanks];
   // This device's call counters (LLCounter) and last-block tickets (LLTicket).
   alignas(128) unsigned long long seq[kNumLLCounters];
   unsigned int ticket[kNumLLTickets];
+  unsigned long long dispatch_last[kLLDispatchBuffers];      // the call that last wrote it
+  unsigned long long dispatch_flag_out[kLLDispatchBuffers];  // copied to the peers' flags
   // Constant after setup.
   LLWorkspace* peers[kMaxRanks];
   ErrorRecord* error;  // device alias of the rank's host-mapped record
   int32_t rank, num_ranks, max_tokens, num_topk, num_local_experts, hidden;
   int32_t slot_bytes;  // bytes of one row slot: 4 * hidden (float32 rows fit)
   int32_t meta_ints;   // per dispatched row: token, K entries, K weights
-  int64_t rows_off, meta_off, counts_off, combine_off;  // regions, bytes from the base:
-  // rows:    [2][R(src)][T_max] slots          meta: [2][R(src)][T_max][meta_ints] int32
-  // counts:  [2][R(src)][E_l + 1] int32 (per local expert, then rows from src)
+  int32_t counts_bytes;  // head of a bundle: [E_l + 1] int32 (per local expert, then rows)
+  int64_t bundle_bytes;  // one dispatch bundle (see LLBundle)
+  int64_t inbox_off, outbox_off, combine_off;  // regions, bytes from the base:
+  // inbox:   [4(buffer)][R(src)] bundles     outbox: [2(buffer - 2)][R(dest)] bundles
   // combine: [2][T_max][K] slots
 };
+
+// Where everything lives in a workspace (identical on every device); computed once, used by
+// the allocation, the kernels (through the copy in LLWorkspace) and the copy-engine launches.
+struct LLLayout {
+  int32_t slot_bytes, meta_ints, counts_bytes;
+  int64_t bundle_bytes, inbox_off, outbox_off, combine_off, total_bytes;
+};
+LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
+                         int hidden);
+
+// One dispatch bundle of a call with T rows of `elem_bytes` elements (1 = e4m3: the row is
+// followed by its H/128 float32 scales):
+//   [counts_bytes: counts][align16(T * meta_ints * 4): metadata][T * RowStride: rows]
+__host__ __device__ inline int64_t LLAlign16(int64_t n) { return (n + 15) & ~int64_t{15}; }
+__host__ __device__ inline int64_t LLRowStride(int elem_bytes, int hidden) {
+  return elem_bytes == 1 ? LLAlign16(hidden + 4 * (hidden / 128))
+                         : static_cast<int64_t>(hidden) * elem_bytes;
+}
+__host__ __device__ inline int64_t LLRowsOffset(int counts_bytes, int num_tokens, int meta_ints) {
+  return counts_bytes + LLAlign16(static_cast<int64_t>(num_tokens) * meta_ints * 4);
+}
+__host__ __device__ inline int64_t LLBundleUsedBytes(int counts_bytes, int num_tokens,
+                                                     int meta_ints, int elem_bytes, int hidden) {
+  return LLRowsOffset(counts_bytes, num_tokens, meta_ints) +
+         num_tokens * LLRowStride(elem_bytes, hidden);
+}
 
 size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
                         int hidden);
@@ -80,6 +125,34 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
                                int num_local_experts, int hidden, ErrorRecord* const* errors,
                                LLWorkspace** workspaces);
 cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace** workspaces);
+
+// Per-device state of copy-engine dispatch sends (host side; used outside CUDA-graph capture).
+// The call's buffer is 2 + (calls & 1): the host picks it, since the copies' addresses are
+// fixed when they are enqueued. After the send kernel on the caller's stream, a copy-engine
+// send records `packed` there, makes `stream` wait for it and launches there a small CUDA graph:
+// per peer d, the bundle copy (outbox -> d's inbox) and then the flag copy (dispatch_flag_out ->
+// d's flag). One graph launch costs the host a fraction of 2 (R - 1) cudaMemcpyAsync calls; the
+// graphs are instantiated on first use, per buffer and copy size. Nothing joins `stream` back:
+// the receiver's recv kernel waits for the flag.
+struct LLCopyGraph {
+  size_t bytes = 0;
+  cudaGraphExec_t exec = nullptr;
+};
+inline constexpr int kLLCopyGraphsPerBuffer = 4;  // copy sizes cached per buffer
+struct LLCopyEngines {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t packed = nullptr;
+  LLCopyGraph graphs[2][kLLCopyGraphsPerBuffer];  // [buffer - 2][slot]
+  int next_slot[2] = {};                         // round-robin replacement
+  LLWorkspace* peers[kMaxRanks] = {};  // device pointers of every rank's workspace
+  LLLayout layout{};
+  int rank = -1, num_ranks = 0;
+  unsigned long long calls = 0;  // copy-engine sends so far
+};
+cudaError_t CreateLLCopyEngines(int num_ranks, const int* devices, LLWorkspace* const* workspaces,
+                                int max_tokens, int num_topk, int num_local_experts, int hidden,
+                                LLCopyEngines* engines);
+void DestroyLLCopyEngines(int num_ranks, const int* devices, LLCopyEngines* engines);
 
 // Host-side copy of a workspace's sizes, for launch configuration.
 struct LLShape {
@@ -98,12 +171,17 @@ struct LLDispatchSendArgs {
   const float* weights;         // [T, K] or null: shipped so the receiver can scale rows
   const int32_t* expert_rank;   // [E]
   const int32_t* expert_slot;   // [E]
-  int32_t* info;                // [3]: num_invalid, call number (low, high 32 bits); the recv
-                                //      reads it, which also orders it after this send
+  int32_t* info;                // [4]: num_invalid, call number (low, high 32 bits), buffer; the
+                                //      recv reads it, which also orders it after this send
   int num_sms;
   unsigned long long timeout_ns;
+  int buffer;  // set by the launcher: -1 = SM send (buffer 0/1 chosen on the device), else the
+              // copy-engine send's buffer (2 or 3)
 };
-cudaError_t LaunchLLDispatchSend(const LLDispatchSendArgs& a, cudaStream_t stream);
+// engines == nullptr: the kernel writes the destinations' buffers itself (SM send). Else a
+// copy-engine send (see LLCopyEngines; the caller's stream must not be capturing).
+cudaError_t LaunchLLDispatchSend(const LLDispatchSendArgs& a, cudaStream_t stream,
+                                 LLCopyEngines* engines);
 
 struct LLDispatchRecvArgs {
   LLWorkspace* ws;
@@ -111,7 +189,7 @@ struct LLDispatchRecvArgs {
   int num_tokens;      // T of the call (rows per source)
   int elem_bytes;      // payload element: 1 = e4m3, 2 = bfloat16, 4 = float32
   bool fp8, ue8m0, zero_padding, weighted;  // weighted: rows *= shipped weight (not fp8)
-  const int32_t* info;  // the send's info
+  const int32_t* info;  // the send's info [4]
   void* x;             // [E_l, R*T, H]
   void* scales;        // fp8: [E_l, R*T, H/128] f32 or [E_l, R*T, ceil(H/512)] int32; else null
   int32_t* counts;     // [E_l]

@@ -1,11 +1,13 @@
 // XLA FFI handlers of the low-latency ops (one process, several GPUs):
-//   jaxep_ll_dispatch_send_ffi -> jaxep::LaunchLLDispatchSend
+//   jaxep_ll_dispatch_send_ffi -> jaxep::LaunchLLDispatchSend (SM send)
+//   jaxep_ll_dispatch_send_ce_ffi -> jaxep::LaunchLLDispatchSend (copy-engine send)
 //   jaxep_ll_dispatch_recv_ffi -> jaxep::LaunchLLDispatchRecv
 //   jaxep_ll_combine_send_ffi  -> jaxep::LaunchLLCombineSend
 //   jaxep_ll_combine_recv_ffi  -> jaxep::LaunchLLCombineRecv
 // Each finds its device's low-latency buffers in the registry, validates every buffer against
-// them, and only enqueues one kernel. A send returns a small `info` array that its recv takes
-// as an operand: the data dependency orders the two phases in XLA's schedule.
+// them, and only enqueues one kernel (a copy-engine dispatch send also its copies, on jaxep's
+// streams). A send returns a small `info` array that its recv takes as an operand: the data
+// dependency orders the two phases in XLA's schedule.
 #ifdef JAXEP_WITH_CUDA
 
 #include <cstdint>
@@ -36,6 +38,15 @@ ffi::Error LookupLL(const char* op, int64_t comm_id, int32_t device, WorkspaceRe
   return ffi::Error::Success();
 }
 
+// A copy-engine send needs the host to enqueue its copies on every call, so a send captured
+// into a CUDA graph (XLA command buffers) runs as an SM send instead.
+LLCopyEngines* CopyEngines(bool requested, cudaStream_t stream, const WorkspaceRef& ref) {
+  if (!requested || !ref.ll_ce) return nullptr;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) return nullptr;
+  return status == cudaStreamCaptureStatusNone ? ref.ll_ce : nullptr;
+}
+
 int ElemBytes(ffi::DataType t) {
   switch (t) {
     case ffi::DataType::F8E4M3FN: return 1;
@@ -49,8 +60,8 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
                               ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
                               ffi::Buffer<ffi::S32> expert_rank, ffi::Buffer<ffi::S32> expert_slot,
                               ffi::ResultBuffer<ffi::S32> info, int64_t comm_id, int32_t num_sms,
-                              int64_t timeout_ns, bool fp8, bool round_scale) {
-  const char* op = "ll_dispatch_send";
+                              int64_t timeout_ns, bool fp8, bool round_scale, bool copy_engine) {
+  const char* op = copy_engine ? "ll_dispatch_send (copy engine)" : "ll_dispatch_send";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, K = ref.ll_topk;
@@ -71,7 +82,7 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   JAXEP_RETURN_IF_ERROR(Shape(op, "expert_slot", expert_slot, {E}));
   const bool has_weights = weights.element_count() > 0;
   if (has_weights) JAXEP_RETURN_IF_ERROR(Shape(op, "weights", weights, {T, K}));
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {3}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {4}));
   const size_t smem = LLSendSharedBytes(static_cast<int>(R), static_cast<int>(T),
                                         static_cast<int>(K), static_cast<int>(E));
   if (smem > kLLMaxSharedBytes) {
@@ -95,7 +106,7 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   a.info = info->typed_data();
   a.num_sms = num_sms;
   a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
-  return LaunchStatus(op, LaunchLLDispatchSend(a, stream));
+  return LaunchStatus(op, LaunchLLDispatchSend(a, stream, CopyEngines(copy_engine, stream, ref)));
 }
 
 ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> info,
@@ -110,7 +121,7 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {3}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {4}));
   auto dims = x->dimensions();
   if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
     return Invalid(op, "x must be [E_l=" + Str(El) + ", R*T, H=" + Str(H) + "] with R=" + Str(R) +
@@ -248,19 +259,39 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchSendFfi, jaxep::LLDispatchSendImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [3]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [4]
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int32_t>("num_sms")
                                   .Attr<int64_t>("timeout_ns")
                                   .Attr<bool>("fp8")
-                                  .Attr<bool>("round_scale"),
+                                  .Attr<bool>("round_scale")
+                                  .Attr<bool>("copy_engine"),
                               {ffi::Traits::kCmdBufferCompatible});
+
+// The copy-engine send: the same handler, but not command-buffer compatible, so that XLA runs
+// it outside its CUDA graphs and the host enqueues the copies of every call (the flag says so).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchSendCeFfi, jaxep::LLDispatchSendImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [4]
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns")
+                                  .Attr<bool>("fp8")
+                                  .Attr<bool>("round_scale")
+                                  .Attr<bool>("copy_engine"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi, jaxep::LLDispatchRecvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // info [3] of the send
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // info [4] of the send
                                   .Ret<ffi::AnyBuffer>()         // x [E_l, R*T, H]
                                   .Ret<ffi::AnyBuffer>()         // scales (empty without fp8)
                                   .Ret<ffi::Buffer<ffi::S32>>()  // counts [E_l]

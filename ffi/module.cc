@@ -5,6 +5,7 @@
 //                      empty without CUDA.
 //   intranode_create(groups, max_tokens) -> (id, bytes per device)  (CUDA builds)
 //   intranode_release(id), intranode_error(id) -> str ("" when none)
+//   ll_copy_engine_sends(id, device) -> copy-engine dispatch sends enqueued so far
 //   ll_workspace_bytes(...), ll_shared_bytes(...): sizes of the low-latency buffers / kernels
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
@@ -50,6 +51,7 @@ NB_MODULE(_jaxep_ext, m) {
         d["jaxep_combine_ffi"] = Encapsulate(JaxepCombineFfi);
         d["jaxep_dispatch_rows_ffi"] = Encapsulate(JaxepDispatchRowsFfi);
         d["jaxep_ll_dispatch_send_ffi"] = Encapsulate(JaxepLLDispatchSendFfi);
+        d["jaxep_ll_dispatch_send_ce_ffi"] = Encapsulate(JaxepLLDispatchSendCeFfi);
         d["jaxep_ll_dispatch_recv_ffi"] = Encapsulate(JaxepLLDispatchRecvFfi);
         d["jaxep_ll_combine_send_ffi"] = Encapsulate(JaxepLLCombineSendFfi);
         d["jaxep_ll_combine_recv_ffi"] = Encapsulate(JaxepLLCombineRecvFfi);
@@ -96,5 +98,12 @@ NB_MODULE(_jaxep_ext, m) {
   m.def(
       "intranode_error", [](int64_t id) { return jaxep::DescribeError(id); },
       "A recorded kernel failure of communicator `id` (e.g. a barrier timeout), or ''.");
+  m.def(
+      "ll_copy_engine_sends",
+      [](int64_t id, int device) -> int64_t {
+        const jaxep::WorkspaceRef ref = jaxep::FindWorkspace(id, device);
+        return ref.ll_ce ? static_cast<int64_t>(ref.ll_ce->calls) : -1;
+      },
+      "Copy-engine dispatch sends enqueued so far on `device` by communicator `id` (-1: none).");
 #endif
 }

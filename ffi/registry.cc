@@ -18,6 +18,7 @@ struct Group {
   int max_tokens = 0;
   std::vector<LLWorkspace*> ll;  // empty when the low-latency buffers were not requested
   LLConfig ll_cfg;
+  std::vector<LLCopyEngines> ll_ce;  // per rank, with ll (heap: the handlers keep pointers)
 };
 
 std::mutex& Mutex() {
@@ -53,6 +54,9 @@ const char* PhaseName(int phase) {
 }
 
 void Free(Group& g) {
+  if (!g.ll_ce.empty()) {
+    DestroyLLCopyEngines(static_cast<int>(g.devices.size()), g.devices.data(), g.ll_ce.data());
+  }
   if (!g.ll.empty()) {
     DestroyLLWorkspaces(static_cast<int>(g.devices.size()), g.devices.data(), g.ll.data());
   }
@@ -92,9 +96,15 @@ std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, in
         err = CreateLLWorkspaces(n, g.devices.data(), max_tokens, ll.num_topk,
                                  ll.num_local_experts, ll.hidden, device_errors.data(),
                                  g.ll.data());
+        if (err != cudaSuccess) g.ll.clear();  // CreateLLWorkspaces freed them
+      }
+      if (err == cudaSuccess) {
+        g.ll_ce.assign(n, LLCopyEngines{});
+        err = CreateLLCopyEngines(n, g.devices.data(), g.ll.data(), max_tokens, ll.num_topk,
+                                  ll.num_local_experts, ll.hidden, g.ll_ce.data());
+        if (err != cudaSuccess) g.ll_ce.clear();  // CreateLLCopyEngines cleaned up
       }
       if (err != cudaSuccess) {
-        g.ll.clear();
         Free(g);
         for (auto& done : made) Free(done);
         return std::string("creating the low-latency buffers failed: ") + cudaGetErrorName(err) +
@@ -128,13 +138,14 @@ WorkspaceRef FindWorkspace(int64_t id, int device) {
   std::lock_guard<std::mutex> lock(Mutex());
   auto it = Table().live.find(id);
   if (it == Table().live.end()) return {};
-  for (const auto& g : it->second) {
+  for (auto& g : it->second) {
     for (size_t r = 0; r < g.devices.size(); ++r) {
       if (g.devices[r] == device) {
         const int n = static_cast<int>(g.devices.size());
         return {g.ws[r], g.errors[r], static_cast<int>(r), n, g.max_tokens,
                 g.ll.empty() ? nullptr : g.ll[r],
-                LLShape{n, g.ll_cfg.num_local_experts, g.ll_cfg.hidden}, g.ll_cfg.num_topk};
+                LLShape{n, g.ll_cfg.num_local_experts, g.ll_cfg.hidden}, g.ll_cfg.num_topk,
+                g.ll_ce.empty() ? nullptr : &g.ll_ce[r]};
       }
     }
   }

@@ -22,6 +22,9 @@ struct WorkspaceRef {
   LLWorkspace* ll = nullptr;  // low-latency buffers, when allocated
   LLShape ll_shape{};
   int ll_topk = 0;
+  // This device's copy-engine send state (with ll). Only this device's handler uses it (XLA
+  // calls each device's handlers from one thread at a time), so it is not locked.
+  LLCopyEngines* ll_ce = nullptr;
 };
 
 // Sizes of a communicator's low-latency buffers (allocated when `enabled`).

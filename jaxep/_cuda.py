@@ -199,6 +199,11 @@ def intranode_error(comm_id: int) -> str:
     return _ext.intranode_error(comm_id) if available() else ""
 
 
+def ll_copy_engine_sends(comm) -> list[int]:
+    """Per device of ``comm``'s mesh: copy-engine dispatch sends enqueued so far (-1: no buffers)."""
+    return [int(_ext.ll_copy_engine_sends(comm.comm_id, d)) for g in comm.ep_groups() for d in g]
+
+
 def _ep_call(comm, target, out_types, *args):
     """An intranode op on this rank's shards (the communicator's id and limits as attributes)."""
     return _ffi(target, out_types, args, comm.cfg.axis_names, comm_id=np.int64(comm.comm_id),
@@ -243,6 +248,7 @@ def dispatch_rows(comm, rows, src_index):
 # ---- low-latency mode (one process, several GPUs) -----------------------------------------
 
 LL_DISPATCH_SEND_TARGET = "jaxep_ll_dispatch_send_ffi"
+LL_DISPATCH_SEND_CE_TARGET = "jaxep_ll_dispatch_send_ce_ffi"  # copy engines; not in CUDA graphs
 LL_DISPATCH_RECV_TARGET = "jaxep_ll_dispatch_recv_ffi"
 LL_COMBINE_SEND_TARGET = "jaxep_ll_combine_send_ffi"
 LL_COMBINE_RECV_TARGET = "jaxep_ll_combine_recv_ffi"
@@ -271,18 +277,20 @@ def _ll_call(comm, target, out_types, *args, **attrs):
                 timeout_ns=np.int64(int(comm.cfg.timeout_s * 1e9)), **attrs)
 
 
-def ll_dispatch_send(comm, x, topk_idx, weights=None, *, fp8=False, round_scale=False):
+def ll_dispatch_send(comm, x, topk_idx, weights=None, *, fp8=False, round_scale=False,
+                     copy_engine=False):
     """Send phase: writes ``x [T, H]`` (quantised with ``fp8``) into the destinations' buffers.
 
     ``weights [T, K]`` (optional) travel with the rows and scale them on receipt (the gradient
-    of ``ll_combine``). Returns ``info [3]`` int32 (num_invalid, call number low/high) for the
-    recv.
+    of ``ll_combine``). ``copy_engine``: the kernel packs the rows locally and copy engines
+    move them (outside CUDA-graph capture). Returns ``info [4]`` int32 (num_invalid, call
+    number low/high, buffer) for the recv.
     """
-    t, k = topk_idx.shape
     w = jnp.zeros((0,), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    return _ll_call(comm, LL_DISPATCH_SEND_TARGET, jax.ShapeDtypeStruct((3,), jnp.int32), x,
+    target = LL_DISPATCH_SEND_CE_TARGET if copy_engine else LL_DISPATCH_SEND_TARGET
+    return _ll_call(comm, target, jax.ShapeDtypeStruct((4,), jnp.int32), x,
                     topk_idx, w, jnp.asarray(comm.expert_rank), jnp.asarray(comm.expert_slot),
-                    fp8=bool(fp8), round_scale=bool(round_scale))
+                    fp8=bool(fp8), round_scale=bool(round_scale), copy_engine=bool(copy_engine))
 
 
 def ll_dispatch_recv(comm, info, num_tokens, dtype, *, fp8=False, ue8m0=False,

@@ -101,8 +101,9 @@ class LLDispatchPending:
         payload and scales); None on the CUDA backend (the rows wait in jaxep's buffers).
       recv_topk: pure-JAX backend: ``[R(src), E_l, T]`` int32, the source's top-k entry of
         each cell, -1 for empty cells; None on the CUDA backend.
-      info: CUDA backend: ``[3]`` int32 written by the send kernel (num_invalid, call number);
-        the recv consumes it, which orders it after the send. None on the pure-JAX backend.
+      info: CUDA backend: ``[4]`` int32 written by the send kernel (num_invalid, call number
+        low/high, buffer); the recv consumes it, which orders it after the send. None on the
+        pure-JAX backend.
       x: CUDA backend: the sent ``x`` (carries the gradient to the recv); None otherwise.
       topk_idx: ``[T, K]`` int32, the sender's ids (sanitised on the pure-JAX backend).
       num_invalid: int32 scalar.
@@ -155,8 +156,16 @@ def _check_x(comm, op, x, fp8):
 
 
 def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = False,
-                     ue8m0: bool = False) -> LLDispatchPending:
-    """Send phase of :func:`ll_dispatch`: quantise (with ``fp8``) and issue the transfer."""
+                     ue8m0: bool = False, copy_engine: bool = False) -> LLDispatchPending:
+    """Send phase of :func:`ll_dispatch`: quantise (with ``fp8``) and issue the transfer.
+
+    Arguments as :func:`ll_dispatch`, plus ``copy_engine`` (CUDA backend): the send kernel only
+    packs each destination's rows into a local buffer, and the GPU's copy engines move them to
+    the peers on jaxep's own streams, using no SM, so the transfer runs beside the work XLA
+    places before the recv (see the module docstring). It adds a copy's latency (a few
+    microseconds) when nothing runs between send and recv, and inside a CUDA graph (XLA command
+    buffers) the send falls back to the SM kernel. Results are identical either way.
+    """
     op = "ll_dispatch_send"
     _check_x(comm, op, x, fp8)
     _checks.topk(comm, op, topk_idx, x.shape[0])
@@ -168,7 +177,7 @@ def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool 
     idx = topk_idx.astype(jnp.int32)
     if _on_cuda(comm):
         info = _cuda.ll_dispatch_send(comm, jax.lax.stop_gradient(x), idx, fp8=fp8,
-                                      round_scale=round_scale)
+                                      round_scale=round_scale, copy_engine=copy_engine)
         return LLDispatchPending(None, None, info, x, idx, info[0], fp8, ue8m0)
     idx, num_invalid = _xla.sanitize(comm, idx)
     copy_topk = _xla.ll_copy_topk(comm, idx)
