@@ -25,6 +25,10 @@ flight (a CUDA send kernel). In the xla path the pending is the result of ``lax.
 so the barrier waits for the transfer: pinned gain ~0 by construction. The "free" variant drops
 both barriers and lets XLA's scheduler overlap (e.g. an async all-to-all) if it can.
 
+On the CUDA backend, "dispatch fp8 nopad ce" is the nopad dispatch with copy-engine sends
+(``ll_dispatch_send(copy_engine=True)``); its "send" is the pack kernel, and the trace's copies
+are reported as "bundle copy" / "flag copy" (``trace_ll_overlap.py`` shows one call's timeline).
+
 Bandwidth follows DeepEP's LL figures: logical = bytes of all (token, expert) rows a rank
 receives, its own included, per-rank average (NVL: rows from other ranks only), / full time.
 Row bytes: FP8 H + 4H/128, BF16 2H; combine sends the BF16 rows (2H per copy) back.
