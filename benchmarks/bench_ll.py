@@ -48,11 +48,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_normal import (add_timing_args, compile_all, csv, environment, make_routing,  # noqa: E402
-                          measure)
+from bench_normal import (add_timing_args, backend_usable, compile_all, csv,  # noqa: E402
+                          make_routing, measure, start_run)
 
 import jaxep  # noqa: E402
 
@@ -284,21 +284,12 @@ def main():
     p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
     add_timing_args(p)
     a = p.parse_args()
-    devices = jax.devices()
-    r = a.ranks or len(devices)
-    mesh = Mesh(np.array(devices[:r]), ("ep",))
-    env = environment(devices, r)
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    log(f"R={r} x {env['device']}, jax {env['jax']}, commit {env['commit']}"
-        f"{' (dirty)' if env['dirty'] else ''}, H={a.hidden}, K={a.topk}, E={a.experts}, "
-        f"N={a.calls} chained calls (unroll {a.unroll or 'all'}), {a.repeats} repeats")
+    mesh, env, log = start_run(a, f"H={a.hidden}, K={a.topk}, E={a.experts}")
+    r = mesh.size
     big = 128 if 128 in a.tokens else max(a.tokens)
     rows, overlap, t_start = [], [], time.perf_counter()
     for backend in a.backends:
-        try:
-            jaxep.Communicator(mesh, jaxep.EPConfig(r, 1, 128, 1), backend=backend).close()
-        except (ValueError, RuntimeError) as err:
-            log(f"{backend}: skipped ({err})")
+        if not backend_usable(mesh, backend, log):
             continue
         for t in a.tokens:
             log(f"[{backend}] T={t} ({time.perf_counter() - t_start:.0f} s)")

@@ -283,6 +283,30 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write a PNG of time vs tokens here")
 
 
+def start_run(a, sizes: str):
+    """Mesh over the first ``a.ranks`` devices (all by default), the environment record and a
+    flushing log, after logging the run's header line (shared with bench_ll.py)."""
+    devices = jax.devices()
+    r = a.ranks or len(devices)
+    mesh = Mesh(np.array(devices[:r]), ("ep",))
+    env = environment(devices, r)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    dirty = " (dirty)" if env["dirty"] else ""
+    log(f"R={r} x {env['device']}, jax {env['jax']}, commit {env['commit']}{dirty}, {sizes}, "
+        f"N={a.calls} chained calls (unroll {a.unroll or 'all'}), {a.repeats} repeats")
+    return mesh, env, log
+
+
+def backend_usable(mesh, backend, log) -> bool:
+    """Whether a Communicator of ``backend`` can be built on ``mesh`` (else logs why not)."""
+    try:
+        jaxep.Communicator(mesh, jaxep.EPConfig(mesh.size, 1, 128, 1), backend=backend).close()
+    except (ValueError, RuntimeError) as err:
+        log(f"{backend}: skipped ({err})")
+        return False
+    return True
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=None, help="devices (default: all visible)")
@@ -298,21 +322,12 @@ def main():
     p.add_argument("--backends", type=csv(str), default=["cuda", "xla"])
     add_timing_args(p)
     a = p.parse_args()
-    devices = jax.devices()
-    r = a.ranks or len(devices)
-    mesh = Mesh(np.array(devices[:r]), ("ep",))
-    env = environment(devices, r)
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    dirty = " (dirty)" if env["dirty"] else ""
-    log(f"R={r} x {env['device']}, jax {env['jax']}, commit {env['commit']}{dirty}, H={a.hidden}, "
-        f"K={a.topk}, N={a.calls} chained calls (unroll {a.unroll or 'all'}), {a.repeats} repeats")
+    mesh, env, log = start_run(a, f"H={a.hidden}, K={a.topk}")
+    r = mesh.size
     configs, big = groups(a)
     rows, t_start = [], time.perf_counter()
     for backend in a.backends:
-        try:
-            jaxep.Communicator(mesh, jaxep.EPConfig(r, 1, 128, 1), backend=backend).close()
-        except (ValueError, RuntimeError) as err:
-            log(f"{backend}: skipped ({err})")
+        if not backend_usable(mesh, backend, log):
             continue
         for i, (t, e, sms, routings) in enumerate(configs):
             log(f"[{backend} {i + 1}/{len(configs)}] T={t} E={e} num_sms={sms_name(sms)} "

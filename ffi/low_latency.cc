@@ -250,42 +250,34 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
 }  // namespace
 }  // namespace jaxep
 
+namespace {
+// Both dispatch send targets bind the same operands and attributes.
+auto LLDispatchSendBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Ctx<ffi::DeviceOrdinal>()
+      .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
+      .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+      .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
+      .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
+      .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
+      .Ret<ffi::Buffer<ffi::S32>>()  // info [4]
+      .Attr<int64_t>("comm_id")
+      .Attr<int32_t>("num_sms")
+      .Attr<int64_t>("timeout_ns")
+      .Attr<bool>("fp8")
+      .Attr<bool>("round_scale")
+      .Attr<bool>("copy_engine");  // true exactly for the copy-engine target
+}
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchSendFfi, jaxep::LLDispatchSendImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [4]
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns")
-                                  .Attr<bool>("fp8")
-                                  .Attr<bool>("round_scale")
-                                  .Attr<bool>("copy_engine"),
-                              {ffi::Traits::kCmdBufferCompatible});
+                              LLDispatchSendBinding(), {ffi::Traits::kCmdBufferCompatible});
 
 // The copy-engine send: the same handler, but not command-buffer compatible, so that XLA runs
-// it outside its CUDA graphs and the host enqueues the copies of every call (the flag says so).
+// it outside its CUDA graphs and the host enqueues the copies of every call.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchSendCeFfi, jaxep::LLDispatchSendImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [4]
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns")
-                                  .Attr<bool>("fp8")
-                                  .Attr<bool>("round_scale")
-                                  .Attr<bool>("copy_engine"));
+                              LLDispatchSendBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi, jaxep::LLDispatchRecvImpl,
                               ffi::Ffi::Bind()
