@@ -95,7 +95,7 @@ def kernel_times(fn, args, repeats=3):
                 for line in plane.lines:
                     for ev in line.events:
                         name = ev.name
-                        if "emcpy" in name:  # copy-engine sends: bundle and flag copies
+                        if name.startswith("MemcpyP2P"):  # copy-engine sends' copies
                             copies.append(ev.duration_ns / 1e3)
                         for short in ("LLDispatchSendKernel", "LLDispatchRecvKernel",
                                       "LLCombineSendKernel", "LLCombineRecvKernel"):
@@ -120,7 +120,8 @@ def ll_rows(expert_rank, idx, r, t):
 def run_case(mesh, backend, t, a, with_overlap, log):
     r, spec = mesh.size, P("ep")
     cfg = jaxep.EPConfig(num_experts=a.experts, num_topk=a.topk, hidden=a.hidden,
-                         max_tokens_per_rank=t, low_latency=backend == "cuda" or None)
+                         max_tokens_per_rank=t, low_latency=backend == "cuda" or None,
+                         ll_copy_engine=backend == "cuda")
     comm = jaxep.Communicator(mesh, cfg, backend=backend)
     out = NamedSharding(mesh, spec)
     per_rank = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))  # noqa: E731

@@ -38,7 +38,7 @@ def main():
     mesh = Mesh(np.array(jax.devices()), ("ep",))
     r, t, h = mesh.size, a.tokens, a.hidden
     cfg = jaxep.EPConfig(num_experts=256, num_topk=8, hidden=h, max_tokens_per_rank=t,
-                         low_latency=True)
+                         low_latency=True, ll_copy_engine=True)
     comm = jaxep.Communicator(mesh, cfg, backend="cuda")
     sh = NamedSharding(mesh, P("ep"))
     rng = np.random.default_rng(0)

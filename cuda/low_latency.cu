@@ -3,13 +3,15 @@
 // One launch per phase on the caller's stream:
 //   dispatch send: routing in shared memory (every block), wait for the buffers' release,
 //                  per-(token, 512-channel chunk) warps read x once, quantise (fp8) and write
-//                  the chunk to each destination rank; the last block raises the flags.
+//                  the chunk to each destination rank's bundle (a copy-engine send: to its
+//                  own outbox, then the host's copy graph moves it); the last block raises
+//                  the flags.
 //   dispatch recv: wait for every source's flag, fan each received row out to its local
 //                  experts' output rows; padding; the last block acknowledges.
 //   combine send:  per-(valid row, chunk) warps write y to the source's [token][k] slot.
 //   combine recv:  wait, weighted float32 sum over k per (token, chunk); acknowledge.
-// Received data is read with ld.global.cg (L2; a slot is rewritten every second call, so L1
-// must never serve it), flags with acquire/release at system scope; waits are bounded.
+// Received data is read with ld.global.cg (L2; buffers are rewritten by later calls, so L1
+// must never serve them), flags with acquire/release at system scope; waits are bounded.
 #include "low_latency.h"
 
 #include <cstddef>
@@ -33,11 +35,14 @@ __device__ __forceinline__ char* Region(LLWorkspace* w, int64_t off) {
   return reinterpret_cast<char*>(w) + off;
 }
 
-// Dispatch bundle `x` (source in an inbox, destination in an outbox) of `buffer`; `w` may be a
-// peer's workspace (same layout), the sizes always come from `ws`, this device's.
-__device__ __forceinline__ char* Bundle(const LLWorkspace* ws, LLWorkspace* w, int64_t region,
-                                        int buffer, int x) {
-  return Region(w, region) + (static_cast<int64_t>(buffer) * ws->num_ranks + x) * ws->bundle_bytes;
+// Dispatch bundle `src` of `buffer` in the inbox of `w` (this device's or a peer's: same
+// layout), and bundle `dest` of `buffer` in this device's outbox.
+__device__ __forceinline__ char* InboxBundle(const LLWorkspace* ws, LLWorkspace* w, int buffer,
+                                             int src) {
+  return Region(w, LLInboxOffset(ws->layout, ws->num_ranks, buffer, src));
+}
+__device__ __forceinline__ char* OutboxBundle(LLWorkspace* ws, int buffer, int dest) {
+  return Region(ws, LLOutboxOffset(ws->layout, ws->num_ranks, buffer, dest));
 }
 
 // The parts of one bundle of a call with T rows (see LLBundleUsedBytes).
@@ -48,16 +53,18 @@ struct BundleParts {
   int64_t stride;
   __device__ BundleParts(const LLWorkspace* ws, char* base, int T, int elem_bytes)
       : counts(reinterpret_cast<int32_t*>(base)),
-        meta(reinterpret_cast<int32_t*>(base + ws->counts_bytes)),
-        rows(base + LLRowsOffset(ws->counts_bytes, T, ws->meta_ints)),
+        meta(reinterpret_cast<int32_t*>(base + ws->layout.counts_bytes)),
+        rows(base + LLRowsOffset(ws->layout.counts_bytes, T, ws->layout.meta_ints)),
         stride(LLRowStride(elem_bytes, ws->hidden)) {}
-  __device__ int32_t* Meta(const LLWorkspace* ws, int i) const { return meta + i * ws->meta_ints; }
+  __device__ int32_t* Meta(const LLWorkspace* ws, int i) const {
+    return meta + i * ws->layout.meta_ints;
+  }
   __device__ char* Row(int i) const { return rows + i * stride; }
 };
 
 __device__ __forceinline__ char* CombineSlot(LLWorkspace* w, int p, int t, int k) {
   const int64_t idx = (static_cast<int64_t>(p) * w->max_tokens + t) * w->num_topk + k;
-  return Region(w, w->combine_off) + idx * w->slot_bytes;
+  return Region(w, w->layout.combine_off) + idx * w->layout.slot_bytes;
 }
 
 // ---- 16-channel lane vectors --------------------------------------------------------------
@@ -202,11 +209,10 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   const bool outbox = a.buffer >= 0;  // copy-engine send: remote bundles go to the outbox
   const unsigned long long sm_seq = ws->seq[kDispatchSmSendCtr] + !outbox;
   const int p = outbox ? a.buffer : static_cast<int>(sm_seq & 1);
-  const int elem = a.fp8 ? 1 : static_cast<int>(sizeof(TIn));
+  const int elem = static_cast<int>(LLElemBytes(a.fp8, sizeof(TIn)));
   // Where the bundle for destination d goes.
   auto bundle = [&](int d) {
-    char* base = outbox && d != me ? Bundle(ws, ws, ws->outbox_off, p - kLLFirstCopyBuffer, d)
-                                   : Bundle(ws, ws->peers[d], ws->inbox_off, p, me);
+    char* base = outbox && d != me ? OutboxBundle(ws, p, d) : InboxBundle(ws, ws->peers[d], p, me);
     return BundleParts(ws, base, T, elem);
   };
 
@@ -361,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
   const unsigned long long seq = CallNumber(a.info + 1);  // the send's, not a counter
   const int p = a.info[3];                                 // the send's buffer
   auto bundle = [&](int s) {
-    return BundleParts(ws, Bundle(ws, ws, ws->inbox_off, p, s), T, kElem);
+    return BundleParts(ws, InboxBundle(ws, ws, p, s), T, kElem);
   };
 
   extern __shared__ int32_t smem[];
@@ -490,7 +496,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
     }
   }
 
-  // The last block tells every source that this parity may be rewritten.
+  // The last block tells every source that this buffer may be rewritten.
   if (LastBlock(ws, kDispatchRecvTicket)) {
     for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->dispatch_ack[p][me], seq);
   }
@@ -632,26 +638,29 @@ cudaError_t LoadLLModule() {  // touch every kernel now (no lazy loading while a
 }  // namespace
 
 LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                         int hidden) {
+                         int hidden, bool copy_engine) {
   auto up = [](int64_t n) { return (n + 255) & ~int64_t{255}; };
   LLLayout l{};
   l.slot_bytes = 4 * hidden;
   l.meta_ints = 1 + 2 * num_topk;
   l.counts_bytes = static_cast<int32_t>(LLAlign16(4 * (int64_t{num_local_experts} + 1)));
+  l.copy_engine = copy_engine ? 1 : 0;
   l.bundle_bytes = up(LLRowsOffset(l.counts_bytes, max_tokens, l.meta_ints) +
                       int64_t{max_tokens} * l.slot_bytes);
   const int64_t bundles = int64_t{num_ranks} * l.bundle_bytes;  // one buffer's
+  const int inboxes = copy_engine ? kLLDispatchBuffers : kLLFirstCopyBuffer;
+  const int outboxes = copy_engine ? kLLDispatchBuffers - kLLFirstCopyBuffer : 0;
   l.inbox_off = up(sizeof(LLWorkspace));
-  l.outbox_off = l.inbox_off + kLLDispatchBuffers * bundles;
-  l.combine_off = l.outbox_off + (kLLDispatchBuffers - kLLFirstCopyBuffer) * bundles;
+  l.outbox_off = l.inbox_off + inboxes * bundles;
+  l.combine_off = l.outbox_off + outboxes * bundles;
   l.total_bytes = l.combine_off + up(2 * int64_t{max_tokens} * num_topk * l.slot_bytes);
   return l;
 }
 
 size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                        int hidden) {
-  return static_cast<size_t>(
-      ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden).total_bytes);
+                        int hidden, bool copy_engine) {
+  return static_cast<size_t>(ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts,
+                                             hidden, copy_engine).total_bytes);
 }
 
 size_t LLSendSharedBytes(int num_ranks, int num_tokens, int num_topk, int num_experts) {
@@ -665,8 +674,8 @@ size_t LLRecvSharedBytes(int num_ranks, int num_local_experts) {
 }
 
 cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens, int num_topk,
-                               int num_local_experts, int hidden, ErrorRecord* const* errors,
-                               LLWorkspace** workspaces) {
+                               int num_local_experts, int hidden, bool copy_engine,
+                               ErrorRecord* const* errors, LLWorkspace** workspaces) {
   if (num_ranks < 1 || num_ranks > kMaxRanks || max_tokens < 1 || num_topk < 1 ||
       num_topk > kLLMaxTopk || hidden % 16) {
     return cudaErrorInvalidValue;
@@ -674,7 +683,8 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
   int previous = 0;
   cudaGetDevice(&previous);
   for (int r = 0; r < num_ranks; ++r) workspaces[r] = nullptr;
-  const LLLayout l = ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden);
+  const LLLayout l =
+      ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden, copy_engine);
   const size_t bytes = static_cast<size_t>(l.total_bytes);
   cudaError_t err = cudaSuccess;
   for (int r = 0; r < num_ranks && err == cudaSuccess; ++r) {
@@ -693,13 +703,7 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
     h.num_topk = num_topk;
     h.num_local_experts = num_local_experts;
     h.hidden = hidden;
-    h.slot_bytes = l.slot_bytes;
-    h.meta_ints = l.meta_ints;
-    h.counts_bytes = l.counts_bytes;
-    h.bundle_bytes = l.bundle_bytes;
-    h.inbox_off = l.inbox_off;
-    h.outbox_off = l.outbox_off;
-    h.combine_off = l.combine_off;
+    h.layout = l;
     if ((err = cudaSetDevice(devices[r])) == cudaSuccess) {
       err = cudaMemcpy(workspaces[r], &h, sizeof(h), cudaMemcpyHostToDevice);
     }
@@ -725,18 +729,16 @@ cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace**
 }
 
 cudaError_t CreateLLCopyEngines(int num_ranks, const int* devices, LLWorkspace* const* workspaces,
-                                int max_tokens, int num_topk, int num_local_experts, int hidden,
-                                LLCopyEngines* engines) {
+                                const LLLayout& layout, LLCopyEngines* engines) {
+  if (!layout.copy_engine) return cudaErrorInvalidValue;
   int previous = 0;
   cudaGetDevice(&previous);
-  const LLLayout l = ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden);
   cudaError_t err = cudaSuccess;
   for (int r = 0; r < num_ranks && err == cudaSuccess; ++r) {
     LLCopyEngines& c = engines[r];
-    c = LLCopyEngines{};
     c.rank = r;
     c.num_ranks = num_ranks;
-    c.layout = l;
+    c.layout = layout;
     for (int d = 0; d < num_ranks; ++d) c.peers[d] = workspaces[d];
     if ((err = cudaSetDevice(devices[r])) != cudaSuccess) break;
     if ((err = cudaEventCreateWithFlags(&c.packed, cudaEventDisableTiming)) != cudaSuccess) break;
@@ -752,6 +754,7 @@ void DestroyLLCopyEngines(int num_ranks, const int* devices, LLCopyEngines* engi
   cudaGetDevice(&previous);
   for (int r = 0; r < num_ranks; ++r) {
     LLCopyEngines& c = engines[r];
+    std::lock_guard<std::mutex> lock(c.mutex);
     if (cudaSetDevice(devices[r]) != cudaSuccess) continue;
     if (c.stream) cudaStreamSynchronize(c.stream);
     for (auto& per_buffer : c.graphs) {
@@ -768,27 +771,30 @@ void DestroyLLCopyEngines(int num_ranks, const int* devices, LLCopyEngines* engi
   cudaSetDevice(previous);
 }
 
+unsigned long long LLCopyEngineSends(LLCopyEngines& engines) {
+  std::lock_guard<std::mutex> lock(engines.mutex);
+  return engines.calls;
+}
+
 namespace {
 
-// Builds the copy graph of `buffer` (2 or 3) for bundles of `bytes` (see LLCopyEngines).
+// Instantiates the copy graph of `buffer` (2 or 3) for bundles of `bytes` (see LLCopyEngines).
 cudaError_t BuildCopyGraph(const LLCopyEngines& c, int buffer, size_t bytes,
                            cudaGraphExec_t* exec) {
-  const LLLayout& l = c.layout;
-  const int me = c.rank;
+  const int me = c.rank, R = c.num_ranks;
   auto at = [](LLWorkspace* w, int64_t off) { return reinterpret_cast<char*>(w) + off; };
   cudaGraph_t graph = nullptr;
   cudaError_t err = cudaGraphCreate(&graph, 0);
-  for (int d = 0; d < c.num_ranks && err == cudaSuccess; ++d) {
+  for (int d = 0; d < R && err == cudaSuccess; ++d) {
     if (d == me) continue;
-    const int64_t out = int64_t{buffer - kLLFirstCopyBuffer} * c.num_ranks + d;
-    const int64_t in = int64_t{buffer} * c.num_ranks + me;
-    cudaGraphNode_t data = nullptr, flag = nullptr;
-    err = cudaGraphAddMemcpyNode1D(&data, graph, nullptr, 0, at(c.peers[d], l.inbox_off + in * l.bundle_bytes),
-                                   at(c.peers[me], l.outbox_off + out * l.bundle_bytes), bytes,
+    cudaGraphNode_t data = nullptr, signal = nullptr;
+    err = cudaGraphAddMemcpyNode1D(&data, graph, nullptr, 0,
+                                   at(c.peers[d], LLInboxOffset(c.layout, R, buffer, me)),
+                                   at(c.peers[me], LLOutboxOffset(c.layout, R, buffer, d)), bytes,
                                    cudaMemcpyDeviceToDevice);
     if (err != cudaSuccess) break;
     err = cudaGraphAddMemcpyNode1D(
-        &flag, graph, &data, 1,
+        &signal, graph, &data, 1,
         at(c.peers[d], offsetof(LLWorkspace, dispatch_flag) +
                            (buffer * kMaxRanks + me) * sizeof(unsigned long long)),
         at(c.peers[me], offsetof(LLWorkspace, dispatch_flag_out) +
@@ -800,12 +806,44 @@ cudaError_t BuildCopyGraph(const LLCopyEngines& c, int buffer, size_t bytes,
   return err;
 }
 
+// The cached copy graph of `buffer` for `bytes`, instantiated on first use (replacing the
+// oldest of that buffer's; a replaced graph still running is freed when it completes).
+cudaError_t CopyGraph(LLCopyEngines& c, int buffer, size_t bytes, cudaGraphExec_t* exec) {
+  const int set = buffer - kLLFirstCopyBuffer;
+  for (const LLCopyGraph& g : c.graphs[set]) {
+    if (g.exec && g.bytes == bytes) {
+      *exec = g.exec;
+      return cudaSuccess;
+    }
+  }
+  cudaGraphExec_t made = nullptr;
+  if (cudaError_t err = BuildCopyGraph(c, buffer, bytes, &made); err != cudaSuccess) return err;
+  LLCopyGraph& slot = c.graphs[set][c.next_slot[set]];
+  c.next_slot[set] = (c.next_slot[set] + 1) % kLLCopyGraphsPerBuffer;
+  if (slot.exec) cudaGraphExecDestroy(slot.exec);
+  slot = LLCopyGraph{bytes, made};
+  *exec = made;
+  return cudaSuccess;
+}
+
 }  // namespace
 
 cudaError_t LaunchLLDispatchSend(const LLDispatchSendArgs& args, cudaStream_t stream,
                                  LLCopyEngines* engines) {
   LLDispatchSendArgs a = args;
-  a.buffer = engines ? kLLFirstCopyBuffer + static_cast<int>(engines->calls & 1) : -1;
+  std::unique_lock<std::mutex> lock;
+  cudaGraphExec_t copies = nullptr;
+  cudaError_t err = cudaSuccess;
+  a.buffer = -1;
+  if (engines) {  // everything that may fail comes before the kernel, which claims the call
+    lock = std::unique_lock<std::mutex>(engines->mutex);
+    a.buffer = kLLFirstCopyBuffer + static_cast<int>(engines->calls & 1);
+    const int elem = static_cast<int>(LLElemBytes(a.fp8, a.x_dtype == 0 ? 2 : 4));
+    const size_t bytes = static_cast<size_t>(LLBundleUsedBytes(
+        engines->layout.counts_bytes, a.num_tokens, engines->layout.meta_ints, elem,
+        a.shape.hidden));
+    if ((err = CopyGraph(*engines, a.buffer, bytes, &copies)) != cudaSuccess) return err;
+  }
   const size_t smem =
       LLSendSharedBytes(a.shape.num_ranks, a.num_tokens, a.num_topk, a.num_experts);
   const int items = a.num_tokens * Chunks(a.shape.hidden);
@@ -815,35 +853,14 @@ cudaError_t LaunchLLDispatchSend(const LLDispatchSendArgs& args, cudaStream_t st
   } else {
     LLDispatchSendKernel<float><<<blocks, kThreads, smem, stream>>>(a);
   }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || !engines) return err;
+  if ((err = cudaGetLastError()) != cudaSuccess || !engines) return err;
 
-  // Copy-engine send: the copy graph of this buffer and size on jaxep's stream.
+  // Copy-engine send: the copy graph on jaxep's stream, after the kernel.
   LLCopyEngines& c = *engines;
-  const int slot_set = a.buffer - kLLFirstCopyBuffer;
-  const int elem = a.fp8 ? 1 : (a.x_dtype == 0 ? 2 : 4);
-  const size_t bytes = static_cast<size_t>(LLBundleUsedBytes(
-      c.layout.counts_bytes, a.num_tokens, c.layout.meta_ints, elem, a.shape.hidden));
-  LLCopyGraph* graph = nullptr;
-  for (LLCopyGraph& g : c.graphs[slot_set]) {
-    if (g.exec && g.bytes == bytes) graph = &g;
-  }
-  if (!graph) {  // first call of this size: instantiate (replacing the oldest)
-    graph = &c.graphs[slot_set][c.next_slot[slot_set]];
-    c.next_slot[slot_set] = (c.next_slot[slot_set] + 1) % kLLCopyGraphsPerBuffer;
-    if (graph->exec) {
-      if ((err = cudaStreamSynchronize(c.stream)) != cudaSuccess) return err;
-      cudaGraphExecDestroy(graph->exec);
-      *graph = LLCopyGraph{};
-    }
-    if ((err = BuildCopyGraph(c, a.buffer, bytes, &graph->exec)) != cudaSuccess) return err;
-    graph->bytes = bytes;
-  }
+  ++c.calls;  // the kernel has claimed the buffer: the next send takes the other one
   if ((err = cudaEventRecord(c.packed, stream)) != cudaSuccess) return err;
   if ((err = cudaStreamWaitEvent(c.stream, c.packed, 0)) != cudaSuccess) return err;
-  if ((err = cudaGraphLaunch(graph->exec, c.stream)) != cudaSuccess) return err;
-  ++c.calls;
-  return cudaSuccess;
+  return cudaGraphLaunch(copies, c.stream);
 }
 
 cudaError_t LaunchLLDispatchRecv(const LLDispatchRecvArgs& a, cudaStream_t stream) {

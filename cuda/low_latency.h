@@ -5,35 +5,31 @@
 // outside XLA's allocator) that its peers write through peer access:
 //   * dispatch: the *send* kernel quantises (optionally) and writes each token once per
 //     destination rank (deduplicated across that rank's experts: the receiver fans it out) into
-//     the destination's receive slots [parity][src][token index], with per-row metadata (token,
-//     and for each top-k entry the local expert and the row within it) and per-expert counts,
-//     then raises a flag per destination and returns. The *recv* kernel waits for the flags of
-//     every source, then unpacks the rows into the expert-major [E_l, R*T, H] output.
+//     the destination's receive *bundle* of this source: per-expert counts, then per-row
+//     metadata (token, and for each top-k entry the local expert and the row within it), then
+//     the rows (LLBundleUsedBytes), so one call from one rank to another is one contiguous
+//     range; then it raises a flag per destination and returns. The *recv* kernel waits for the
+//     flags of every source, then unpacks the rows into the expert-major [E_l, R*T, H] output.
 //   * combine: the *send* kernel writes each expert output row into its source's slot
 //     [parity][token][k] and raises flags; the *recv* kernel waits, then reduces per token with
 //     the top-k weights in float32.
-// Reuse protocol: calls alternate between two buffer parities; a receiver acknowledges a call
-// once it has read it, and a sender waits for the acknowledgement of the call two back before
-// writing the same parity. A recv takes its call number from its send's `info` (not from a
-// counter of its own), so XLA may order the recvs of two outstanding sends either way. So at most two sends of one family may be outstanding per
-// communicator; a third waits, and if the receiver never reads, times out with an error.
-// Sequence numbers live on the device (advanced by the kernels), so the host keeps no per-call
-// state and the launches can be captured in CUDA graphs. Nothing spins between the phases.
-//
-// Dispatch buffers are *bundles*, one per (buffer, source) on the receiver: per-expert counts,
-// then T rows of metadata, then T rows (LLLayout), so that one contiguous copy moves a whole
-// call from one rank to another. Copy-engine sends (LLCopyEngines) use that: the send kernel
-// packs each destination's bundle into a local outbox and returns; copy engines then move the
-// bundles and the flags on jaxep's own streams, beside whatever XLA runs next, using no SM.
-// The two kinds of send use separate buffer pairs: SM sends alternate between buffers 0 and 1
-// (chosen on the device, as they may be replayed from a CUDA graph), copy-engine sends between
-// 2 and 3 (chosen by the host, which enqueues every one of them). A send to buffer b waits
-// until every destination has acknowledged the call that last used b (dispatch_last), so up to
-// two sends of each kind may be outstanding.
+// Reuse protocol: a receiver acknowledges a call once it has read it; a sender waits, before
+// writing a buffer, until every destination has acknowledged the call that last wrote it.
+// Combine alternates between two parities (the call two back). Dispatch SM sends alternate
+// between buffers 0 and 1, chosen on the device; with copy-engine buffers (LLLayout::
+// copy_engine), copy-engine sends alternate between 2 and 3, chosen by the host, which
+// enqueues every one of them (LLCopyEngines). A recv takes its call number and buffer from its
+// send's `info` (not from a counter of its own), so XLA may order the recvs of two outstanding
+// sends either way. So at most two sends of one kind (SM dispatch, copy-engine dispatch,
+// combine) may be outstanding per communicator; a third waits, and if the receiver never
+// reads, times out with an error. Sequence numbers live on the device (advanced by the
+// kernels), so SM sends keep no host state and can be captured in CUDA graphs. Nothing spins
+// between the phases.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 
 #include <cuda_runtime.h>  // __host__ __device__
 
@@ -45,7 +41,7 @@ inline constexpr int kLLMaxTopk = 32;
 inline constexpr int kLLChunk = 512;  // channels per warp work item (16 per lane)
 
 enum LLPhase : int32_t {
-  kLLDispatchSend = 11,  // waiting for a destination to release the buffer (call - 2)
+  kLLDispatchSend = 11,  // waiting for a destination to release the buffer
   kLLDispatchRecv = 12,  // waiting for a source's rows
   kLLCombineSend = 13,
   kLLCombineRecv = 14,
@@ -62,6 +58,20 @@ inline constexpr int kLLFirstCopyBuffer = 2;
 enum LLTicket : int { kDispatchSendTicket = 0, kDispatchRecvTicket = 1, kCombineSendTicket = 2,
                       kCombineRecvTicket = 3, kNumLLTickets = 4 };
 
+// Where everything lives in a workspace (identical on every device); computed once
+// (ComputeLLLayout), used by the allocation, the kernels (LLWorkspace::layout) and the
+// copy-engine launches.
+struct LLLayout {
+  int32_t slot_bytes;    // bytes of one row slot: 4 * hidden (float32 rows fit)
+  int32_t meta_ints;     // per dispatched row: token, K entries, K weights
+  int32_t counts_bytes;  // head of a bundle: [E_l + 1] int32 (per local expert, then rows)
+  int32_t copy_engine;   // 1: buffers 2, 3 and the outbox exist (copy-engine sends)
+  int64_t bundle_bytes;  // one dispatch bundle at T_max rows of slot_bytes
+  int64_t inbox_off, outbox_off, combine_off, total_bytes;  // regions, bytes from the base:
+  // inbox:   [2 or 4 (buffer)][R(src)] bundles     outbox: [0 or 2 (buffer - 2)][R(dest)] bundles
+  // combine: [2][T_max][K] slots
+};
+
 struct LLWorkspace {
   // Written by peers.
   alignas(128) unsigned long long dispatch_flag[kLLDispatchBuffers][kMaxRanks];  // [buf][src]
@@ -77,23 +87,25 @@ struct LLWorkspace {
   LLWorkspace* peers[kMaxRanks];
   ErrorRecord* error;  // device alias of the rank's host-mapped record
   int32_t rank, num_ranks, max_tokens, num_topk, num_local_experts, hidden;
-  int32_t slot_bytes;  // bytes of one row slot: 4 * hidden (float32 rows fit)
-  int32_t meta_ints;   // per dispatched row: token, K entries, K weights
-  int32_t counts_bytes;  // head of a bundle: [E_l + 1] int32 (per local expert, then rows)
-  int64_t bundle_bytes;  // one dispatch bundle (see LLBundle)
-  int64_t inbox_off, outbox_off, combine_off;  // regions, bytes from the base:
-  // inbox:   [4(buffer)][R(src)] bundles     outbox: [2(buffer - 2)][R(dest)] bundles
-  // combine: [2][T_max][K] slots
+  LLLayout layout;
 };
 
-// Where everything lives in a workspace (identical on every device); computed once, used by
-// the allocation, the kernels (through the copy in LLWorkspace) and the copy-engine launches.
-struct LLLayout {
-  int32_t slot_bytes, meta_ints, counts_bytes;
-  int64_t bundle_bytes, inbox_off, outbox_off, combine_off, total_bytes;
-};
 LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                         int hidden);
+                         int hidden, bool copy_engine);
+
+// Byte offsets from a workspace's base, shared by the kernels and the host's copy graphs:
+// dispatch bundle `x` (the source in an inbox, the destination in the outbox) of `buffer`, and
+// the flag of (buffer, source).
+__host__ __device__ inline int64_t LLInboxOffset(const LLLayout& l, int num_ranks, int buffer,
+                                                 int src) {
+  return l.inbox_off + (static_cast<int64_t>(buffer) * num_ranks + src) * l.bundle_bytes;
+}
+__host__ __device__ inline int64_t LLOutboxOffset(const LLLayout& l, int num_ranks, int buffer,
+                                                  int dest) {
+  return l.outbox_off +
+         (static_cast<int64_t>(buffer - kLLFirstCopyBuffer) * num_ranks + dest) * l.bundle_bytes;
+}
+__host__ __device__ inline int64_t LLElemBytes(bool fp8, int x_bytes) { return fp8 ? 1 : x_bytes; }
 
 // One dispatch bundle of a call with T rows of `elem_bytes` elements (1 = e4m3: the row is
 // followed by its H/128 float32 scales):
@@ -113,7 +125,7 @@ __host__ __device__ inline int64_t LLBundleUsedBytes(int counts_bytes, int num_t
 }
 
 size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                        int hidden);
+                        int hidden, bool copy_engine);
 // Dynamic shared memory of the dispatch send / recv kernels (the caller checks the limit).
 size_t LLSendSharedBytes(int num_ranks, int num_tokens, int num_topk, int num_experts);
 size_t LLRecvSharedBytes(int num_ranks, int num_local_experts);
@@ -122,24 +134,26 @@ inline constexpr size_t kLLMaxSharedBytes = 200 * 1024;
 // Allocates one LLWorkspace per device (peer access already enabled by CreateWorkspaces),
 // fills the peer tables; errors[r] is rank r's device-side ErrorRecord.
 cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens, int num_topk,
-                               int num_local_experts, int hidden, ErrorRecord* const* errors,
-                               LLWorkspace** workspaces);
+                               int num_local_experts, int hidden, bool copy_engine,
+                               ErrorRecord* const* errors, LLWorkspace** workspaces);
 cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace** workspaces);
 
-// Per-device state of copy-engine dispatch sends (host side; used outside CUDA-graph capture).
+// Per-device state of copy-engine dispatch sends (host side; only with LLLayout::copy_engine).
 // The call's buffer is 2 + (calls & 1): the host picks it, since the copies' addresses are
 // fixed when they are enqueued. After the send kernel on the caller's stream, a copy-engine
 // send records `packed` there, makes `stream` wait for it and launches there a small CUDA graph:
 // per peer d, the bundle copy (outbox -> d's inbox) and then the flag copy (dispatch_flag_out ->
 // d's flag). One graph launch costs the host a fraction of 2 (R - 1) cudaMemcpyAsync calls; the
 // graphs are instantiated on first use, per buffer and copy size. Nothing joins `stream` back:
-// the receiver's recv kernel waits for the flag.
+// the receiver's recv kernel waits for the flag. `mutex` serialises the sends of one device
+// (the buffer choice and the launch order must agree) and the reads of `calls`.
 struct LLCopyGraph {
   size_t bytes = 0;
   cudaGraphExec_t exec = nullptr;
 };
 inline constexpr int kLLCopyGraphsPerBuffer = 4;  // copy sizes cached per buffer
 struct LLCopyEngines {
+  std::mutex mutex;
   cudaStream_t stream = nullptr;
   cudaEvent_t packed = nullptr;
   LLCopyGraph graphs[2][kLLCopyGraphsPerBuffer];  // [buffer - 2][slot]
@@ -149,10 +163,11 @@ struct LLCopyEngines {
   int rank = -1, num_ranks = 0;
   unsigned long long calls = 0;  // copy-engine sends so far
 };
+// engines[r] must be freshly constructed; the workspaces must have copy-engine buffers.
 cudaError_t CreateLLCopyEngines(int num_ranks, const int* devices, LLWorkspace* const* workspaces,
-                                int max_tokens, int num_topk, int num_local_experts, int hidden,
-                                LLCopyEngines* engines);
+                                const LLLayout& layout, LLCopyEngines* engines);
 void DestroyLLCopyEngines(int num_ranks, const int* devices, LLCopyEngines* engines);
+unsigned long long LLCopyEngineSends(LLCopyEngines& engines);
 
 // Host-side copy of a workspace's sizes, for launch configuration.
 struct LLShape {

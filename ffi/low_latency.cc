@@ -38,13 +38,20 @@ ffi::Error LookupLL(const char* op, int64_t comm_id, int32_t device, WorkspaceRe
   return ffi::Error::Success();
 }
 
-// A copy-engine send needs the host to enqueue its copies on every call, so a send captured
-// into a CUDA graph (XLA command buffers) runs as an SM send instead.
-LLCopyEngines* CopyEngines(bool requested, cudaStream_t stream, const WorkspaceRef& ref) {
-  if (!requested || !ref.ll_ce) return nullptr;
+// The copy-engine state of a send that asks for it (else null). Its copies must be enqueued by
+// the host on every call: its FFI target is not command-buffer compatible, and should a capture
+// take it anyway, it runs as an SM send.
+ffi::Error CopyEngines(const char* op, bool requested, cudaStream_t stream,
+                       const WorkspaceRef& ref, LLCopyEngines** engines) {
+  *engines = nullptr;
+  if (!requested) return ffi::Error::Success();
+  if (!ref.ll_ce) {
+    return Invalid(op, "this communicator has no copy-engine buffers (EPConfig.ll_copy_engine)");
+  }
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) return nullptr;
-  return status == cudaStreamCaptureStatusNone ? ref.ll_ce : nullptr;
+  JAXEP_RETURN_IF_ERROR(LaunchStatus(op, cudaStreamIsCapturing(stream, &status)));
+  if (status == cudaStreamCaptureStatusNone) *engines = ref.ll_ce;
+  return ffi::Error::Success();
 }
 
 int ElemBytes(ffi::DataType t) {
@@ -106,7 +113,9 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   a.info = info->typed_data();
   a.num_sms = num_sms;
   a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
-  return LaunchStatus(op, LaunchLLDispatchSend(a, stream, CopyEngines(copy_engine, stream, ref)));
+  LLCopyEngines* engines = nullptr;
+  JAXEP_RETURN_IF_ERROR(CopyEngines(op, copy_engine, stream, ref, &engines));
+  return LaunchStatus(op, LaunchLLDispatchSend(a, stream, engines));
 }
 
 ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> info,

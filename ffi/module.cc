@@ -64,24 +64,26 @@ NB_MODULE(_jaxep_ext, m) {
   m.def(
       "intranode_create",
       [](const std::vector<std::vector<int>>& groups, int max_tokens, bool low_latency,
-         int num_topk, int num_local_experts, int hidden) {
+         int num_topk, int num_local_experts, int hidden, bool copy_engine) {
         size_t bytes = 0;
         int64_t id = 0;
-        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden};
+        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, copy_engine};
         std::string err = jaxep::RegisterCommunicator(groups, max_tokens, ll, &id, &bytes);
         if (!err.empty()) throw std::runtime_error(err);
         return nb::make_tuple(id, bytes);
       },
       nb::arg("groups"), nb::arg("max_tokens"), nb::arg("low_latency") = false,
       nb::arg("num_topk") = 0, nb::arg("num_local_experts") = 0, nb::arg("hidden") = 0,
+      nb::arg("copy_engine") = false,
       "Allocate the intranode workspaces of a new communicator (groups[g][r] = device ordinal "
-      "of rank r of EP group g), with the low-latency buffers when `low_latency`; returns "
-      "(id, bytes allocated per device).");
+      "of rank r of EP group g), with the low-latency buffers when `low_latency` (and those of "
+      "copy-engine sends when `copy_engine`); returns (id, bytes allocated per device).");
   m.def(
       "ll_workspace_bytes",
-      [](int num_ranks, int max_tokens, int num_topk, int num_local_experts, int hidden) {
+      [](int num_ranks, int max_tokens, int num_topk, int num_local_experts, int hidden,
+         bool copy_engine) {
         return jaxep::LLWorkspaceBytes(num_ranks, max_tokens, num_topk, num_local_experts,
-                                       hidden);
+                                       hidden, copy_engine);
       },
       "Bytes per device of the low-latency buffers for these sizes.");
   m.def(
@@ -102,7 +104,7 @@ NB_MODULE(_jaxep_ext, m) {
       "ll_copy_engine_sends",
       [](int64_t id, int device) -> int64_t {
         const jaxep::WorkspaceRef ref = jaxep::FindWorkspace(id, device);
-        return ref.ll_ce ? static_cast<int64_t>(ref.ll_ce->calls) : -1;
+        return ref.ll_ce ? static_cast<int64_t>(jaxep::LLCopyEngineSends(*ref.ll_ce)) : -1;
       },
       "Copy-engine dispatch sends enqueued so far on `device` by communicator `id` (-1: none).");
 #endif

@@ -3,6 +3,7 @@
 #include "registry.h"
 
 #include <map>
+#include <memory>
 #include <mutex>
 #include <utility>
 
@@ -18,7 +19,9 @@ struct Group {
   int max_tokens = 0;
   std::vector<LLWorkspace*> ll;  // empty when the low-latency buffers were not requested
   LLConfig ll_cfg;
-  std::vector<LLCopyEngines> ll_ce;  // per rank, with ll (heap: the handlers keep pointers)
+  // Per rank, with ll and LLConfig::copy_engine; on the heap, as the handlers keep pointers
+  // (LLCopyEngines holds a mutex: built in place, never copied).
+  std::unique_ptr<LLCopyEngines[]> ll_ce;
 };
 
 std::mutex& Mutex() {
@@ -54,9 +57,7 @@ const char* PhaseName(int phase) {
 }
 
 void Free(Group& g) {
-  if (!g.ll_ce.empty()) {
-    DestroyLLCopyEngines(static_cast<int>(g.devices.size()), g.devices.data(), g.ll_ce.data());
-  }
+  if (g.ll_ce) DestroyLLCopyEngines(static_cast<int>(g.devices.size()), g.devices.data(), g.ll_ce.get());
   if (!g.ll.empty()) {
     DestroyLLWorkspaces(static_cast<int>(g.devices.size()), g.devices.data(), g.ll.data());
   }
@@ -94,15 +95,16 @@ std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, in
       g.ll.assign(n, nullptr);
       if (err == cudaSuccess) {
         err = CreateLLWorkspaces(n, g.devices.data(), max_tokens, ll.num_topk,
-                                 ll.num_local_experts, ll.hidden, device_errors.data(),
-                                 g.ll.data());
+                                 ll.num_local_experts, ll.hidden, ll.copy_engine,
+                                 device_errors.data(), g.ll.data());
         if (err != cudaSuccess) g.ll.clear();  // CreateLLWorkspaces freed them
       }
-      if (err == cudaSuccess) {
-        g.ll_ce.assign(n, LLCopyEngines{});
-        err = CreateLLCopyEngines(n, g.devices.data(), g.ll.data(), max_tokens, ll.num_topk,
-                                  ll.num_local_experts, ll.hidden, g.ll_ce.data());
-        if (err != cudaSuccess) g.ll_ce.clear();  // CreateLLCopyEngines cleaned up
+      if (err == cudaSuccess && ll.copy_engine) {
+        g.ll_ce = std::make_unique<LLCopyEngines[]>(n);
+        const LLLayout layout = ComputeLLLayout(n, max_tokens, ll.num_topk,
+                                                ll.num_local_experts, ll.hidden, true);
+        err = CreateLLCopyEngines(n, g.devices.data(), g.ll.data(), layout, g.ll_ce.get());
+        if (err != cudaSuccess) g.ll_ce.reset();  // CreateLLCopyEngines cleaned up
       }
       if (err != cudaSuccess) {
         Free(g);
@@ -118,7 +120,8 @@ std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, in
     *bytes_per_device = WorkspaceBytes(n, max_tokens);
     if (ll.enabled) {
       *bytes_per_device +=
-          LLWorkspaceBytes(n, max_tokens, ll.num_topk, ll.num_local_experts, ll.hidden);
+          LLWorkspaceBytes(n, max_tokens, ll.num_topk, ll.num_local_experts, ll.hidden,
+                           ll.copy_engine);
     }
   }
   *id = Table().next_id++;
@@ -145,7 +148,7 @@ WorkspaceRef FindWorkspace(int64_t id, int device) {
         return {g.ws[r], g.errors[r], static_cast<int>(r), n, g.max_tokens,
                 g.ll.empty() ? nullptr : g.ll[r],
                 LLShape{n, g.ll_cfg.num_local_experts, g.ll_cfg.hidden}, g.ll_cfg.num_topk,
-                g.ll_ce.empty() ? nullptr : &g.ll_ce[r]};
+                g.ll_ce ? &g.ll_ce[r] : nullptr};
       }
     }
   }

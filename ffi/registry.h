@@ -22,15 +22,14 @@ struct WorkspaceRef {
   LLWorkspace* ll = nullptr;  // low-latency buffers, when allocated
   LLShape ll_shape{};
   int ll_topk = 0;
-  // This device's copy-engine send state (with ll). Only this device's handler uses it (XLA
-  // calls each device's handlers from one thread at a time), so it is not locked.
-  LLCopyEngines* ll_ce = nullptr;
+  LLCopyEngines* ll_ce = nullptr;  // this device's copy-engine send state, when allocated
 };
 
 // Sizes of a communicator's low-latency buffers (allocated when `enabled`).
 struct LLConfig {
   bool enabled = false;
   int num_topk = 0, num_local_experts = 0, hidden = 0;
+  bool copy_engine = false;  // also the copy-engine send buffers and streams
 };
 
 // Allocates the workspaces of every EP group (groups[g][r] = device ordinal of rank r) under a

@@ -176,13 +176,15 @@ MAX_EXPERTS = 8192  # kMaxExpertsIntranode
 
 
 def intranode_create(groups, max_tokens: int, low_latency: bool = False, num_topk: int = 0,
-                     num_local_experts: int = 0, hidden: int = 0) -> tuple[int, int]:
+                     num_local_experts: int = 0, hidden: int = 0,
+                     copy_engine: bool = False) -> tuple[int, int]:
     """Allocate the workspaces of a communicator (and its low-latency buffers when
-    ``low_latency``): ``(id, bytes per device)``."""
+    ``low_latency``, with those of copy-engine sends when ``copy_engine``):
+    ``(id, bytes per device)``."""
     _require()
     comm_id, nbytes = _ext.intranode_create(
         [list(map(int, g)) for g in groups], int(max_tokens), bool(low_latency), int(num_topk),
-        int(num_local_experts), int(hidden))
+        int(num_local_experts), int(hidden), bool(copy_engine))
     return int(comm_id), int(nbytes)
 
 
@@ -255,9 +257,11 @@ LL_COMBINE_RECV_TARGET = "jaxep_ll_combine_recv_ffi"
 LL_MAX_TOPK = 32  # kLLMaxTopk in cuda/low_latency.h
 
 
-def ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden) -> int:
+def ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden,
+                       copy_engine=False) -> int:
     """Bytes per device of the low-latency buffers for these sizes."""
-    return int(_ext.ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden))
+    return int(_ext.ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden,
+                                       bool(copy_engine)))
 
 
 def ll_supported(num_ranks, max_tokens, num_topk, num_experts, hidden) -> bool:

@@ -73,7 +73,8 @@ class Communicator:
                 self.comm_id, self.workspace_bytes = _cuda.intranode_create(
                     self.ep_groups(), cfg.max_tokens_per_rank,
                     low_latency=ll, num_topk=cfg.num_topk,
-                    num_local_experts=self.num_local_experts, hidden=cfg.hidden)
+                    num_local_experts=self.num_local_experts, hidden=cfg.hidden,
+                    copy_engine=ll and cfg.ll_copy_engine)
                 self._intranode = True
                 self._low_latency = ll
                 self._release = weakref.finalize(self, _cuda.intranode_release, self.comm_id)
@@ -111,7 +112,7 @@ class Communicator:
         if cfg.low_latency:
             return True
         nbytes = _cuda.ll_workspace_bytes(self.num_ranks, cfg.max_tokens_per_rank, cfg.num_topk,
-                                          self.num_local_experts, cfg.hidden)
+                                          self.num_local_experts, cfg.hidden, cfg.ll_copy_engine)
         return nbytes <= LL_AUTO_MAX_BYTES
 
     def implementation(self, op: str) -> str:

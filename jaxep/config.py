@@ -45,11 +45,14 @@ class EPConfig:
       timeout_s: a peer that does not arrive within this many seconds fails the call instead of
         hanging it (CUDA backend).
       low_latency: allocate the CUDA low-latency buffers (``ll_*`` ops), per GPU about
-        ``8 * max_tokens_per_rank * hidden * (3 * R + num_topk)`` bytes (float32-sized row
-        slots: four dispatch receive buffers, two copy-engine outboxes, two combine buffers;
-        ``Communicator.workspace_bytes`` says what was allocated). ``None``
+        ``8 * max_tokens_per_rank * hidden * (R + num_topk)`` bytes (float32-sized row slots,
+        two buffers per direction; ``Communicator.workspace_bytes`` says what was allocated). ``None``
         (default) allocates them when that is at most 512 MiB, i.e. for decoding-sized
         ``max_tokens_per_rank``; ``False`` never (the ``ll_*`` ops then run the pure-JAX path).
+      ll_copy_engine: with the low-latency buffers, also allocate those of copy-engine sends
+        (``ll_dispatch_send(..., copy_engine=True)``): two more receive buffers and two
+        outboxes, ``16 * max_tokens_per_rank * hidden * R`` more bytes per GPU, counted in the
+        automatic choice of ``low_latency``.
     """
 
     num_experts: int
@@ -62,6 +65,7 @@ class EPConfig:
     num_sms: int | None = None
     timeout_s: float = 60.0
     low_latency: bool | None = None
+    ll_copy_engine: bool = False
 
     def __post_init__(self):
         for name in ("num_experts", "num_topk", "hidden", "max_tokens_per_rank"):
@@ -90,6 +94,9 @@ class EPConfig:
         if self.low_latency is not None and not isinstance(self.low_latency, bool):
             raise TypeError(f"EPConfig.low_latency must be None, True or False, got "
                             f"{self.low_latency!r}")
+        if not isinstance(self.ll_copy_engine, bool):
+            raise TypeError(f"EPConfig.ll_copy_engine must be True or False, got "
+                            f"{self.ll_copy_engine!r}")
 
     @property
     def axis_names(self) -> tuple[str, ...]:

@@ -162,7 +162,8 @@ def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool 
                      ue8m0: bool = False, copy_engine: bool = False) -> LLDispatchPending:
     """Send phase of :func:`ll_dispatch`: quantise (with ``fp8``) and issue the transfer.
 
-    Arguments as :func:`ll_dispatch`, plus ``copy_engine`` (CUDA backend): the send kernel only
+    Arguments as :func:`ll_dispatch`, plus ``copy_engine`` (CUDA backend, with
+    ``EPConfig.ll_copy_engine``; the pure-JAX backend ignores it): the send kernel only
     packs each destination's rows into a local buffer, and the GPU's copy engines move them to
     the peers on jaxep's own streams, using no SM, so the transfer runs beside the work XLA
     places before the recv (see the module docstring). The send is then a custom call that XLA
@@ -183,6 +184,9 @@ def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool 
                          f"powers of two)")
     idx = topk_idx.astype(jnp.int32)
     if _on_cuda(comm):
+        if copy_engine and not comm.cfg.ll_copy_engine:
+            raise ValueError(f"jaxep.{op}: copy_engine=True needs the copy-engine buffers "
+                             f"(EPConfig.ll_copy_engine=True)")
         info = _cuda.ll_dispatch_send(comm, jax.lax.stop_gradient(x), idx, fp8=fp8,
                                       round_scale=round_scale, copy_engine=copy_engine)
         return LLDispatchPending(None, None, info, x, idx, info[0], fp8, ue8m0)

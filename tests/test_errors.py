@@ -419,3 +419,6 @@ def test_low_latency_flag_is_validated():
                        low_latency=True)
     comm = jaxep.Communicator(make_mesh(2), c, backend="xla")
     assert comm.implementation("ll_dispatch") == "xla"  # flag only matters on the CUDA backend
+    with pytest.raises(TypeError, match=r"ll_copy_engine must be True or False, got 1"):
+        jaxep.EPConfig(num_experts=8, num_topk=2, hidden=128, max_tokens_per_rank=4,
+                       ll_copy_engine=1)

@@ -40,7 +40,8 @@ def _comms(num_ranks, case, placement):
     e, k, h, t = CASES[case]
     mesh = make_mesh(num_ranks, "gpu")
     cfg = jaxep.EPConfig(num_experts=e, num_topk=k, hidden=h, max_tokens_per_rank=t,
-                         placement=placement, low_latency=True, timeout_s=10.0)
+                         placement=placement, low_latency=True, ll_copy_engine=True,
+                         timeout_s=10.0)
     cuda = jaxep.Communicator(mesh, cfg, backend="cuda")
     assert cuda.implementation("ll_dispatch") == "cuda", "low-latency buffers not allocated"
     assert cuda.implementation("ll_combine") == "cuda"
@@ -150,7 +151,7 @@ def test_fp8_float32_input():
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_copy_engine_send_matches_xla(num_ranks):
-    """Copy-engine sends (rows packed locally, moved by cudaMemcpyAsync) give the same bits:
+    """Copy-engine sends (rows packed locally, moved by a graph of memcpy nodes) give the same bits:
     bf16, float32 and fp8 (UE8M0) on the wire, every routing kind, T at and below capacity."""
     before = _cuda.ll_copy_engine_sends(comms(num_ranks, "small")[0])
     check_case(num_ranks, "small", trials=14, seed=31, copy_engine=True)
@@ -166,26 +167,30 @@ def test_copy_engine_send_matches_xla(num_ranks):
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_copy_engine_and_sm_sends_interleaved(num_ranks):
-    """Copy-engine and SM sends share the buffers; two of them outstanding, received in
-    reverse, in either mix, 100 rounds in a loop, each checked against the one-phase op."""
+    """Copy-engine and SM sends (each kind has its buffer pair) with two sends outstanding,
+    received in reverse: one of each kind in either order, two copy-engine sends, two SM
+    sends; 100 rounds in a loop, each checked exactly against the one-phase op."""
     cuda, _ = comms(num_ranks, "small")
 
     def after(dep, v):  # v, ordered after dep in XLA's schedule
         return jax.lax.optimization_barrier((dep, v))[1]
 
+    def pair(x, idx, m, first_ce, second_ce):
+        """Sends x * m, then x * (m + 1) while the first is outstanding; receives in reverse."""
+        a = jaxep.ll_dispatch_send(cuda, x * m, idx, copy_engine=first_ce)
+        b = jaxep.ll_dispatch_send(cuda, after(a, x * (m + 1)), idx, copy_engine=second_ce)
+        db = jaxep.ll_dispatch_recv(cuda, b)
+        return jaxep.ll_dispatch_recv(cuda, after(db, a)), db
+
     def f(x, idx):
         def body(i, carry):
             x, bad = carry
-            a = jaxep.ll_dispatch_send(cuda, x, idx, copy_engine=True)
-            b = jaxep.ll_dispatch_send(cuda, after(a, x * 2), idx, copy_engine=False)
-            db = jaxep.ll_dispatch_recv(cuda, b)
-            da = jaxep.ll_dispatch_recv(cuda, after(db, a))
-            c = jaxep.ll_dispatch_send(cuda, after(da, x * 3), idx, copy_engine=False)
-            e = jaxep.ll_dispatch_send(cuda, after(c, x * 4), idx, copy_engine=True)
-            de = jaxep.ll_dispatch_recv(cuda, e)
-            dc = jaxep.ll_dispatch_recv(cuda, after(de, c))
-            ref = jaxep.ll_dispatch(cuda, after(dc, x), idx).x
-            for m, d in ((1, da), (2, db), (3, dc), (4, de)):
+            got = []
+            for m, kinds in ((1, (True, False)), (3, (False, True)), (5, (True, True)),
+                             (7, (False, False))):  # each pair after both recvs of the last
+                got += pair(after(got[-2:], x) if got else x, idx, m, *kinds)
+            ref = jaxep.ll_dispatch(cuda, after(got[-2:], x), idx).x
+            for m, d in enumerate(got, start=1):
                 bad += jnp.sum(d.x != ref * m)
             return after(ref, x + 1), bad
         zero = jnp.zeros((), jnp.int32) * idx[0, 0]
@@ -197,7 +202,33 @@ def test_copy_engine_and_sm_sends_interleaved(num_ranks):
     before = _cuda.ll_copy_engine_sends(cuda)
     bad = jax.device_get(ep_call(cuda, f)(jnp.round(x), idx))
     assert int(np.sum(bad)) == 0
-    assert list(np.subtract(_cuda.ll_copy_engine_sends(cuda), before)) == [200] * num_ranks
+    assert list(np.subtract(_cuda.ll_copy_engine_sends(cuda), before)) == [400] * num_ranks
+
+
+def test_copy_engine_send_sizes_and_config():
+    """Five token counts in turn, three times round (each its own copy size; the two
+    buffers alternate, so each sees all five: more than the copy graphs it caches, so they
+    are replaced), each checked against the xla backend; and copy_engine=True without
+    EPConfig.ll_copy_engine is a trace-time error."""
+    cuda, xla = comms(2, "small")
+    rng = np.random.default_rng(36)
+    f_cuda = ll_fn(cuda, copy_engine=True)
+    f_xla = ll_fn(xla)
+    for tokens in (24, 1, 7, 13, 19) * 3:  # odd: each buffer sees all five sizes
+        args = inputs(rng, cuda, "random", tokens)
+        got, want = jax.device_get(f_cuda(*args)), jax.device_get(f_xla(*args))
+        for name in ("x", "counts", "src_index", "src_topk"):
+            assert_bits(got[name], want[name], f"{name}, T={tokens}")
+    mesh = make_mesh(2, "gpu")
+    cfg = jaxep.EPConfig(num_experts=32, num_topk=4, hidden=256, max_tokens_per_rank=8,
+                         low_latency=True)
+    plain = jaxep.Communicator(mesh, cfg, backend="cuda")
+    x, idx, _, _ = inputs(rng, plain, "random", 8)
+    with pytest.raises(ValueError, match=r"copy_engine=True needs .*ll_copy_engine=True"):
+        ep_call(plain, lambda x, i: jaxep.ll_dispatch_send(plain, x, i, copy_engine=True).info)(
+            x, idx)
+    assert _cuda.ll_copy_engine_sends(plain) == [-1, -1]
+    plain.close()
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
@@ -327,13 +358,13 @@ CMD_BUFFER_SCRIPT = textwrap.dedent("""
     import jaxep
     mesh = Mesh(np.array(jax.devices("gpu")[:2]), ("ep",))
     cfg = jaxep.EPConfig(num_experts=32, num_topk=4, hidden=256, max_tokens_per_rank=16,
-                         low_latency=True)
+                         low_latency=True, ll_copy_engine=True)
     comm = jaxep.Communicator(mesh, cfg, backend="cuda")
     rng = np.random.default_rng(0)
     idx = jnp.asarray(np.stack([rng.choice(32, 4, replace=False) for _ in range(32)]), jnp.int32)
     w = jnp.full((32, 4), 0.25, jnp.float32)
 
-    def step(x, idx, w):  # a copy-engine send is captured as an SM send
+    def step(x, idx, w):  # XLA keeps the copy-engine send out of its command buffers
         d = jaxep.ll_dispatch_recv(comm, jaxep.ll_dispatch_send(comm, x, idx, copy_engine=True))
         return jaxep.ll_combine(comm, d.x * 2, idx, w, d.handle)
 
@@ -357,6 +388,8 @@ CMD_BUFFER_SCRIPT = textwrap.dedent("""
     for i in range(46):  # replayed graphs: the device-side call counters advance by themselves
         x = f(x, idx, w)
     np.testing.assert_array_equal(np.asarray(x), x0 * 2.0**50)
+    from jaxep import _cuda
+    assert _cuda.ll_copy_engine_sends(comm) == [50, 50], _cuda.ll_copy_engine_sends(comm)
     print("OK")
 """)
 
@@ -378,19 +411,20 @@ def test_command_buffers_capture_ll_ops():
 
 
 TIMEOUT_SCRIPT = textwrap.dedent("""
-    import sys
+    import os, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
     import jaxep
     from jaxep import _cuda
     devices = jax.devices("gpu")
     cfg = jaxep.EPConfig(num_experts=8, num_topk=2, hidden=128, max_tokens_per_rank=16,
-                         timeout_s=2.0, low_latency=True)
+                         timeout_s=2.0, low_latency=True, ll_copy_engine=True)
     comm = jaxep.Communicator(Mesh(np.array(devices[:2]), ("ep",)), cfg, backend="cuda")
     only_rank0 = Mesh(np.array(devices[:1]), ("ep",))   # rank 1 never sends
+    copy_engine = os.environ["COPY_ENGINE"] == "1"
 
     def f(x, idx):
-        info = _cuda.ll_dispatch_send(comm, x, idx)
+        info = _cuda.ll_dispatch_send(comm, x, idx, copy_engine=copy_engine)
         return _cuda.ll_dispatch_recv(comm, info, 16, x.dtype)[0]
 
     x = jnp.ones((16, 128), jnp.bfloat16)
@@ -410,11 +444,12 @@ TIMEOUT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_missing_peer_times_out_in_ll_recv():
+@pytest.mark.parametrize("copy_engine", [False, True])
+def test_missing_peer_times_out_in_ll_recv(copy_engine):
     if len(jax.devices("gpu")) < 2:
         pytest.skip("needs 2 GPUs")
     proc = subprocess.run([sys.executable, "-c", TIMEOUT_SCRIPT], capture_output=True, text=True,
-                          timeout=180, env=subprocess_env())
+                          timeout=180, env=subprocess_env(COPY_ENGINE=str(int(copy_engine))))
     log = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert proc.returncode == 3, log
     line = next(l for l in proc.stdout.splitlines() if l.startswith("CHECK:"))
