@@ -169,10 +169,11 @@ def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool 
     places before the recv (see the module docstring). The send is then a custom call that XLA
     keeps out of its command buffers (CUDA graphs), since the host enqueues the copies of every
     call; if it is captured anyway, it runs as the SM send. Results are identical either way.
-    Measured on 2xH200 at T=128 (fp8, ``zero_padding=False``): the copies overlap a 45 us
-    matmul (send + matmul + recv 82-91 us against 97 us apart), but alone the pair takes
-    44-51 us against 31 us with the SM send, as enqueueing the copies costs the host more than
-    the SM send spends on NVLink; prefer the default unless measured otherwise.
+    Measured on 2xH200 at T=128 (fp8, ``zero_padding=False``; benchmarks/RESULTS.md): the
+    copies run beside a 45 us matmul, but end to end it is no faster than the SM send (the
+    pair alone 38-51 us against 30-31 us; with the matmul between, 80-91 us against 78-81 us),
+    as enqueueing the copies costs the host more than the SM send spends on NVLink. Prefer the
+    default unless measured otherwise.
     """
     op = "ll_dispatch_send"
     _check_x(comm, op, x, fp8)
