@@ -280,7 +280,9 @@ def ll_fn(num_ranks, cfg, fp8=False, round_scale=False, ue8m0=False):
 
     def fn(x, idx, w, y):
         d = jaxep.ll_dispatch(comm, x, idx, **kw)
-        d2 = jaxep.ll_dispatch_recv(comm, jaxep.ll_dispatch_send(comm, x, idx, **kw))
+        # copy_engine is a CUDA-backend option: the pure-JAX path accepts and ignores it
+        d2 = jaxep.ll_dispatch_recv(comm, jaxep.ll_dispatch_send(comm, x, idx, copy_engine=True,
+                                                                  **kw))
         res = dict(x=d.x, counts=d.counts, num_invalid=d.num_invalid[None],
                    src_index=d.handle.src_index, src_topk=d.handle.src_topk,
                    hcounts=d.handle.counts,
