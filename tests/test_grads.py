@@ -54,6 +54,20 @@ def close(actual, expected, tol=1e-5):
 # ------------------------------------------------------------------------------------------
 
 
+def dispatch_case(capacity, seed):
+    """Round-robin communicator with ``recv_capacity=capacity``, a routing (``routing``), float32
+    ``x [R*T, H]`` and cotangents ``px [R*C, H]``, ``pw [R*C, K]`` of the received rows and
+    weights: ``(comm, rng, idx, w, x, px, pw, C)``."""
+    comm = make_comm(recv_capacity=capacity, placement="round_robin")
+    rng, idx, w = routing(comm, seed)
+    T, H, K = 8, 128, 3
+    C = capacity or R * T
+    x = rng.standard_normal((R * T, H)).astype(np.float32)
+    px = rng.standard_normal((R * C, H)).astype(np.float32)
+    pw = rng.standard_normal((R * C, K)).astype(np.float32)
+    return comm, rng, idx, w, x, px, pw, C
+
+
 def dispatch_loss(comm):
     def loss(x, idx, w, px, pw):
         d = jaxep.dispatch(comm, x, idx, w)
@@ -63,13 +77,8 @@ def dispatch_loss(comm):
 
 @pytest.mark.parametrize("capacity", [None, 10])
 def test_dispatch_grad_vs_oracle(capacity):
-    comm = make_comm(recv_capacity=capacity, placement="round_robin")
-    rng, idx, w = routing(comm, 1)
-    T, H, K = 8, 128, 3
-    C = capacity or R * T
-    x = rng.standard_normal((R * T, H)).astype(np.float32)
-    px = rng.standard_normal((R * C, H)).astype(np.float32)
-    pw = rng.standard_normal((R * C, K)).astype(np.float32)
+    comm, rng, idx, w, x, px, pw, _ = dispatch_case(capacity, 1)
+    T = comm.cfg.max_tokens_per_rank
     ref = oracle.dispatch(x, idx, w, comm.expert_rank, comm.expert_slot, R, capacity)
     exp_gx = np.concatenate(oracle.combine(list(per_rank(px)), [r["src_index"] for r in ref], T))
     exp_gw = oracle.dispatch_weight_grad(per_rank(pw), idx, comm.expert_rank, R,
@@ -123,15 +132,9 @@ def test_combine_grad_vs_oracle():
 @pytest.mark.parametrize("capacity", [None, 9])
 def test_custom_vjps_match_autodiff_of_raw_backend(capacity):
     """dispatch/combine custom VJPs == jax.grad through _xla.dispatch / _xla.combine_rows."""
-    comm = make_comm(recv_capacity=capacity, placement="round_robin")
-    rng, idx, w = routing(comm, 3)
-    T, H, K = 8, 128, 3
-    C = capacity or R * T
-    x = rng.standard_normal((R * T, H)).astype(np.float32)
-    px = rng.standard_normal((R * C, H)).astype(np.float32)
-    pw = rng.standard_normal((R * C, K)).astype(np.float32)
-    y = rng.standard_normal((R * C, H)).astype(np.float32)
-    pout = rng.standard_normal((R * T, H)).astype(np.float32)
+    comm, rng, idx, w, x, px, pw, C = dispatch_case(capacity, 3)
+    y = rng.standard_normal((R * C, x.shape[1])).astype(np.float32)
+    pout = rng.standard_normal(x.shape).astype(np.float32)
 
     def public(x, idx, w, y, px, pw, pout):
         d = jaxep.dispatch(comm, x, idx, w)
