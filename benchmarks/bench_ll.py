@@ -7,7 +7,11 @@ median over ``--repeats``; the chain is 1 + N % unroll unrolled calls, then a ``
 N // unroll iterations of ``--unroll`` unrolled calls. Combine runs on a fixed
 ``y, handle = ll_dispatch(x)`` (BF16) and is weighted by ``topk_weights``.
 
-Send / recv: ``*_send`` is timed alone (chained like the full op). ``*_recv`` is timed directly,
+On the CUDA backend the phases are also timed *isolated*: the send alone, waited for on the
+host, then its recv (``isolated_runner``), so the recv finds every peer's rows already there. The
+recv inside the full op minus the isolated recv is the time it waited for the slower peer.
+
+Send / recv on the xla backend: ``*_send`` is timed alone (chained like the full op). ``*_recv`` is timed directly,
 chained on one fixed pending (the output of one send), and also reported as full - send.
 
 Overlap (at T = 128, else the largest T): (a) send+recv alone, i.e. the full op (``ll_dispatch``
@@ -73,18 +77,19 @@ def two_phase(send, recv, pinned):
     return fn
 
 
-def kernel_times(fn, args, repeats=3):
-    """Median device time (us) per kernel name of ``fn(*args)``, over calls and GPUs, read from a
-    ``jax.profiler`` trace (XLA's own kernels are skipped: names starting with ``LL`` only)."""
+def kernel_times(run, repeats=3):
+    """Median device time (us) per kernel name over ``repeats`` calls of ``run()`` (which blocks)
+    and over GPUs, read from a ``jax.profiler`` trace (XLA's own kernels are skipped: names
+    starting with ``LL`` only)."""
     import glob
     import tempfile
 
-    fn(*args).block_until_ready()
+    run()
     copies = []
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(repeats):
-                fn(*args).block_until_ready()
+                run()
         files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
         durations = {}
         for path in files:
@@ -110,6 +115,20 @@ def kernel_times(fn, args, repeats=3):
     return out
 
 
+def isolated_runner(per_rank, comm, send, recv, args):
+    """``run()`` for ``kernel_times``: the send alone, waited for on the host, then its recv.
+    Every peer's rows have then landed before any recv starts, and every acknowledgement before
+    the next send: the kernels' own work, without waiting for a slower peer."""
+    send_fn = per_rank(lambda *v: jax.tree.map(lambda u: u[None], send(comm, *v)))
+    recv_fn = per_rank(lambda p: [u[None] for u in jax.tree.leaves(
+        recv(comm, jax.tree.map(lambda u: u[0], p)))])
+
+    def run():
+        pending = jax.block_until_ready(send_fn(*args))
+        jax.block_until_ready(recv_fn(pending))
+    return run
+
+
 def ll_rows(expert_rank, idx, r, t):
     """Per destination rank: (received (token, expert) rows, those from other ranks), ``[R]``."""
     dest = expert_rank[idx]  # [R*T, K]; routing has distinct experts per token
@@ -121,6 +140,7 @@ def run_case(mesh, backend, t, a, with_overlap, log):
     r, spec = mesh.size, P("ep")
     cfg = jaxep.EPConfig(num_experts=a.experts, num_topk=a.topk, hidden=a.hidden,
                          max_tokens_per_rank=t, low_latency=backend == "cuda" or None,
+                         num_sms=a.num_sms,
                          ll_copy_engine=backend == "cuda")
     comm = jaxep.Communicator(mesh, cfg, backend=backend)
     out = NamedSharding(mesh, spec)
@@ -183,14 +203,19 @@ def run_case(mesh, backend, t, a, with_overlap, log):
         us[job] = measure(compiled[job, 1], compiled[job, a.calls + 1], args, a.calls, a.repeats)
         if hasattr(comm, "check"):
             comm.check()  # a CUDA kernel that timed out waiting for a peer raises here
-    kernels = {}
+    kernels, isolated = {}, {}
     if on_cuda:
         from jaxep import _cuda
         log(f"  copy-engine sends enqueued per GPU: {_cuda.ll_copy_engine_sends(comm)}")
         for name in ops:
-            kernels[name] = kernel_times(compiled[name, a.calls + 1], jobs[name][1])
+            chain, args = compiled[name, a.calls + 1], jobs[name][1]
+            kernels[name] = kernel_times(lambda: chain(*args).block_until_ready())
             log(f"  {name}: kernel device time (median over calls and GPUs, us): "
                 + ", ".join(f"{k} {v:.1f}" for k, v in kernels[name].items()))
+            full, send, recv, args, _ = ops[name]
+            isolated[name] = kernel_times(isolated_runner(per_rank, comm, send, recv, args), 20)
+            log(f"  {name}: isolated (send, host wait, recv) kernel time (us): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in isolated[name].items()))
     recv, remote = ll_rows(comm.expert_rank, idx_np, r, t)
     rows, overlap = [], []
     for name, (*_, b) in ops.items():
@@ -205,7 +230,7 @@ def run_case(mesh, backend, t, a, with_overlap, log):
         row = dict(op=name, tokens=t, backend=backend, impl=impl, us=full, send_us=send,
                    recv_us=rcv, full_minus_send_us=full - send, row_bytes=b,
                    phase_method="kernel device time (profiler)" if on_cuda else "host chains",
-                   kernels_us=kernels.get(name, {}),
+                   kernels_us=kernels.get(name, {}), isolated_us=isolated.get(name, {}),
                    recv_rows=recv.tolist(), remote_rows=remote.tolist(),
                    bytes_avg=float(recv.mean() * b), nvlink_bytes_avg=float(remote.mean() * b),
                    samples_us={k: us[k]["samples_us"] for k in us if k.startswith(name)})
@@ -283,6 +308,8 @@ def main():
     p.add_argument("--also-bf16", action="store_true", help="also time BF16 ll_dispatch")
     p.add_argument("--matmul-m", type=int, default=256, help="rows M of the overlapped matmul")
     p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
+    p.add_argument("--num-sms", type=int, default=None,
+                   help="EPConfig.num_sms: blocks per LL kernel (default: every SM)")
     add_timing_args(p)
     a = p.parse_args()
     mesh, env, log = start_run(a, f"H={a.hidden}, K={a.topk}, E={a.experts}")
