@@ -151,21 +151,22 @@ __device__ __forceinline__ float Quantize16(const float* v, bool round_scale, in
 // ---- last-block completion ------------------------------------------------------------------
 
 // Every thread: make this block's writes (and finished reads) visible system-wide. Returns true
-// in thread 0 of the last block of the grid to get here (it then resets the ticket).
+// in every thread of the last block of the grid to get here (its thread 0 then resets the
+// ticket for the next launch, and has acquired every other block's writes).
 __device__ __forceinline__ bool LastBlock(LLWorkspace* ws, int ticket_index) {
   __shared__ bool s_last;
-  __threadfence_system();
+  FenceAcqRelSys();
   __syncthreads();
   if (threadIdx.x == 0) {
     const unsigned ticket = atomicAdd(&ws->ticket[ticket_index], 1u);
     s_last = ticket == gridDim.x - 1;
     if (s_last) {
       ws->ticket[ticket_index] = 0;
-      __threadfence_system();
+      FenceAcqRelSys();
     }
   }
   __syncthreads();
-  return s_last && threadIdx.x == 0;
+  return s_last;
 }
 
 // Threads r < R: wait until flags[r] >= want (bounded); then the whole block continues.
@@ -224,12 +225,27 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   uint32_t* s_rmask = s_emask + static_cast<size_t>(E) * W;      // [R][W] tokens per rank
   __shared__ int s_invalid;
 
+  // The warp's first chunk of x is loaded now, so that its latency hides behind the routing.
+  const int chunks = (H + kLLChunk - 1) / kLLChunk;
+  const int items = T * chunks;
+  const int first_item = blockIdx.x * kWarps + warp;
+  constexpr int kVec = sizeof(TIn);  // int4s per lane (16 elements)
+  auto load_x = [&](int item, int4* raw) {
+    const int t = item / chunks, h0 = (item - t * chunks) * kLLChunk + lane * kPerLane;
+    const int4* src = reinterpret_cast<const int4*>(
+        static_cast<const TIn*>(a.x) + static_cast<size_t>(t) * H + h0);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) raw[j] = h0 < H ? src[j] : make_int4(0, 0, 0, 0);
+  };
+  int4 raw[kVec];
+  if (first_item < items) load_x(first_item, raw);
+
   // 1. Routing (each block redundantly: T*K is small in this mode).
   for (int e = tid; e < E; e += kThreads) {
     s_rank[e] = a.expert_rank[e];
     s_slot[e] = a.expert_slot[e];
   }
-  for (int i = tid; i < (E + R) * W; i += kThreads) s_emask[i] = 0;
+  for (int i = tid; i < (E + R) * W; i += kThreads) s_emask[i] = 0;  // and s_rmask
   if (tid == 0) s_invalid = 0;
   int invalid = 0;
   for (int i = tid; i < T * K; i += kThreads) {
@@ -240,16 +256,27 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   }
   __syncthreads();  // s_invalid = 0 is visible before any thread adds to it
   if (invalid) atomicAdd(&s_invalid, invalid);
-  for (int i = tid; i < T * K; i += kThreads) {
-    const int e = s_idx[i];
-    if (e < 0) continue;
-    const int t = i / K, k = i - t * K;
-    bool first = true;
-    for (int j = 0; j < k; ++j) first &= s_idx[t * K + j] != e;
-    if (!first) continue;
-    const uint32_t bit = 1u << (t & 31);
-    atomicOr(&s_emask[static_cast<size_t>(e) * W + (t >> 5)], bit);
-    atomicOr(&s_rmask[s_rank[e] * W + (t >> 5)], bit);
+  // Entry-parallel: the first listing of each (token, expert) sets the token's bit in the
+  // expert's mask and in its rank's mask. The rank masks are few words, so each warp ORs its
+  // bits per word (lanes grouped by target word) and one lane per group writes them.
+  for (int i0 = warp * 32; i0 < T * K; i0 += kThreads) {
+    const int i = i0 + lane;
+    int key = -1 - lane;  // unique: no group
+    unsigned bit = 0;
+    if (i < T * K) {
+      const int e = s_idx[i];
+      const int t = i / K, k = i - t * K;
+      bool first = e >= 0;
+      for (int j = 0; j < k && first; ++j) first = s_idx[t * K + j] != e;
+      if (first) {
+        bit = 1u << (t & 31);
+        atomicOr(&s_emask[static_cast<size_t>(e) * W + (t >> 5)], bit);
+        key = s_rank[e] * W + (t >> 5);
+      }
+    }
+    const unsigned group = __match_any_sync(kFull, key);
+    const unsigned bits = __reduce_or_sync(group, bit);
+    if (key >= 0 && lane == __ffs(group) - 1) atomicOr(&s_rmask[key], bits);
   }
   // 2. The destinations must have read the call that last used this buffer.
   WaitPeers(ws, ws->dispatch_ack[p], ws->dispatch_last[p], kLLDispatchSend, a.timeout_ns);
@@ -264,9 +291,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   }
 
   // 4. Rows: warp per (token, 512-channel chunk); x is read once, written once per rank.
-  const int chunks = (H + kLLChunk - 1) / kLLChunk;
-  const int items = T * chunks;
-  for (int item = blockIdx.x * kWarps + warp; item < items; item += gridDim.x * kWarps) {
+  for (int item = first_item; item < items; item += gridDim.x * kWarps) {
     const int t = item / chunks, c = item - t * chunks;
     const int h0 = c * kLLChunk + lane * kPerLane;
     const bool active = h0 < H;
@@ -274,17 +299,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     if (lane < R && (s_rmask[lane * W + (t >> 5)] >> (t & 31)) & 1u) {
       my_i = PopcBelow(s_rmask + lane * W, t);
     }
-    constexpr int kVec = sizeof(TIn);  // int4s per lane (16 elements)
-    int4 raw[kVec];
-    if (active) {
-      const int4* src = reinterpret_cast<const int4*>(
-          static_cast<const TIn*>(a.x) + static_cast<size_t>(t) * H + h0);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) raw[j] = src[j];
-    } else {
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) raw[j] = make_int4(0, 0, 0, 0);
-    }
+    if (item != first_item) load_x(item, raw);
     int4 q = make_int4(0, 0, 0, 0);
     float scale = 0.f;
     if (a.fp8) {
@@ -340,10 +355,11 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
 
   // 5. The last block announces the call to every destination (a copy-engine send: to itself;
   //    the flag copies after the bundle copies announce it to the others).
-  if (LastBlock(ws, kDispatchSendTicket)) {
-    for (int d = 0; d < R; ++d) {
-      if (!outbox || d == me) StoreRelease(&ws->peers[d]->dispatch_flag[p][me], seq);
-    }
+  const bool last = LastBlock(ws, kDispatchSendTicket);
+  if (last && tid < R && (!outbox || tid == me)) {  // one thread per destination
+    StoreRelease(&ws->peers[tid]->dispatch_flag[p][me], seq);
+  }
+  if (last && tid == 0) {
     ws->dispatch_flag_out[p] = seq;
     ws->dispatch_last[p] = seq;
     ws->seq[kDispatchSendCtr] = seq;
@@ -377,24 +393,26 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
 
   WaitPeers(ws, ws->dispatch_flag[p], seq, kLLDispatchRecv, a.timeout_ns);
 
-  for (int l = tid; l < El; l += kThreads) {
+  // Per (local expert, source) counts: every load issued at once (l = El: rows per source).
+  for (int l = tid; l <= El; l += kThreads) {
+    int n[kMaxRanks];
+#pragma unroll
+    for (int s = 0; s < kMaxRanks; ++s) n[s] = s < R ? __ldcg(bundle(s).counts + l) : 0;
     int acc = 0;
-    for (int s = 0; s < R; ++s) {
-      s_off[l * R + s] = acc;
-      acc += __ldcg(bundle(s).counts + l);
+#pragma unroll
+    for (int s = 0; s < kMaxRanks; ++s) {
+      if (s >= R) break;
+      if (l < El) s_off[l * R + s] = acc; else s_rows[s] = acc;
+      acc += n[s];
     }
-    s_total[l] = acc;
-    if (blockIdx.x == 0) a.counts[l] = acc;
-  }
-  if (tid == 0) {
-    int acc = 0;
-    for (int s = 0; s < R; ++s) {
-      s_rows[s] = acc;
-      acc += __ldcg(bundle(s).counts + El);
+    if (l < El) {
+      s_total[l] = acc;
+      if (blockIdx.x == 0) a.counts[l] = acc;
+    } else {
+      s_rows[R] = acc;
     }
-    s_rows[R] = acc;
-    if (blockIdx.x == 0) a.num_invalid[0] = a.info[0];
   }
+  if (tid == 0 && blockIdx.x == 0) a.num_invalid[0] = a.info[0];
   __syncthreads();
 
   // Received rows: warp per (row, chunk); each row fans out to its local experts.
@@ -497,9 +515,8 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
   }
 
   // The last block tells every source that this buffer may be rewritten.
-  if (LastBlock(ws, kDispatchRecvTicket)) {
-    for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->dispatch_ack[p][me], seq);
-  }
+  const bool last = LastBlock(ws, kDispatchRecvTicket);
+  if (last && tid < R) StoreRelease(&ws->peers[tid]->dispatch_ack[p][me], seq);
 }
 
 // ---- combine send ----------------------------------------------------------------------------
@@ -515,13 +532,23 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
   extern __shared__ int32_t smem[];
   int32_t* s_base = smem;  // [E_l + 1]: first valid-row index of each local expert
 
-  if (tid == 0) {
-    int acc = 0;
-    for (int l = 0; l < El; ++l) {
-      s_base[l] = acc;
-      acc += min(max(a.counts[l], 0), RT);
+  // Exclusive prefix of the counts: loaded by all threads at once, scanned by warp 0.
+  for (int l = tid; l < El; l += kThreads) s_base[l + 1] = min(max(a.counts[l], 0), RT);
+  __syncthreads();
+  if (warp == 0) {
+    int carry = 0;
+    for (int i0 = 1; i0 <= El; i0 += 32) {
+      const int i = i0 + lane;
+      int v = i <= El ? s_base[i] : 0;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(kFull, v, o);
+        if (lane >= o) v += n;
+      }
+      if (i <= El) s_base[i] = v + carry;
+      carry += __shfl_sync(kFull, v, 31);
     }
-    s_base[El] = acc;
+    if (lane == 0) s_base[0] = 0;
   }
   WaitPeers(ws, ws->combine_ack[p], seq > 2 ? seq - 2 : 0, kLLCombineSend, a.timeout_ns);
 
@@ -548,8 +575,9 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
     for (int j = 0; j < static_cast<int>(sizeof(T)); ++j) dst[j] = v[j];
   }
 
-  if (LastBlock(ws, kCombineSendTicket)) {
-    for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->combine_flag[p][me], seq);
+  const bool last = LastBlock(ws, kCombineSendTicket);
+  if (last && tid < R) StoreRelease(&ws->peers[tid]->combine_flag[p][me], seq);
+  if (last && tid == 0) {
     ws->seq[kCombineSendCtr] = seq;
     a.info[0] = static_cast<int32_t>(seq & 0xffffffffu);
     a.info[1] = static_cast<int32_t>(seq >> 32);
@@ -603,9 +631,8 @@ __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArg
     if (active) Store16(static_cast<T*>(a.out) + static_cast<size_t>(t) * H + h0, acc);
   }
 
-  if (LastBlock(ws, kCombineRecvTicket)) {
-    for (int s = 0; s < R; ++s) StoreRelease(&ws->peers[s]->combine_ack[p][me], seq);
-  }
+  const bool last = LastBlock(ws, kCombineRecvTicket);
+  if (last && tid < R) StoreRelease(&ws->peers[tid]->combine_ack[p][me], seq);
 }
 
 int DefaultBlocks(int requested, int items_per_block_hint) {

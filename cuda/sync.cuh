@@ -13,6 +13,13 @@ __device__ __forceinline__ void StoreRelease(unsigned long long* p, unsigned lon
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// Orders this thread's earlier memory operations (and those it has observed) before its later
+// ones, at system scope: the fence of a release or acquire pattern. Lighter than
+// __threadfence_system() (fence.sc.sys), which also imposes a single total order on fences.
+__device__ __forceinline__ void FenceAcqRelSys() {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+
 __device__ __forceinline__ unsigned long long LoadAcquire(const unsigned long long* p) {
   unsigned long long v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
