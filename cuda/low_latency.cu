@@ -519,8 +519,62 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
   if (last && tid < R) StoreRelease(&ws->peers[tid]->dispatch_ack[p][me], seq);
 }
 
+// ---- bulk copies (TMA): global -> shared -> global, one lane drives them ---------------------
+
+constexpr int kBulkPart = 4096;  // bytes per bulk copy (a multiple of 16)
+constexpr int kBulkStages = 2;   // shared-memory buffers per warp
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void BulkBarrierInit(unsigned long long* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(SmemAddr(bar)) : "memory");
+}
+
+// Loads `bytes` from global `src` into shared `dst`; completes phase `parity` of `bar`, which
+// this waits for. (A local copy: it always completes, so the wait needs no bound.)
+__device__ __forceinline__ void BulkLoad(void* dst, const void* src, int bytes,
+                                         unsigned long long* bar, unsigned parity) {
+  const uint32_t b = SmemAddr(bar);
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(bytes)
+               : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+      ::"r"(SmemAddr(dst)), "l"(src), "r"(bytes), "r"(b) : "memory");
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
+        "selp.u32 %0, 1, 0, p; }" : "=r"(done) : "r"(b), "r"(parity) : "memory");
+  }
+}
+
+// Stores `bytes` of shared `src` to global `dst` (a peer's memory too), as one bulk group.
+__device__ __forceinline__ void BulkStore(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+               ::"l"(dst), "r"(SmemAddr(src)), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+// Waits until at most kBulkStages - 1 bulk stores still read their shared source.
+__device__ __forceinline__ void BulkWaitStageFree() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kBulkStages - 1) : "memory");
+}
+
+// Waits until every bulk store of this thread has completed, and orders them (async proxy)
+// before its later generic-proxy operations (the release of the flags).
+__device__ __forceinline__ void BulkStoresDone() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+
 // ---- combine send ----------------------------------------------------------------------------
 
+// Each valid row goes back to its source's [token][k] slot. The row is moved in kBulkPart
+// pieces by the TMA unit (global -> this warp's shared buffer -> the peer's slot), driven by
+// lane 0 of a warp per piece: over NVLink this writes faster than SM stores (measured ~10 us
+// less per call at R = 2, T = 128).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArgs a) {
   LLWorkspace* ws = a.ws;
@@ -529,11 +583,16 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const unsigned long long seq = ws->seq[kCombineSendCtr] + 1;
   const int p = static_cast<int>(seq & 1);
-  extern __shared__ int32_t smem[];
-  int32_t* s_base = smem;  // [E_l + 1]: first valid-row index of each local expert
+  extern __shared__ __align__(128) int32_t smem[];
+  char* s_stage = reinterpret_cast<char*>(smem);  // [kWarps][kBulkStages][kBulkPart]
+  __shared__ __align__(8) unsigned long long s_bar[kWarps][kBulkStages];
+  int32_t* s_base = reinterpret_cast<int32_t*>(s_stage + kWarps * kBulkStages * kBulkPart);
 
-  // Exclusive prefix of the counts: loaded by all threads at once, scanned by warp 0.
   for (int l = tid; l < El; l += kThreads) s_base[l + 1] = min(max(a.counts[l], 0), RT);
+  if (lane == 0) {
+    for (int st = 0; st < kBulkStages; ++st) BulkBarrierInit(&s_bar[warp][st]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
   __syncthreads();
   if (warp == 0) {
     int carry = 0;
@@ -552,28 +611,33 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
   }
   WaitPeers(ws, ws->combine_ack[p], seq > 2 ? seq - 2 : 0, kLLCombineSend, a.timeout_ns);
 
-  const int chunks = (H + kLLChunk - 1) / kLLChunk;
-  const int items = s_base[El] * chunks;
-  for (int item = blockIdx.x * kWarps + warp; item < items; item += gridDim.x * kWarps) {
-    const int q = item / chunks, c = item - q * chunks;
-    int lo = 0, hi = El - 1;  // the expert l with s_base[l] <= q < s_base[l + 1]
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (s_base[mid] <= q) lo = mid; else hi = mid - 1;
+  const int row_bytes = H * static_cast<int>(sizeof(T));
+  const int parts = (row_bytes + kBulkPart - 1) / kBulkPart;
+  const int items = s_base[El] * parts;
+  if (lane == 0) {
+    int j = 0;  // this warp's copies so far
+    for (int item = blockIdx.x * kWarps + warp; item < items; item += gridDim.x * kWarps, ++j) {
+      const int q = item / parts, part = item - q * parts;
+      int lo = 0, hi = El - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (s_base[mid] <= q) lo = mid; else hi = mid - 1;
+      }
+      const size_t r = static_cast<size_t>(lo) * RT + (q - s_base[lo]);
+      const int si = a.src_index[r], k = a.src_topk[r];
+      if (si < 0 || k < 0) { --j; continue; }
+      const int s = si / Tn, t = si - s * Tn;
+      const int off = part * kBulkPart, bytes = min(kBulkPart, row_bytes - off);
+      const int st = j % kBulkStages;
+      char* buf = s_stage + (warp * kBulkStages + st) * kBulkPart;
+      BulkWaitStageFree();  // the stage's previous store has read it
+      BulkLoad(buf, reinterpret_cast<const char*>(static_cast<const T*>(a.y) + r * H) + off,
+               bytes, &s_bar[warp][st], (j / kBulkStages) & 1u);
+      BulkStore(CombineSlot(ws->peers[s], p, t, k) + off, buf, bytes);
     }
-    const size_t r = static_cast<size_t>(lo) * RT + (q - s_base[lo]);
-    const int si = a.src_index[r], k = a.src_topk[r];
-    const int h0 = c * kLLChunk + lane * kPerLane;
-    if (si < 0 || k < 0 || h0 >= H) continue;
-    const int s = si / Tn, t = si - s * Tn;
-    const int4* src = reinterpret_cast<const int4*>(static_cast<const T*>(a.y) + r * H + h0);
-    int4* dst = reinterpret_cast<int4*>(CombineSlot(ws->peers[s], p, t, k) + h0 * sizeof(T));
-    int4 v[sizeof(T)];
-#pragma unroll
-    for (int j = 0; j < static_cast<int>(sizeof(T)); ++j) v[j] = src[j];
-#pragma unroll
-    for (int j = 0; j < static_cast<int>(sizeof(T)); ++j) dst[j] = v[j];
+    BulkStoresDone();
   }
+  __syncwarp();
 
   const bool last = LastBlock(ws, kCombineSendTicket);
   if (last && tid < R) StoreRelease(&ws->peers[tid]->combine_flag[p][me], seq);
@@ -694,6 +758,11 @@ size_t LLSendSharedBytes(int num_ranks, int num_tokens, int num_topk, int num_ex
   const size_t words = (static_cast<size_t>(num_tokens) + 31) / 32;
   return 4 * (2 * static_cast<size_t>(num_experts) + static_cast<size_t>(num_tokens) * num_topk +
               (static_cast<size_t>(num_experts) + num_ranks) * words);
+}
+
+size_t LLCombineSendSharedBytes(int num_local_experts) {
+  return static_cast<size_t>(kWarps) * kBulkStages * kBulkPart +
+         4 * (static_cast<size_t>(num_local_experts) + 1);
 }
 
 size_t LLRecvSharedBytes(int num_ranks, int num_local_experts) {
@@ -903,7 +972,7 @@ cudaError_t LaunchLLDispatchRecv(const LLDispatchRecvArgs& a, cudaStream_t strea
 }
 
 cudaError_t LaunchLLCombineSend(const LLCombineSendArgs& a, cudaStream_t stream) {
-  const size_t smem = 4 * (static_cast<size_t>(a.shape.num_local_experts) + 1);
+  const size_t smem = LLCombineSendSharedBytes(a.shape.num_local_experts);
   const int blocks = DefaultBlocks(a.num_sms, 1 << 20);
   if (a.elem_bytes == 2) {
     LLCombineSendKernel<__nv_bfloat16><<<blocks, kThreads, smem, stream>>>(a);
