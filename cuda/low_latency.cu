@@ -8,10 +8,13 @@
 //                  the flags.
 //   dispatch recv: wait for every source's flag, fan each received row out to its local
 //                  experts' output rows; padding; the last block acknowledges.
-//   combine send:  per-(valid row, chunk) warps write y to the source's [token][k] slot.
+//   combine send:  each valid row of y goes to its source's [token][k] slot in 4 KB bulk (TMA)
+//                  copies, global -> the warp's shared buffer -> the slot (lane 0 drives them).
 //   combine recv:  wait, weighted float32 sum over k per (token, chunk); acknowledge.
 // Received data is read with ld.global.cg (L2; buffers are rewritten by later calls, so L1
-// must never serve them), flags with acquire/release at system scope; waits are bounded.
+// must never serve them), flags with acquire/release at system scope; waits are bounded. The
+// last block raises flags / acknowledgements with one thread per peer, so their system-scope
+// fences run side by side.
 #include "low_latency.h"
 
 #include <cstddef>

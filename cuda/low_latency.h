@@ -10,8 +10,8 @@
 //     the rows (LLBundleUsedBytes), so one call from one rank to another is one contiguous
 //     range; then it raises a flag per destination and returns. The *recv* kernel waits for the
 //     flags of every source, then unpacks the rows into the expert-major [E_l, R*T, H] output.
-//   * combine: the *send* kernel writes each expert output row into its source's slot
-//     [parity][token][k] and raises flags; the *recv* kernel waits, then reduces per token with
+//   * combine: the *send* kernel copies each expert output row (bulk TMA copies through shared
+//     memory) into its source's slot [parity][token][k] and raises flags; the *recv* kernel waits, then reduces per token with
 //     the top-k weights in float32.
 // Reuse protocol: a receiver acknowledges a call once it has read it; a sender waits, before
 // writing a buffer, until every destination has acknowledged the call that last wrote it.
