@@ -11,8 +11,9 @@ On the CUDA backend the phases are also timed *isolated*: the send alone, waited
 host, then its recv (``isolated_runner``), so the recv finds every peer's rows already there. The
 recv inside the full op minus the isolated recv is the time it waited for the slower peer.
 
-Send / recv on the xla backend: ``*_send`` is timed alone (chained like the full op). ``*_recv`` is timed directly,
-chained on one fixed pending (the output of one send), and also reported as full - send.
+Send / recv on the xla backend: ``*_send`` is timed alone (chained like the full op). ``*_recv``
+is timed directly, chained on one fixed pending (the output of one send), and also reported as
+full - send.
 
 Overlap (at T = 128, else the largest T): (a) send+recv alone, i.e. the full op (``ll_dispatch``
 is literally ``ll_dispatch_recv(ll_dispatch_send(...))``); (b) a BF16 ``[M, H] @ [H, H]`` matmul
@@ -208,12 +209,13 @@ def run_case(mesh, backend, t, a, with_overlap, log):
         from jaxep import _cuda
         log(f"  copy-engine sends enqueued per GPU: {_cuda.ll_copy_engine_sends(comm)}")
         for name in ops:
-            chain, args = compiled[name, a.calls + 1], jobs[name][1]
-            kernels[name] = kernel_times(lambda: chain(*args).block_until_ready())
+            _, send, recv, op_args, _ = ops[name]
+            chain = compiled[name, a.calls + 1]
+            kernels[name] = kernel_times(lambda: chain(*op_args).block_until_ready())
             log(f"  {name}: kernel device time (median over calls and GPUs, us): "
                 + ", ".join(f"{k} {v:.1f}" for k, v in kernels[name].items()))
-            full, send, recv, args, _ = ops[name]
-            isolated[name] = kernel_times(isolated_runner(per_rank, comm, send, recv, args), 20)
+            isolated[name] = kernel_times(
+                isolated_runner(per_rank, comm, send, recv, op_args), 20)
             log(f"  {name}: isolated (send, host wait, recv) kernel time (us): "
                 + ", ".join(f"{k} {v:.1f}" for k, v in isolated[name].items()))
     recv, remote = ll_rows(comm.expert_rank, idx_np, r, t)

@@ -576,8 +576,8 @@ __device__ __forceinline__ void BulkStoresDone() {
 
 // Each valid row goes back to its source's [token][k] slot. The row is moved in kBulkPart
 // pieces by the TMA unit (global -> this warp's shared buffer -> the peer's slot), driven by
-// lane 0 of a warp per piece: over NVLink this writes faster than SM stores (measured ~10 us
-// less per call at R = 2, T = 128).
+// lane 0 of a warp per piece: over NVLink this writes faster than SM stores (kernel 30.5-31.8
+// against 32.7-37.5 us at R = 2, T = 128; benchmarks/RESULTS.md, fifth session).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArgs a) {
   LLWorkspace* ws = a.ws;
