@@ -36,7 +36,9 @@ are reported as "bundle copy" / "flag copy" (``trace_ll_overlap.py`` shows one c
 
 Bandwidth follows DeepEP's LL figures: logical = bytes of all (token, expert) rows a rank
 receives, its own included, per-rank average (NVL: rows from other ranks only), / full time.
-Row bytes: FP8 H + 4H/128, BF16 2H; combine sends the BF16 rows (2H per copy) back.
+Row bytes: FP8 H + 4H/128, BF16 2H; combine sends the BF16 rows (2H per copy) back. The same
+logical bytes are counted for ``ll_combine(prereduce=True)`` ("combine bf16 prereduce"), which
+sends one row per (token, expert rank) instead, so its GB/s is an effective figure.
 
     python benchmarks/bench_ll.py --json ll.json --plot ll.png
 """
@@ -175,6 +177,11 @@ def run_case(mesh, backend, t, a, with_overlap, log):
             (x, idx), a.hidden + a.hidden // 128 * 4)
     ops["combine bf16"] = (jaxep.ll_combine, jaxep.ll_combine_send, jaxep.ll_combine_recv,
                            (y, idx, w, handle), 2 * a.hidden)
+    if not a.no_prereduce:  # one row per (token, expert rank) travels instead of per entry
+        ops["combine bf16 prereduce"] = (
+            functools.partial(jaxep.ll_combine, prereduce=True),
+            functools.partial(jaxep.ll_combine_send, prereduce=True), jaxep.ll_combine_recv,
+            (y, idx, w, handle), 2 * a.hidden)
     if with_overlap:
         mats = (normal(keys[1], r * a.matmul_m, a.hidden), normal(keys[2], r * a.hidden, a.hidden))
     jobs = {}
@@ -310,6 +317,8 @@ def main():
     p.add_argument("--also-bf16", action="store_true", help="also time BF16 ll_dispatch")
     p.add_argument("--matmul-m", type=int, default=256, help="rows M of the overlapped matmul")
     p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
+    p.add_argument("--no-prereduce", action="store_true",
+                   help="skip ll_combine(prereduce=True)")
     p.add_argument("--num-sms", type=int, default=None,
                    help="EPConfig.num_sms: blocks per LL kernel (default: every SM)")
     add_timing_args(p)

@@ -65,9 +65,22 @@ struct BundleParts {
   __device__ char* Row(int i) const { return rows + i * stride; }
 };
 
-__device__ __forceinline__ char* CombineSlot(LLWorkspace* w, int p, int t, int k) {
-  const int64_t idx = (static_cast<int64_t>(p) * w->max_tokens + t) * w->num_topk + k;
-  return Region(w, w->layout.combine_off) + idx * w->layout.slot_bytes;
+// Combine slot `k` (a top-k entry, or an expert rank with pre-reduction) of token t, parity p,
+// in `w` (this device's or a peer's), addressed with this device's header `ws` (the layout is
+// the same everywhere; reading the peer's header would cost NVLink round trips).
+__device__ __forceinline__ char* CombineSlot(const LLWorkspace* ws, LLWorkspace* w, int p, int t,
+                                             int k) {
+  const int64_t idx =
+      (static_cast<int64_t>(p) * ws->max_tokens + t) * ws->layout.combine_slots + k;
+  return Region(w, ws->layout.combine_off) + idx * ws->layout.slot_bytes;
+}
+
+// Pre-reduction weights [T_max][K] that source `src` pushed to `w` for parity p (addressed as
+// CombineSlot).
+__device__ __forceinline__ float* CombineWeights(const LLWorkspace* ws, LLWorkspace* w, int p,
+                                                 int src) {
+  const int64_t idx = (static_cast<int64_t>(p) * ws->num_ranks + src) * ws->max_tokens;
+  return reinterpret_cast<float*>(Region(w, ws->layout.weights_off)) + idx * ws->num_topk;
 }
 
 // ---- 16-channel lane vectors --------------------------------------------------------------
@@ -495,9 +508,32 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
         a.src_topk[out_row] = k;
       }
     }
+    // recv_rows of this token, and -1 for the tokens of this source between it and the
+    // previous received one (after it too, for the last): a source's rows ascend by token.
+    if (c == 0) {
+      int32_t* rr = a.recv_rows + static_cast<size_t>(s) * T * K;
+      if (lane < K) {
+        int row = -1;
+        if (ent >= 0) {
+          const int l = ent / Tmax;
+          row = l * RT + s_off[l * R + s] + (ent - l * Tmax);
+        }
+        rr[t * K + lane] = row;
+      }
+      const int t_prev = i > 0 ? __ldcg(b.Meta(ws, i - 1)) : -1;
+      for (int x = (t_prev + 1) * K + lane; x < t * K; x += 32) rr[x] = -1;
+      if (q + 1 == s_rows[s + 1]) {
+        for (int x = (t + 1) * K + lane; x < T * K; x += 32) rr[x] = -1;
+      }
+    }
   }
 
-  // Padding rows: -1 in the handle; zeros in x (and scales) with zero_padding.
+  // Padding rows: -1 in the handle; zeros in x (and scales) with zero_padding. recv_rows of
+  // the sources that sent nothing: -1.
+  for (int x = blockIdx.x * kThreads + tid; x < RT * K; x += gridDim.x * kThreads) {
+    const int s = x / (T * K);
+    if (s_rows[s + 1] == s_rows[s]) a.recv_rows[x] = -1;
+  }
   const int total_rows = El * RT;
   for (int r = blockIdx.x * kThreads + tid; r < total_rows; r += gridDim.x * kThreads) {
     if (r % RT >= s_total[r / RT]) {
@@ -636,11 +672,109 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
       BulkWaitStageFree();  // the stage's previous store has read it
       BulkLoad(buf, reinterpret_cast<const char*>(static_cast<const T*>(a.y) + r * H) + off,
                bytes, &s_bar[warp][st], (j / kBulkStages) & 1u);
-      BulkStore(CombineSlot(ws->peers[s], p, t, k) + off, buf, bytes);
+      BulkStore(CombineSlot(ws, ws->peers[s], p, t, k) + off, buf, bytes);
     }
     BulkStoresDone();
   }
   __syncwarp();
+
+  const bool last = LastBlock(ws, kCombineSendTicket);
+  if (last && tid < R) StoreRelease(&ws->peers[tid]->combine_flag[p][me], seq);
+  if (last && tid == 0) {
+    ws->seq[kCombineSendCtr] = seq;
+    a.info[0] = static_cast<int32_t>(seq & 0xffffffffu);
+    a.info[1] = static_cast<int32_t>(seq >> 32);
+  }
+}
+
+// ---- combine send with pre-reduction ---------------------------------------------------------
+
+// (See LaunchLLCombineSendReduced.) Warp per (source token, 512-channel chunk): the float32 sum
+// over the token's entries held here of weight * row, stored in y's dtype to the source's slot
+// [token][this rank]; the rows of up to 4 entries are loaded at once.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombineSendReducedArgs a) {
+  LLWorkspace* ws = a.ws;
+  const int R = ws->num_ranks, me = ws->rank, H = ws->hidden, K = ws->num_topk;
+  const int Tn = a.num_tokens, E = a.num_experts;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned long long seq = ws->seq[kCombineSendCtr] + 1;
+  const int p = static_cast<int>(seq & 1);
+  constexpr int kVec = sizeof(T);  // int4s per lane (16 elements)
+  constexpr int kBatch = 4;        // entries whose rows are loaded together
+
+  WaitPeers(ws, ws->combine_ack[p], seq > 2 ? seq - 2 : 0, kLLCombineSend, a.timeout_ns);
+  // 1. Block 0 pushes this rank's weights to every rank: a repeated expert's weights summed
+  //    into its first listing (whose row the dispatch recv recorded), 0 for invalid entries.
+  if (blockIdx.x == 0) {
+    for (int i = tid; i < Tn * K; i += kThreads) {
+      const int t = i / K, k = i - t * K;
+      const int32_t* idx = a.topk_idx + static_cast<size_t>(t) * K;
+      const int e = idx[k];
+      float w = 0.f;
+      if (e >= 0 && e < E) {
+        bool first = true;
+        for (int j = 0; j < k && first; ++j) first = idx[j] != e;
+        if (first) {
+          for (int j = k; j < K; ++j) {
+            if (idx[j] == e) w += a.weights[static_cast<size_t>(t) * K + j];
+          }
+        }
+      }
+      for (int d = 0; d < R; ++d) CombineWeights(ws, ws->peers[d], p, me)[i] = w;
+    }
+    FenceAcqRelSys();
+    __syncthreads();
+    if (tid < R) StoreRelease(&ws->peers[tid]->combine_wflag[p][me], seq);
+  }
+  WaitPeers(ws, ws->combine_wflag[p], seq, kLLCombineWeights, a.timeout_ns);
+
+  // 2. Per (source token, chunk): the weighted sum of the rows held here.
+  const int chunks = (H + kLLChunk - 1) / kLLChunk;
+  const int items = R * Tn * chunks;
+  for (int item = blockIdx.x * kWarps + warp; item < items; item += gridDim.x * kWarps) {
+    const int pair = item / chunks, c = item - pair * chunks;
+    const int s = pair / Tn, t = pair - s * Tn;
+    const int row = lane < K ? a.recv_rows[static_cast<size_t>(pair) * K + lane] : -1;
+    unsigned todo = __ballot_sync(kFull, row >= 0);
+    if (!todo) continue;
+    const float w = row >= 0 ? __ldcg(CombineWeights(ws, ws, p, s) + t * K + lane) : 0.f;
+    const int h0 = c * kLLChunk + lane * kPerLane;
+    const bool active = h0 < H;
+    float acc[kPerLane] = {};
+    while (todo) {  // warp-uniform
+      int rows[kBatch];
+      float wts[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int k = todo ? __ffs(todo) - 1 : 0;
+        const int rk = __shfl_sync(kFull, row, k);
+        const float wk = __shfl_sync(kFull, w, k);
+        rows[j] = todo ? rk : -1;
+        wts[j] = wk;
+        todo &= todo - 1;
+      }
+      if (!active) continue;
+      int4 raw[kBatch][kVec];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        if (rows[j] < 0) continue;
+        const int4* src = reinterpret_cast<const int4*>(
+            static_cast<const T*>(a.y) + static_cast<size_t>(rows[j]) * H + h0);
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) raw[j][v] = src[v];
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        if (rows[j] < 0) continue;
+        float f[kPerLane];
+        Load16(reinterpret_cast<const T*>(raw[j]), f, false);
+#pragma unroll
+        for (int v = 0; v < kPerLane; ++v) acc[v] += wts[j] * f[v];
+      }
+    }
+    if (active) Store16(reinterpret_cast<T*>(CombineSlot(ws, ws->peers[s], p, t, me)) + h0, acc);
+  }
 
   const bool last = LastBlock(ws, kCombineSendTicket);
   if (last && tid < R) StoreRelease(&ws->peers[tid]->combine_flag[p][me], seq);
@@ -677,6 +811,20 @@ __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArg
     const int h0 = c * kLLChunk + lane * kPerLane;
     const bool active = h0 < H;
     float acc[kPerLane] = {};
+    if (a.reduced) {  // one row per expert rank of the token's entries, in rank order
+      unsigned ranks = __reduce_or_sync(kFull, valid ? 1u << a.expert_rank[e] : 0u);
+      if (!active) continue;
+      while (ranks) {
+        const int r = __ffs(ranks) - 1;
+        ranks &= ranks - 1;
+        float v[kPerLane];
+        Load16(reinterpret_cast<const T*>(CombineSlot(ws, ws, p, t, r)) + h0, v, true);
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) acc[j] += v[j];
+      }
+      Store16(static_cast<T*>(a.out) + static_cast<size_t>(t) * H + h0, acc);
+      continue;
+    }
     for (int k = 0; k < K; ++k) {
       const bool vk = __shfl_sync(kFull, valid, k);
       const int fk = __shfl_sync(kFull, first, k);
@@ -684,7 +832,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArg
       if (!active) continue;
       float v[kPerLane];
       if (vk) {
-        Load16(reinterpret_cast<const T*>(CombineSlot(ws, p, t, fk)) + h0, v, true);
+        Load16(reinterpret_cast<const T*>(CombineSlot(ws, ws, p, t, fk)) + h0, v, true);
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) acc[j] += w * v[j];
       } else {
@@ -719,6 +867,7 @@ cudaError_t LoadLLModule() {  // touch every kernel now (no lazy loading while a
       Fn(&LLDispatchSendKernel<__nv_bfloat16>), Fn(&LLDispatchSendKernel<float>),
       Fn(&LLDispatchRecvKernel<1>), Fn(&LLDispatchRecvKernel<2>), Fn(&LLDispatchRecvKernel<4>),
       Fn(&LLCombineSendKernel<__nv_bfloat16>), Fn(&LLCombineSendKernel<float>),
+      Fn(&LLCombineSendReducedKernel<__nv_bfloat16>), Fn(&LLCombineSendReducedKernel<float>),
       Fn(&LLCombineRecvKernel<__nv_bfloat16>), Fn(&LLCombineRecvKernel<float>),
   };
   for (const void* k : kernels) {
@@ -746,8 +895,10 @@ LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_lo
   const int outboxes = copy_engine ? kLLDispatchBuffers - kLLFirstCopyBuffer : 0;
   l.inbox_off = up(sizeof(LLWorkspace));
   l.outbox_off = l.inbox_off + inboxes * bundles;
+  l.combine_slots = num_topk > num_ranks ? num_topk : num_ranks;
   l.combine_off = l.outbox_off + outboxes * bundles;
-  l.total_bytes = l.combine_off + up(2 * int64_t{max_tokens} * num_topk * l.slot_bytes);
+  l.weights_off = l.combine_off + up(2 * int64_t{max_tokens} * l.combine_slots * l.slot_bytes);
+  l.total_bytes = l.weights_off + up(2 * int64_t{num_ranks} * max_tokens * num_topk * 4);
   return l;
 }
 
@@ -981,6 +1132,17 @@ cudaError_t LaunchLLCombineSend(const LLCombineSendArgs& a, cudaStream_t stream)
     LLCombineSendKernel<__nv_bfloat16><<<blocks, kThreads, smem, stream>>>(a);
   } else {
     LLCombineSendKernel<float><<<blocks, kThreads, smem, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchLLCombineSendReduced(const LLCombineSendReducedArgs& a, cudaStream_t stream) {
+  const int items = a.shape.num_ranks * a.num_tokens * Chunks(a.shape.hidden);
+  const int blocks = DefaultBlocks(a.num_sms, (items + kWarps - 1) / kWarps);
+  if (a.elem_bytes == 2) {
+    LLCombineSendReducedKernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(a);
+  } else {
+    LLCombineSendReducedKernel<float><<<blocks, kThreads, 0, stream>>>(a);
   }
   return cudaGetLastError();
 }

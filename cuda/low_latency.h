@@ -11,8 +11,10 @@
 //     range; then it raises a flag per destination and returns. The *recv* kernel waits for the
 //     flags of every source, then unpacks the rows into the expert-major [E_l, R*T, H] output.
 //   * combine: the *send* kernel copies each expert output row (bulk TMA copies through shared
-//     memory) into its source's slot [parity][token][k] and raises flags; the *recv* kernel waits, then reduces per token with
-//     the top-k weights in float32.
+//     memory) into its source's slot [parity][token][k] and raises flags; the *recv* kernel
+//     waits, then reduces per token with the top-k weights in float32. Pre-reduced combine
+//     (LaunchLLCombineSendReduced): the expert rank sums a token's rows itself and sends one
+//     row per (token, expert rank) to slot [parity][token][rank].
 // Reuse protocol: a receiver acknowledges a call once it has read it; a sender waits, before
 // writing a buffer, until every destination has acknowledged the call that last wrote it.
 // Combine alternates between two parities (the call two back). Dispatch SM sends alternate
@@ -45,6 +47,7 @@ enum LLPhase : int32_t {
   kLLDispatchRecv = 12,  // waiting for a source's rows
   kLLCombineSend = 13,
   kLLCombineRecv = 14,
+  kLLCombineWeights = 15,  // pre-reduced combine send: waiting for a source's top-k weights
 };
 
 // Indices of LLWorkspace::seq (call counters, advanced by the send kernels; a recv takes its
@@ -66,10 +69,12 @@ struct LLLayout {
   int32_t meta_ints;     // per dispatched row: token, K entries, K weights
   int32_t counts_bytes;  // head of a bundle: [E_l + 1] int32 (per local expert, then rows)
   int32_t copy_engine;   // 1: buffers 2, 3 and the outbox exist (copy-engine sends)
+  int32_t combine_slots;  // slots per token and parity: max(K, R) (per top-k entry, or per
+                          // expert rank with pre-reduction)
   int64_t bundle_bytes;  // one dispatch bundle at T_max rows of slot_bytes
-  int64_t inbox_off, outbox_off, combine_off, total_bytes;  // regions, bytes from the base:
+  int64_t inbox_off, outbox_off, combine_off, weights_off, total_bytes;  // bytes from the base:
   // inbox:   [2 or 4 (buffer)][R(src)] bundles     outbox: [0 or 2 (buffer - 2)][R(dest)] bundles
-  // combine: [2][T_max][K] slots
+  // combine: [2][T_max][combine_slots] slots       weights: [2][R(src)][T_max][K] float32
 };
 
 struct LLWorkspace {
@@ -78,6 +83,7 @@ struct LLWorkspace {
   alignas(128) unsigned long long dispatch_ack[kLLDispatchBuffers][kMaxRanks];   // [buf][dest]
   alignas(128) unsigned long long combine_flag[2][kMaxRanks];
   alignas(128) unsigned long long combine_ack[2][kMaxRanks];
+  alignas(128) unsigned long long combine_wflag[2][kMaxRanks];  // pre-reduction weights, [src]
   // This device's call counters (LLCounter) and last-block tickets (LLTicket).
   alignas(128) unsigned long long seq[kNumLLCounters];
   unsigned int ticket[kNumLLTickets];
@@ -212,6 +218,8 @@ struct LLDispatchRecvArgs {
   int32_t* counts;     // [E_l]
   int32_t* src_index;  // [E_l, R*T]: src_rank * T + token, -1 padding
   int32_t* src_topk;   // [E_l, R*T]: the source token's top-k entry, -1 padding
+  int32_t* recv_rows;  // [R*T, K]: per (source token, top-k entry) its output row
+                       //   (local expert * R*T + row), -1 if not here or a repeated listing
   int32_t* num_invalid;  // [1], copied from info
   int num_sms;
   unsigned long long timeout_ns;
@@ -234,6 +242,26 @@ struct LLCombineSendArgs {
 };
 cudaError_t LaunchLLCombineSend(const LLCombineSendArgs& a, cudaStream_t stream);
 
+// Combine with pre-reduction on the expert rank: each rank pushes its tokens' top-k weights
+// (repeated listings merged into the first) to every rank, waits for everyone's, then sums per
+// source token the weighted rows of its local experts in float32 and sends that one row (in
+// y's dtype) to the token's [token][expert rank] slot. Fewer bytes than a row per entry (up
+// to K/R times), at the price of one rounding to y's dtype per rank.
+struct LLCombineSendReducedArgs {
+  LLWorkspace* ws;
+  LLShape shape;
+  int num_tokens, num_experts;  // T of the dispatch, E
+  int elem_bytes;               // 2 = bfloat16, 4 = float32
+  const void* y;                // [E_l, R*T, H]
+  const int32_t* recv_rows;     // [R*T, K] from the dispatch recv
+  const int32_t* topk_idx;      // [T, K] this rank's tokens
+  const float* weights;         // [T, K]
+  int32_t* info;                // [2]: call number (low, high 32 bits)
+  int num_sms;
+  unsigned long long timeout_ns;
+};
+cudaError_t LaunchLLCombineSendReduced(const LLCombineSendReducedArgs& a, cudaStream_t stream);
+
 struct LLCombineRecvArgs {
   LLWorkspace* ws;
   LLShape shape;  // host copy of the workspace's sizes (launch configuration)
@@ -242,8 +270,11 @@ struct LLCombineRecvArgs {
   const int32_t* info;        // the send's info
   const int32_t* topk_idx;    // [T, K]
   const float* weights;       // [T, K]
+  const int32_t* expert_rank;  // [E]
+  bool reduced;               // the send pre-reduced: sum the token's per-rank rows (no weights)
   void* out;                  // [T, H]
-  void* rows;                 // [T, K, H] or null: the returned row of each entry (0 if none)
+  void* rows;                 // [T, K, H] or null: the returned row of each entry (0 if none;
+                              // not with `reduced`)
   int num_sms;
   unsigned long long timeout_ns;
 };

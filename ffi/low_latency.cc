@@ -3,6 +3,7 @@
 //   jaxep_ll_dispatch_send_ce_ffi -> jaxep::LaunchLLDispatchSend (copy-engine send)
 //   jaxep_ll_dispatch_recv_ffi -> jaxep::LaunchLLDispatchRecv
 //   jaxep_ll_combine_send_ffi  -> jaxep::LaunchLLCombineSend
+//   jaxep_ll_combine_send_reduced_ffi -> jaxep::LaunchLLCombineSendReduced
 //   jaxep_ll_combine_recv_ffi  -> jaxep::LaunchLLCombineRecv
 // Each finds its device's low-latency buffers in the registry, validates every buffer against
 // them, and only enqueues one kernel (a copy-engine dispatch send also its copies, on jaxep's
@@ -123,6 +124,7 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
                               ffi::ResultBuffer<ffi::S32> counts,
                               ffi::ResultBuffer<ffi::S32> src_index,
                               ffi::ResultBuffer<ffi::S32> src_topk,
+                              ffi::ResultBuffer<ffi::S32> recv_rows,
                               ffi::ResultBuffer<ffi::S32> num_invalid, int64_t comm_id,
                               int32_t num_sms, int64_t timeout_ns, bool ue8m0, bool zero_padding,
                               bool weighted) {
@@ -157,6 +159,7 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   JAXEP_RETURN_IF_ERROR(Shape(op, "counts", *counts, {El}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_index", *src_index, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", *src_topk, {El, RT}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "recv_rows", *recv_rows, {RT, int64_t{ref.ll_topk}}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "num_invalid", *num_invalid, {}));
   LLDispatchRecvArgs a{};
   a.ws = ref.ll;
@@ -173,6 +176,7 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   a.counts = counts->typed_data();
   a.src_index = src_index->typed_data();
   a.src_topk = src_topk->typed_data();
+  a.recv_rows = recv_rows->typed_data();
   a.num_invalid = num_invalid->typed_data();
   a.num_sms = num_sms;
   a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
@@ -215,10 +219,49 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   return LaunchStatus(op, LaunchLLCombineSend(a, stream));
 }
 
+ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                                    ffi::Buffer<ffi::S32> recv_rows, ffi::Buffer<ffi::S32> topk_idx,
+                                    ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::S32> info,
+                                    int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+  const char* op = "ll_combine_send(prereduce=True)";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
+  const int64_t K = ref.ll_topk;
+  const int elem = ElemBytes(y.element_type());
+  if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
+  auto dims = y.dimensions();
+  if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
+    return Invalid(op, "y must be [E_l=" + Str(El) + ", R*T, H=" + Str(H) + "] with R=" + Str(R) +
+                           ", got " + Dims(dims));
+  }
+  const int64_t RT = dims[1], T = RT / R;
+  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "recv_rows", recv_rows, {RT, K}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "topk_idx", topk_idx, {T, K}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", weights, {T, K}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
+  LLCombineSendReducedArgs a{};
+  a.ws = ref.ll;
+  a.shape = ref.ll_shape;
+  a.num_tokens = static_cast<int>(T);
+  a.num_experts = static_cast<int>(R * El);
+  a.elem_bytes = elem;
+  a.y = y.untyped_data();
+  a.recv_rows = recv_rows.typed_data();
+  a.topk_idx = topk_idx.typed_data();
+  a.weights = weights.typed_data();
+  a.info = info->typed_data();
+  a.num_sms = num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  return LaunchStatus(op, LaunchLLCombineSendReduced(a, stream));
+}
+
 ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> info,
                              ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
-                             ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> rows,
-                             int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+                             ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
+                             ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
+                             int64_t timeout_ns, bool reduced) {
   const char* op = "ll_combine_recv";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
@@ -234,7 +277,9 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
   const int elem = ElemBytes(out->element_type());
   if (elem != 2 && elem != 4) return Invalid(op, "out must be bfloat16 or float32");
   JAXEP_RETURN_IF_ERROR(Shape(op, "out", *out, {T, H}));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "expert_rank", expert_rank, {R * ref.ll_shape.num_local_experts}));
   const bool want_rows = rows->element_count() > 0;
+  if (want_rows && reduced) return Invalid(op, "a pre-reduced combine has no per-entry rows");
   if (want_rows) {
     if (rows->element_type() != out->element_type()) return Invalid(op, "rows must match out's dtype");
     JAXEP_RETURN_IF_ERROR(Shape(op, "rows", *rows, {T, K, H}));
@@ -249,6 +294,8 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
   a.info = info.typed_data();
   a.topk_idx = topk_idx.typed_data();
   a.weights = weights.typed_data();
+  a.expert_rank = expert_rank.typed_data();
+  a.reduced = reduced;
   a.out = out->untyped_data();
   a.rows = want_rows ? rows->untyped_data() : nullptr;
   a.num_sms = num_sms;
@@ -298,6 +345,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi, jaxep::LLDispatchRecvImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // counts [E_l]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // num_invalid []
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int32_t>("num_sms")
@@ -321,6 +369,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendFfi, jaxep::LLCombineSendImpl,
                                   .Attr<int64_t>("timeout_ns"),
                               {ffi::Traits::kCmdBufferCompatible});
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendReducedFfi, jaxep::LLCombineSendReducedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [2]
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
@@ -328,11 +390,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // info [2] of the send
                                   .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
                                   .Ret<ffi::AnyBuffer>()         // out [T, H]
                                   .Ret<ffi::AnyBuffer>()         // rows [T, K, H] or empty
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns"),
+                                  .Attr<int64_t>("timeout_ns")
+                                  .Attr<bool>("reduced"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 #endif  // JAXEP_WITH_CUDA

@@ -52,6 +52,7 @@ const char* PhaseName(int phase) {
     case kLLDispatchRecv: return "ll_dispatch receive (waiting for the source's rows)";
     case kLLCombineSend: return "ll_combine send (waiting for the destination to release its buffer)";
     case kLLCombineRecv: return "ll_combine receive (waiting for the expert rank's rows)";
+    case kLLCombineWeights: return "ll_combine send, pre-reduced (waiting for the source's top-k weights)";
     default: return "unknown phase";
   }
 }

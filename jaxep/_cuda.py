@@ -253,6 +253,7 @@ LL_DISPATCH_SEND_TARGET = "jaxep_ll_dispatch_send_ffi"
 LL_DISPATCH_SEND_CE_TARGET = "jaxep_ll_dispatch_send_ce_ffi"  # copy engines; not in CUDA graphs
 LL_DISPATCH_RECV_TARGET = "jaxep_ll_dispatch_recv_ffi"
 LL_COMBINE_SEND_TARGET = "jaxep_ll_combine_send_ffi"
+LL_COMBINE_SEND_REDUCED_TARGET = "jaxep_ll_combine_send_reduced_ffi"
 LL_COMBINE_RECV_TARGET = "jaxep_ll_combine_recv_ffi"
 LL_MAX_TOPK = 32  # kLLMaxTopk in cuda/low_latency.h
 
@@ -299,7 +300,8 @@ def ll_dispatch_send(comm, x, topk_idx, weights=None, *, fp8=False, round_scale=
 
 def ll_dispatch_recv(comm, info, num_tokens, dtype, *, fp8=False, ue8m0=False,
                      zero_padding=True, weighted=False):
-    """Receive phase: ``(x, scales or None, counts, src_index, src_topk, num_invalid)``."""
+    """Receive phase: ``(x, scales or None, counts, src_index, src_topk, recv_rows,
+    num_invalid)``."""
     el, rt, h = comm.num_local_experts, comm.num_ranks * num_tokens, comm.cfg.hidden
     sds = jax.ShapeDtypeStruct
     if fp8:
@@ -312,10 +314,10 @@ def ll_dispatch_recv(comm, info, num_tokens, dtype, *, fp8=False, ue8m0=False,
     i32 = jnp.int32
     out = _ll_call(comm, LL_DISPATCH_RECV_TARGET,
                    (x_t, s_t, sds((el,), i32), sds((el, rt), i32), sds((el, rt), i32),
-                    sds((), i32)), info,
+                    sds((rt, comm.cfg.num_topk), i32), sds((), i32)), info,
                    ue8m0=bool(ue8m0), zero_padding=bool(zero_padding), weighted=bool(weighted))
-    x, scales, counts, src_index, src_topk, num_invalid = out
-    return x, (scales if fp8 else None), counts, src_index, src_topk, num_invalid
+    x, scales, counts, src_index, src_topk, recv_rows, num_invalid = out
+    return x, (scales if fp8 else None), counts, src_index, src_topk, recv_rows, num_invalid
 
 
 def ll_combine_send(comm, y, src_index, src_topk, counts):
@@ -324,12 +326,21 @@ def ll_combine_send(comm, y, src_index, src_topk, counts):
                     src_index, src_topk, counts)
 
 
-def ll_combine_recv(comm, info, topk_idx, weights, dtype, want_rows=False):
-    """Receive phase of combine: ``(out [T, H], rows [T, K, H] or None)``."""
+def ll_combine_send_reduced(comm, y, recv_rows, topk_idx, weights):
+    """Send phase of the pre-reduced combine: exchanges the top-k ``weights [T, K]``, then sends
+    per source token the float32 sum of its weighted rows of ``y`` held here, in y's dtype."""
+    return _ll_call(comm, LL_COMBINE_SEND_REDUCED_TARGET, jax.ShapeDtypeStruct((2,), jnp.int32),
+                    y, recv_rows, topk_idx, weights.astype(jnp.float32))
+
+
+def ll_combine_recv(comm, info, topk_idx, weights, dtype, want_rows=False, reduced=False):
+    """Receive phase of combine: ``(out [T, H], rows [T, K, H] or None)``. ``reduced``: the
+    send pre-reduced per expert rank (no per-entry rows then)."""
     t, k = topk_idx.shape
     h = comm.cfg.hidden
     sds = jax.ShapeDtypeStruct
     rows_t = sds((t, k, h), dtype) if want_rows else sds((0,), dtype)
     out, rows = _ll_call(comm, LL_COMBINE_RECV_TARGET, (sds((t, h), dtype), rows_t), info,
-                         topk_idx, weights.astype(jnp.float32))
+                         topk_idx, weights.astype(jnp.float32), jnp.asarray(comm.expert_rank),
+                         reduced=bool(reduced))
     return out, (rows if want_rows else None)

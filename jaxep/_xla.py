@@ -228,8 +228,12 @@ def ll_combine_send(comm, y, src_index):
     return _a2a(comm, buf)
 
 
-def ll_combine_recv(comm, back, topk_idx, topk_weights):
-    """Receive phase of combine: ``sum_k w[t, k] * back[rank(e_k), slot(e_k), t]`` in f32."""
+def ll_combine_recv(comm, back, topk_idx, topk_weights, prereduce=False):
+    """Receive phase of combine: ``sum_k w[t, k] * back[rank(e_k), slot(e_k), t]`` in f32.
+
+    ``prereduce``: as the pre-reduced CUDA combine, the entries of each expert rank are summed
+    first (f32) and that partial sum is rounded to ``back.dtype`` before the sum over ranks.
+    """
     idx, _ = sanitize(comm, topk_idx)
     dest = jnp.maximum(_lookup(comm.expert_rank, idx), 0)
     slot = jnp.maximum(_lookup(comm.expert_slot, idx), 0)
@@ -237,4 +241,21 @@ def ll_combine_recv(comm, back, topk_idx, topk_weights):
     rows = back[dest, slot, t].astype(jnp.float32)  # [T, K, ...]
     w = jnp.where(idx >= 0, topk_weights, 0).astype(jnp.float32)
     w = w.reshape(w.shape + (1,) * (rows.ndim - 2))
-    return jnp.sum(rows * w, axis=1).astype(back.dtype)
+    terms = rows * w
+    if not prereduce:
+        return jnp.sum(terms, axis=1).astype(back.dtype)
+    at = (dest * (idx >= 0) + (idx < 0) * comm.num_ranks).reshape(w.shape)  # R: no rank
+    partials = [jnp.sum(jnp.where(at == r, terms, 0.0), axis=1).astype(back.dtype)
+                for r in range(comm.num_ranks)]
+    return sum(p.astype(jnp.float32) for p in partials).astype(back.dtype)
+
+
+def ll_recv_rows(src_index, src_topk, num_topk):
+    """``[R*T, K]`` int32: the row (``local expert * R*T + row``) of each received (source
+    token, top-k entry), -1 where none: the inverse of ``(src_index, src_topk)``."""
+    el, rt = src_index.shape
+    ok = src_index >= 0
+    token = jnp.where(ok, src_index, rt).reshape(-1)  # rt: out of range, dropped
+    entry = jnp.where(ok, src_topk, 0).reshape(-1)
+    rows = jnp.arange(el * rt, dtype=jnp.int32)
+    return jnp.full((rt, num_topk), -1, jnp.int32).at[token, entry].set(rows, mode="drop")

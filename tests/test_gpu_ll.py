@@ -2,7 +2,8 @@
 GPUs, fresh random inputs per trial (marked ``gpu``; skipped without CUDA devices).
 
 Dispatch must match exactly (rows incl. zero padding, fp8 payload and scales, counts, handle,
-num_invalid); combine within one bf16 ulp (both accumulate in float32, in different orders);
+num_invalid); combine within one bf16 ulp (both accumulate in float32, in different orders), the
+pre-reduced combine (``prereduce=True``) against the pure-JAX backend's pre-reduced combine;
 gradients against the pure-JAX backend's autodiff.
 """
 
@@ -60,9 +61,11 @@ def ll_fn(comm, fp8=False, round_scale=False, ue8m0=False, zero_padding=True, co
         else:
             d = jaxep.ll_dispatch(comm, x, idx, zero_padding=zero_padding, **kw)
         out = {"x": d.x, "counts": d.counts, "num_invalid": d.num_invalid[None],
-               "src_index": d.handle.src_index, "src_topk": d.handle.src_topk}
+               "src_index": d.handle.src_index, "src_topk": d.handle.src_topk,
+               "recv_rows": d.handle.recv_rows}
         if not fp8:
             out["out"] = jaxep.ll_combine(comm, y, idx, w, d.handle)
+            out["out_pre"] = jaxep.ll_combine(comm, y, idx, w, d.handle, prereduce=True)
         return out
 
     return ep_call(comm, f)
@@ -103,7 +106,7 @@ def check_case(num_ranks, case, trials, fp8=False, round_scale=False, ue8m0=Fals
         got = jax.device_get(f_cuda(*args))
         want = jax.device_get(f_xla(*args))
         msg = f"{case} R={num_ranks} {kind} T={tokens} fp8={fp8}/{round_scale}/{ue8m0}"
-        for name in ("counts", "num_invalid", "src_index", "src_topk"):
+        for name in ("counts", "num_invalid", "src_index", "src_topk", "recv_rows"):
             np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name}: {msg}")
         keep = valid_rows(want["counts"], num_ranks * tokens)
         pairs = zip(got["x"], want["x"]) if fp8 else [(got["x"], want["x"])]
@@ -116,6 +119,14 @@ def check_case(num_ranks, case, trials, fp8=False, round_scale=False, ue8m0=Fals
             g = np.asarray(got["out"], np.float32)
             w = np.asarray(want["out"], np.float32)
             np.testing.assert_allclose(g, w, rtol=2 ** -7, atol=1e-6, err_msg=f"combine: {msg}")
+            # pre-reduced: both round each rank's partial sum to the dtype, but their float32
+            # partials differ in summation order (and repeated listings' weights are merged
+            # first here), so a partial may round one ulp apart: bound by the largest output
+            g = np.asarray(got["out_pre"], np.float32)
+            w = np.asarray(want["out_pre"], np.float32)
+            ulp = 2.0 ** -7 if dtype == jnp.bfloat16 else 2.0 ** -20
+            np.testing.assert_allclose(g, w, rtol=ulp, atol=ulp * float(np.abs(w).max()),
+                                       err_msg=f"combine prereduce: {msg}")
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
@@ -259,12 +270,12 @@ def test_two_phase_with_work_between(num_ranks):
         assert_bits(res[i], res[i + 1], f"output {i}")
 
 
-def _loss_fn(comm, fp8=False):
+def _loss_fn(comm, fp8=False, prereduce=False):
     def f(x, idx, w, y_scale, proj):
         d = jaxep.ll_dispatch(comm, x, idx, fp8=fp8)
         rows = jaxep.dequantize_fp8(*d.x, dtype=x.dtype) if fp8 else d.x
         y = rows * y_scale
-        out = jaxep.ll_combine(comm, y, idx, w, d.handle)
+        out = jaxep.ll_combine(comm, y, idx, w, d.handle, prereduce=prereduce)
         return jnp.sum(out.astype(jnp.float32) * proj)[None]
 
     def loss(x, idx, w, y_scale, proj):
@@ -274,17 +285,19 @@ def _loss_fn(comm, fp8=False):
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_grads_match_xla(num_ranks, dtype):
+@pytest.mark.parametrize("dtype,prereduce", [(jnp.float32, False), (jnp.bfloat16, False),
+                                             (jnp.float32, True)])
+def test_grads_match_xla(num_ranks, dtype, prereduce):
     cuda, xla = comms(num_ranks, "small")
     rng = np.random.default_rng(13)
+    _loss = functools.partial(_loss_fn, prereduce=prereduce)
     for kind in ("random", "minus_one", "duplicates", "invalid"):
         x, idx, w, _ = inputs(rng, cuda, kind, 24, dtype)
         el = cuda.num_local_experts
         y_scale = jnp.asarray(rng.standard_normal((num_ranks * el, 1, 1)), dtype)
         proj = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-        got = jax.device_get(_loss_fn(cuda)(x, idx, w, y_scale, proj))
-        want = jax.device_get(_loss_fn(xla)(x, idx, w, y_scale, proj))
+        got = jax.device_get(_loss(cuda)(x, idx, w, y_scale, proj))
+        want = jax.device_get(_loss(xla)(x, idx, w, y_scale, proj))
         for name, g, wv in zip(("x", "w", "y_scale"), got, want):
             g, wv = np.asarray(g, np.float32), np.asarray(wv, np.float32)
             # bf16: both backends round partial sums to bf16 (in different places), so the
@@ -325,9 +338,11 @@ def test_fp8_grad_is_straight_through():
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_thousand_iteration_loop(num_ranks):
-    """1000 dispatch -> combine rounds in one lax.fori_loop, checked exactly: float32 integer
-    tokens, K distinct valid experts with weight 1/K (a power of two), so each round returns the
-    token itself; the loop adds 1 per round."""
+    """2000 dispatch -> combine rounds in one lax.fori_loop of 1000 iterations, checked exactly:
+    float32 integer tokens, K distinct valid experts with weight 1/K (a power of two), so each
+    round returns the token itself, plus 1. The second round of an iteration uses the
+    pre-reduced combine (exact too: float32 partial sums of such terms), so both kinds of
+    combine share the call sequence."""
     cuda, _ = comms(num_ranks, "small")
     k, e, t = cuda.cfg.num_topk, cuda.cfg.num_experts, 24
     rng = np.random.default_rng(21)
@@ -339,16 +354,18 @@ def test_thousand_iteration_loop(num_ranks):
     def f(x, idx, w):
         def body(i, carry):
             x, total = carry
-            d = jaxep.ll_dispatch(cuda, x, idx)
-            out = jaxep.ll_combine(cuda, d.x, idx, w, d.handle)
-            return out + 1.0, total + jnp.sum(d.counts)
+            for prereduce in (False, True):
+                d = jaxep.ll_dispatch(cuda, x, idx)
+                x = jaxep.ll_combine(cuda, d.x, idx, w, d.handle, prereduce=prereduce) + 1.0
+                total = total + jnp.sum(d.counts)
+            return x, total
         zero = jnp.zeros((), jnp.int32) * idx[0, 0]  # typed as varying over the EP axis
         x, total = jax.lax.fori_loop(0, 1000, body, (x, zero))
         return x, total[None]
 
     x, total = jax.device_get(ep_call(cuda, f)(x0, idx, w))
-    np.testing.assert_array_equal(x, np.asarray(x0) + 1000)
-    assert int(np.sum(total)) == 1000 * num_ranks * t * k
+    np.testing.assert_array_equal(x, np.asarray(x0) + 2000)
+    assert int(np.sum(total)) == 2000 * num_ranks * t * k
 
 
 CMD_BUFFER_SCRIPT = textwrap.dedent("""

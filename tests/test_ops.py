@@ -288,8 +288,10 @@ def ll_fn(num_ranks, cfg, fp8=False, round_scale=False, ue8m0=False):
                    hcounts=d.handle.counts,
                    x2=d2.x, counts2=d2.counts, num_invalid2=d2.num_invalid[None],
                    src_index2=d2.handle.src_index, src_topk2=d2.handle.src_topk,
-                   hcounts2=d2.handle.counts)
+                   hcounts2=d2.handle.counts, recv_rows=d.handle.recv_rows,
+                   recv_rows2=d2.handle.recv_rows)
         if not fp8:
+            res["out3"] = jaxep.ll_combine(comm, y, idx, w, d.handle, prereduce=True)
             res["out"] = jaxep.ll_combine(comm, y, idx, w, d.handle)
             res["out2"] = jaxep.ll_combine_recv(
                 comm, jaxep.ll_combine_send(comm, y, idx, w, d2.handle))
@@ -325,6 +327,7 @@ def check_ll(num_ranks, cfg, kind, seed, tokens=None, dtype=jnp.bfloat16, fp8=Fa
             np.testing.assert_array_equal(g["src_index"][r], ref[r]["src_index"])
             np.testing.assert_array_equal(g["src_topk"][r], ref[r]["src_topk"])
             assert int(g["num_invalid"][r, 0]) == ref[r]["num_invalid"]
+            check_recv_rows(per_rank(got["recv_rows" + sfx], R)[r], ref[r], cfg.num_topk)
         gx = got["x" + sfx]
         if fp8:
             assert isinstance(gx, tuple) and len(gx) == 2
@@ -352,7 +355,22 @@ def check_ll(num_ranks, cfg, kind, seed, tokens=None, dtype=jnp.bfloat16, fp8=Fa
         tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
         np.testing.assert_allclose(out.astype(np.float32), exp, rtol=tol, atol=tol)
         assert_bits_equal(got["out2"], out)
+        # prereduce: one extra rounding to the dtype per rank's partial sum
+        out3 = np.asarray(got["out3"])
+        assert out3.dtype == x.dtype and out3.shape == (R * T, H)
+        np.testing.assert_allclose(out3.astype(np.float32), exp, rtol=tol, atol=2 * tol)
     return ref
+
+
+def check_recv_rows(recv_rows, ref, num_topk):
+    """recv_rows [R*T, K] of one rank is the inverse of its (src_index, src_topk), -1 elsewhere."""
+    el, rt = ref["src_index"].shape
+    want = np.full((rt, num_topk), -1, np.int32)
+    for l in range(el):
+        for j in range(rt):
+            if ref["src_index"][l, j] >= 0:
+                want[ref["src_index"][l, j], ref["src_topk"][l, j]] = l * rt + j
+    np.testing.assert_array_equal(recv_rows, want)
 
 
 LL8 = dict(num_experts=32, num_topk=4, hidden=128, max_tokens_per_rank=8)
