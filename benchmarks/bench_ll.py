@@ -106,7 +106,8 @@ def kernel_times(run, repeats=3):
                         if name.startswith("MemcpyP2P"):  # copy-engine sends' copies
                             copies.append(ev.duration_ns / 1e3)
                         for short in ("LLDispatchSendKernel", "LLDispatchRecvKernel",
-                                      "LLCombineSendKernel", "LLCombineRecvKernel"):
+                                      "LLCombineSendKernel", "LLCombineSendReducedKernel",
+                                      "LLCombineRecvKernel"):
                             if short in name:
                                 durations.setdefault(short, []).append(ev.duration_ns / 1e3)
     out = {k: float(np.median(v)) for k, v in sorted(durations.items())}

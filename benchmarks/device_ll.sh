@@ -4,6 +4,7 @@
 # with both backends. Logs and JSON go to $OUT (or ./device_out).
 # Usage (repo root, on the GPU machine):  bash benchmarks/device_ll.sh [tests|bench|all]
 # Env: TEST_BUDGET, BENCH_BUDGET (s), PYTEST_ARGS (words), PYTEST_K (a -k expression),
+# PYTEST_TESTS (words: files or node ids; default tests/test_gpu_ll.py),
 # BENCH_ARGS, NORMAL=1 (also the normal-mode GPU tests).
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
@@ -16,7 +17,7 @@ export CPLUS_INCLUDE_PATH=/usr/local/cuda/include/cccl${CPLUS_INCLUDE_PATH:+:$CP
 python3 -m pip install --no-build-isolation -v -e . > "$OUT/build.log" 2>&1
 rc=$?; echo "build rc=$rc"; [ $rc -eq 0 ] || { grep -iE "error" "$OUT/build.log" | head -40; exit 1; }
 if [ "$STAGE" != bench ]; then
-  timeout ${TEST_BUDGET:-330} python3 -m pytest tests/test_gpu_ll.py -q -rs --timeout=150 \
+  timeout ${TEST_BUDGET:-330} python3 -m pytest ${PYTEST_TESTS:-tests/test_gpu_ll.py} -q -rs --timeout=150 \
     ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest_ll.log" | tail -40
   echo "ll tests rc=${PIPESTATUS[0]}"
   if [ -n "${NORMAL:-}" ]; then

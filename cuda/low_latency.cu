@@ -108,10 +108,9 @@ __device__ __forceinline__ void Load16(const T* src, float* v, bool cache_global
   }
 }
 
+// Packs 16 floats as 16 elements of type T (bf16 or f32) in sizeof(T) int4s.
 template <typename T>
-__device__ __forceinline__ void Store16(T* dst, const float* v) {
-  constexpr int kVec = sizeof(T);
-  int4 raw[kVec];
+__device__ __forceinline__ void Pack16(const float* v, int4* raw) {
   if constexpr (sizeof(T) == 2) {
     __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(raw);
 #pragma unroll
@@ -121,6 +120,13 @@ __device__ __forceinline__ void Store16(T* dst, const float* v) {
 #pragma unroll
     for (int i = 0; i < 16; ++i) f[i] = v[i];
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void Store16(T* dst, const float* v) {
+  constexpr int kVec = sizeof(T);
+  int4 raw[kVec];
+  Pack16<T>(v, raw);
   int4* d = reinterpret_cast<int4*>(dst);
 #pragma unroll
   for (int i = 0; i < kVec; ++i) d[i] = raw[i];
@@ -689,9 +695,9 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
 
 // ---- combine send with pre-reduction ---------------------------------------------------------
 
-// (See LaunchLLCombineSendReduced.) Warp per (source token, 512-channel chunk): the float32 sum
-// over the token's entries held here of weight * row, stored in y's dtype to the source's slot
-// [token][this rank]; the rows of up to 4 entries are loaded at once.
+// (See LaunchLLCombineSendReduced.) Per source token: the float32 sum over its entries held here
+// of weight * row, stored in y's dtype to the source's slot [token][this rank]; the rows of up
+// to 4 entries are loaded at once.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombineSendReducedArgs a) {
   LLWorkspace* ws = a.ws;
@@ -729,51 +735,66 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombine
   }
   WaitPeers(ws, ws->combine_wflag[p], seq, kLLCombineWeights, a.timeout_ns);
 
-  // 2. Per (source token, chunk): the weighted sum of the rows held here.
+  // 2. Warp per (source token, group of chunks c = g, g + G, ...; G spreads the tokens over
+  //    every warp): the weighted float32 sum of the token's rows held here. A lane's 16
+  //    elements of a chunk are kVec pieces of one int4, kPieceStride apart, so that each store
+  //    instruction of the warp writes 512 contiguous bytes to the peer (whole sectors).
+  constexpr int kPieceElems = 16 / kVec;          // elements per int4: 8 (bf16) or 4 (f32)
+  constexpr int kPieceStride = 32 * kPieceElems;  // elements between a lane's pieces
   const int chunks = (H + kLLChunk - 1) / kLLChunk;
-  const int items = R * Tn * chunks;
+  const int pairs = R * Tn;
+  const int G = max(1, min(chunks, static_cast<int>(gridDim.x) * kWarps / pairs));
+  const int items = pairs * G;
   for (int item = blockIdx.x * kWarps + warp; item < items; item += gridDim.x * kWarps) {
-    const int pair = item / chunks, c = item - pair * chunks;
+    const int pair = item / G, g = item - pair * G;
     const int s = pair / Tn, t = pair - s * Tn;
     const int row = lane < K ? a.recv_rows[static_cast<size_t>(pair) * K + lane] : -1;
-    unsigned todo = __ballot_sync(kFull, row >= 0);
-    if (!todo) continue;
+    const unsigned entries = __ballot_sync(kFull, row >= 0);
+    if (!entries) continue;
     const float w = row >= 0 ? __ldcg(CombineWeights(ws, ws, p, s) + t * K + lane) : 0.f;
-    const int h0 = c * kLLChunk + lane * kPerLane;
-    const bool active = h0 < H;
-    float acc[kPerLane] = {};
-    while (todo) {  // warp-uniform
-      int rows[kBatch];
-      float wts[kBatch];
+    T* dst = reinterpret_cast<T*>(CombineSlot(ws, ws->peers[s], p, t, me));
+    for (int c = g; c < chunks; c += G) {
+      const int base = c * kLLChunk + lane * kPieceElems;
+      float acc[kPerLane] = {};
+      unsigned todo = entries;
+      while (todo) {  // warp-uniform
+        int rows[kBatch];
+        float wts[kBatch];
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int k = todo ? __ffs(todo) - 1 : 0;
-        const int rk = __shfl_sync(kFull, row, k);
-        const float wk = __shfl_sync(kFull, w, k);
-        rows[j] = todo ? rk : -1;
-        wts[j] = wk;
-        todo &= todo - 1;
+        for (int j = 0; j < kBatch; ++j) {
+          const int k = todo ? __ffs(todo) - 1 : 0;
+          const int rk = __shfl_sync(kFull, row, k);
+          wts[j] = __shfl_sync(kFull, w, k);
+          rows[j] = todo ? rk : -1;
+          todo &= todo - 1;
+        }
+        int4 raw[kBatch][kVec];
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const T* src = static_cast<const T*>(a.y) + static_cast<size_t>(max(rows[j], 0)) * H;
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) {
+            const int e = base + v * kPieceStride;
+            raw[j][v] = rows[j] >= 0 && e < H ? *reinterpret_cast<const int4*>(src + e)
+                                              : make_int4(0, 0, 0, 0);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          float f[kPerLane];
+          Load16(reinterpret_cast<const T*>(raw[j]), f, false);
+#pragma unroll
+          for (int v = 0; v < kPerLane; ++v) acc[v] += wts[j] * f[v];
+        }
       }
-      if (!active) continue;
-      int4 raw[kBatch][kVec];
+      int4 out[kVec];
+      Pack16<T>(acc, out);
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        if (rows[j] < 0) continue;
-        const int4* src = reinterpret_cast<const int4*>(
-            static_cast<const T*>(a.y) + static_cast<size_t>(rows[j]) * H + h0);
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) raw[j][v] = src[v];
-      }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        if (rows[j] < 0) continue;
-        float f[kPerLane];
-        Load16(reinterpret_cast<const T*>(raw[j]), f, false);
-#pragma unroll
-        for (int v = 0; v < kPerLane; ++v) acc[v] += wts[j] * f[v];
+      for (int v = 0; v < kVec; ++v) {
+        const int e = base + v * kPieceStride;
+        if (e < H) *reinterpret_cast<int4*>(dst + e) = out[v];
       }
     }
-    if (active) Store16(reinterpret_cast<T*>(CombineSlot(ws, ws->peers[s], p, t, me)) + h0, acc);
   }
 
   const bool last = LastBlock(ws, kCombineSendTicket);
