@@ -10,7 +10,11 @@
 //                  experts' output rows; padding; the last block acknowledges.
 //   combine send:  each valid row of y goes to its source's [token][k] slot in 4 KB bulk (TMA)
 //                  copies, global -> the warp's shared buffer -> the slot (lane 0 drives them).
-//   combine recv:  wait, weighted float32 sum over k per (token, chunk); acknowledge.
+//                  Pre-reduced: block 0 pushes the top-k weights to every rank, all wait for
+//                  everyone's, then the weighted float32 sum of a token's local rows goes to
+//                  its source's [token][rank] slot.
+//   combine recv:  wait, weighted float32 sum over k per (token, chunk) (pre-reduced: the sum
+//                  of the token's per-rank rows); acknowledge.
 // Received data is read with ld.global.cg (L2; buffers are rewritten by later calls, so L1
 // must never serve them), flags with acquire/release at system scope; waits are bounded. The
 // last block raises flags / acknowledgements with one thread per peer, so their system-scope
@@ -748,7 +752,8 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombine
   for (int item = blockIdx.x * kWarps + warp; item < items; item += gridDim.x * kWarps) {
     const int pair = item / G, g = item - pair * G;
     const int s = pair / Tn, t = pair - s * Tn;
-    const int row = lane < K ? a.recv_rows[static_cast<size_t>(pair) * K + lane] : -1;
+    int row = lane < K ? a.recv_rows[static_cast<size_t>(pair) * K + lane] : -1;
+    if (row >= ws->num_local_experts * R * Tn) row = -1;  // not from this dispatch's recv
     const unsigned entries = __ballot_sync(kFull, row >= 0);
     if (!entries) continue;
     const float w = row >= 0 ? __ldcg(CombineWeights(ws, ws, p, s) + t * K + lane) : 0.f;
@@ -1159,7 +1164,9 @@ cudaError_t LaunchLLCombineSend(const LLCombineSendArgs& a, cudaStream_t stream)
 
 cudaError_t LaunchLLCombineSendReduced(const LLCombineSendReducedArgs& a, cudaStream_t stream) {
   const int items = a.shape.num_ranks * a.num_tokens * Chunks(a.shape.hidden);
-  const int blocks = DefaultBlocks(a.num_sms, (items + kWarps - 1) / kWarps);
+  // At most one block per SM: every block waits for block 0's weights (see low_latency.h).
+  const int blocks =
+      min(DefaultBlocks(a.num_sms, (items + kWarps - 1) / kWarps), DeviceSmCount());
   if (a.elem_bytes == 2) {
     LLCombineSendReducedKernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(a);
   } else {

@@ -27,6 +27,12 @@
 // reads, times out with an error. Sequence numbers live on the device (advanced by the
 // kernels), so SM sends keep no host state and can be captured in CUDA graphs. Nothing spins
 // between the phases.
+// Pre-reduced combine weights: rank m writes its weights into [parity p][m] of every rank d
+// after d has acknowledged call seq - 2 (the same wait as for the slots); d's ack of seq - 2
+// follows its recv of seq - 2, which follows its send of seq - 2, the only reader of that
+// region. In a send, every block waits for the weights that block 0 of each rank pushes: block
+// 0 is the first block the hardware starts and waits for nothing but acknowledgements, and the
+// grid is at most one block per SM.
 #pragma once
 
 #include <cstddef>

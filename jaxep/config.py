@@ -45,8 +45,9 @@ class EPConfig:
       timeout_s: a peer that does not arrive within this many seconds fails the call instead of
         hanging it (CUDA backend).
       low_latency: allocate the CUDA low-latency buffers (``ll_*`` ops), per GPU about
-        ``8 * max_tokens_per_rank * hidden * (R + num_topk)`` bytes (float32-sized row slots,
-        two buffers per direction; ``Communicator.workspace_bytes`` says what was allocated). ``None``
+        ``8 * max_tokens_per_rank * hidden * (R + max(num_topk, R))`` bytes (float32-sized row
+        slots, two buffers per direction; ``Communicator.workspace_bytes`` says what was
+        allocated). ``None``
         (default) allocates them when that is at most 512 MiB, i.e. for decoding-sized
         ``max_tokens_per_rank``; ``False`` never (the ``ll_*`` ops then run the pure-JAX path).
       ll_copy_engine: with the low-latency buffers, also allocate those of copy-engine sends

@@ -16,7 +16,8 @@ NaNs. The handle's padding entries are always -1.
 Two-phase forms: ``*_send`` issues the transfer and returns a pending pytree, ``*_recv`` waits
 and unpacks it; independent work placed between them may overlap the transfer. On the CUDA
 backend the send kernel writes the rows into the destinations' buffers and returns; nothing
-spins until the recv kernel. Over NVLink that kernel has finished the transfer when it returns,
+spins until the recv kernel (except in ``ll_combine_send(..., prereduce=True)``, whose kernel
+first waits for every rank's top-k weights). Over NVLink that kernel has finished the transfer when it returns,
 so there is nothing left to overlap; ``ll_dispatch_send(..., copy_engine=True)`` leaves the
 transfer to the copy engines instead (see its docstring). XLA orders a recv after its send because the recv consumes the
 send's ``info`` array (a data dependency); it is free to place independent work before the send
@@ -28,6 +29,9 @@ send's call number, so recvs may come in any order); at most two sends of one ki
 SM sends, dispatch copy-engine sends, combine) may be outstanding per communicator (a third
 waits for the first to be received, and times out with an error naming the phase if it never
 is).
+
+``ll_combine(..., prereduce=True)`` sums a token's rows on each expert rank first and sends one
+row per (token, expert rank): fewer bytes, one more rounding per rank (see :func:`ll_combine`).
 
 Gradients (DESIGN.md §2): ``ll_dispatch``'s w.r.t. ``x`` is the sum of the cotangent rows of a
 token's copies (with ``fp8`` the quantisation counts as identity: the payload cotangent is
@@ -307,7 +311,9 @@ _ll_recv_cuda.defvjp(_ll_recv_cuda_fwd, _ll_recv_cuda_bwd)
 def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
                     prereduce: bool = False) -> LLCombinePending:
     """Send phase of :func:`ll_combine`: return each expert row to its source rank (with
-    ``prereduce``, each rank's weighted sum per source token; see :func:`ll_combine`)."""
+    ``prereduce``, each rank's weighted sum per source token; see :func:`ll_combine`). With
+    ``prereduce`` on the CUDA backend the send kernel first exchanges the top-k weights, so it
+    waits for every rank to reach this send."""
     op = "ll_combine_send"
     _checks.ep_group(comm, op)
     if not isinstance(handle, LLHandle):
@@ -363,11 +369,13 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *, prereduce: 
       handle: ``LLDispatched.handle``.
       prereduce: each expert rank sums, in float32, the weighted rows of a token that its
         experts hold, and sends that one row per (token, rank) in ``y.dtype``; the token's
-        rank adds those in float32. Sends up to K/R times fewer bytes (at K=8, R=4 about 2.2x
-        fewer) at the price of one rounding to ``y.dtype`` per rank's partial sum (with bf16 a
+        rank adds those in float32. Sends (distinct experts) / (ranks they are on) times fewer
+        rows per token (at K=8, R=4 about 2.2x fewer bytes) at the price of one rounding to ``y.dtype`` per rank's partial sum (with bf16 a
         few bf16 ulps of the largest partial). The CUDA send first exchanges the top-k weights
         between ranks (``T*K`` floats). Same gradients. Default False: every row travels and
-        the whole sum is float32.
+        the whole sum is float32. The pre-reduced send waits inside its kernel until every
+        rank has started its send (the weight exchange), so skew between ranks lands in the
+        send rather than in the recv.
 
     Returns:
       ``[T, H]`` in ``y.dtype``: ``sum_k w[t, k] * y[expert_k][row(t, k)]`` accumulated in
@@ -399,6 +407,9 @@ def _ll_combine_cuda_fwd(comm, prereduce, y, topk_weights, info, topk_idx, handl
 def _ll_combine_cuda_bwd(comm, prereduce, res, g):
     rows, topk_weights, info, topk_idx, handle = res
     if prereduce:  # rows is y here
+        # The refetch depends on forward values only: tie it to g, or XLA may hoist the sends
+        # of several layers ahead of their recvs (at most two may be outstanding).
+        rows, g = jax.lax.optimization_barrier((rows, g))
         sent = _cuda.ll_combine_send(comm, rows, handle.src_index, handle.src_topk, handle.counts)
         _, rows = _cuda.ll_combine_recv(comm, sent, topk_idx, topk_weights, rows.dtype, True)
     gw = jnp.einsum("tkh,th->tk", rows.astype(jnp.float32), g.astype(jnp.float32))
