@@ -620,6 +620,21 @@ __device__ __forceinline__ void BulkStoresDone() {
 
 // ---- combine send ----------------------------------------------------------------------------
 
+// Every thread of a combine send, at its end: the last block raises call `seq`'s flag at every
+// destination (one thread per peer) and records the call.
+__device__ __forceinline__ void FinishCombineSend(LLWorkspace* ws, unsigned long long seq,
+                                                  int32_t* info) {
+  const int tid = threadIdx.x, me = ws->rank;
+  const int p = static_cast<int>(seq & 1);
+  const bool last = LastBlock(ws, kCombineSendTicket);
+  if (last && tid < ws->num_ranks) StoreRelease(&ws->peers[tid]->combine_flag[p][me], seq);
+  if (last && tid == 0) {
+    ws->seq[kCombineSendCtr] = seq;
+    info[0] = static_cast<int32_t>(seq & 0xffffffffu);
+    info[1] = static_cast<int32_t>(seq >> 32);
+  }
+}
+
 // Each valid row goes back to its source's [token][k] slot. The row is moved in kBulkPart
 // pieces by the TMA unit (global -> this warp's shared buffer -> the peer's slot), driven by
 // lane 0 of a warp per piece: over NVLink this writes faster than SM stores (kernel 30.5-31.8
@@ -627,7 +642,7 @@ __device__ __forceinline__ void BulkStoresDone() {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArgs a) {
   LLWorkspace* ws = a.ws;
-  const int R = ws->num_ranks, me = ws->rank, El = ws->num_local_experts, H = ws->hidden;
+  const int R = ws->num_ranks, El = ws->num_local_experts, H = ws->hidden;
   const int Tn = a.num_tokens, RT = R * Tn;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const unsigned long long seq = ws->seq[kCombineSendCtr] + 1;
@@ -688,13 +703,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
   }
   __syncwarp();
 
-  const bool last = LastBlock(ws, kCombineSendTicket);
-  if (last && tid < R) StoreRelease(&ws->peers[tid]->combine_flag[p][me], seq);
-  if (last && tid == 0) {
-    ws->seq[kCombineSendCtr] = seq;
-    a.info[0] = static_cast<int32_t>(seq & 0xffffffffu);
-    a.info[1] = static_cast<int32_t>(seq >> 32);
-  }
+  FinishCombineSend(ws, seq, a.info);
 }
 
 // ---- combine send with pre-reduction ---------------------------------------------------------
@@ -802,13 +811,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombine
     }
   }
 
-  const bool last = LastBlock(ws, kCombineSendTicket);
-  if (last && tid < R) StoreRelease(&ws->peers[tid]->combine_flag[p][me], seq);
-  if (last && tid == 0) {
-    ws->seq[kCombineSendCtr] = seq;
-    a.info[0] = static_cast<int32_t>(seq & 0xffffffffu);
-    a.info[1] = static_cast<int32_t>(seq >> 32);
-  }
+  FinishCombineSend(ws, seq, a.info);
 }
 
 // ---- combine recv ----------------------------------------------------------------------------

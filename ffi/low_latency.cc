@@ -183,6 +183,22 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   return LaunchStatus(op, LaunchLLDispatchRecv(a, stream));
 }
 
+// y [E_l, R*T, H] of a combine send, bfloat16 or float32: its element bytes, R*T and T.
+ffi::Error CheckCombineY(const char* op, const ffi::AnyBuffer& y, const WorkspaceRef& ref,
+                         int& elem, int64_t& RT, int64_t& T) {
+  const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
+  elem = ElemBytes(y.element_type());
+  if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
+  auto dims = y.dimensions();
+  if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
+    return Invalid(op, "y must be [E_l=" + Str(El) + ", R*T, H=" + Str(H) + "] with R=" + Str(R) +
+                           ", got " + Dims(dims));
+  }
+  RT = dims[1];
+  T = RT / R;
+  return CheckTokens(op, T, ref);
+}
+
 ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                              ffi::Buffer<ffi::S32> src_index, ffi::Buffer<ffi::S32> src_topk,
                              ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::S32> info,
@@ -190,16 +206,10 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   const char* op = "ll_combine_send";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
-  const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
-  const int elem = ElemBytes(y.element_type());
-  if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
-  auto dims = y.dimensions();
-  if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
-    return Invalid(op, "y must be [E_l=" + Str(El) + ", R*T, H=" + Str(H) + "] with R=" + Str(R) +
-                           ", got " + Dims(dims));
-  }
-  const int64_t RT = dims[1], T = RT / R;
-  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
+  const int64_t El = ref.ll_shape.num_local_experts;
+  int elem = 0;
+  int64_t RT = 0, T = 0;
+  JAXEP_RETURN_IF_ERROR(CheckCombineY(op, y, ref, elem, RT, T));
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_index", src_index, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", src_topk, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "counts", counts, {El}));
@@ -226,17 +236,10 @@ ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::An
   const char* op = "ll_combine_send(prereduce=True)";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
-  const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
-  const int64_t K = ref.ll_topk;
-  const int elem = ElemBytes(y.element_type());
-  if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
-  auto dims = y.dimensions();
-  if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
-    return Invalid(op, "y must be [E_l=" + Str(El) + ", R*T, H=" + Str(H) + "] with R=" + Str(R) +
-                           ", got " + Dims(dims));
-  }
-  const int64_t RT = dims[1], T = RT / R;
-  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
+  const int64_t R = ref.num_ranks, El = ref.ll_shape.num_local_experts, K = ref.ll_topk;
+  int elem = 0;
+  int64_t RT = 0, T = 0;
+  JAXEP_RETURN_IF_ERROR(CheckCombineY(op, y, ref, elem, RT, T));
   JAXEP_RETURN_IF_ERROR(Shape(op, "recv_rows", recv_rows, {RT, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_idx", topk_idx, {T, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", weights, {T, K}));
