@@ -83,7 +83,9 @@ def two_phase(send, recv, pinned):
 def kernel_times(run, repeats=3):
     """Median device time (us) per kernel name over ``repeats`` calls of ``run()`` (which blocks)
     and over GPUs, read from a ``jax.profiler`` trace (XLA's own kernels are skipped: names
-    starting with ``LL`` only)."""
+    starting with ``LL`` only). Also ``"span"``: per GPU, from the start of each send kernel to
+    the end of the recv kernel that follows it, the op's device time (DESIGN.md §4), without
+    the benchmark's own ops between calls."""
     import glob
     import tempfile
 
@@ -94,12 +96,18 @@ def kernel_times(run, repeats=3):
             for _ in range(repeats):
                 run()
         files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        durations = {}
+        durations, spans = {}, []
         for path in files:
             data = jax.profiler.ProfileData.from_file(path)
             for plane in data.planes:
                 if not plane.name.startswith("/device:GPU"):
                     continue
+                ll = sorted((ev.start_ns, ev.end_ns, "Send" in ev.name) for line in plane.lines
+                            for ev in line.events
+                            if "LLDispatch" in ev.name or "LLCombine" in ev.name)
+                for (s0, _, is_send), (_, e1, nxt_send) in zip(ll, ll[1:]):
+                    if is_send and not nxt_send:
+                        spans.append((e1 - s0) / 1e3)
                 for line in plane.lines:
                     for ev in line.events:
                         name = ev.name
@@ -111,6 +119,8 @@ def kernel_times(run, repeats=3):
                             if short in name:
                                 durations.setdefault(short, []).append(ev.duration_ns / 1e3)
     out = {k: float(np.median(v)) for k, v in sorted(durations.items())}
+    if spans:
+        out["span"] = float(np.median(spans))
     if copies:  # as many flag copies (8 bytes) as bundle copies: split at the median
         copies.sort()
         half = len(copies) // 2
@@ -235,10 +245,12 @@ def run_case(mesh, backend, t, a, with_overlap, log):
             kt = kernels[name]
             send = next((v for k, v in kt.items() if "Send" in k), float("nan"))  # ce: the pack
             rcv = next((v for k, v in kt.items() if "Recv" in k), float("nan"))
+            span = kt.get("span", float("nan"))
         else:
             send, rcv = us[name + " send"]["us"], us[name + " recv"]["us"]
+            span = float("nan")
         row = dict(op=name, tokens=t, backend=backend, impl=impl, us=full, send_us=send,
-                   recv_us=rcv, full_minus_send_us=full - send, row_bytes=b,
+                   recv_us=rcv, span_us=span, full_minus_send_us=full - send, row_bytes=b,
                    phase_method="kernel device time (profiler)" if on_cuda else "host chains",
                    kernels_us=kernels.get(name, {}), isolated_us=isolated.get(name, {}),
                    recv_rows=recv.tolist(), remote_rows=remote.tolist(),
@@ -247,7 +259,7 @@ def run_case(mesh, backend, t, a, with_overlap, log):
         row["gbps"] = row["bytes_avg"] / full / 1e3
         row["nvlink_gbps"] = row["nvlink_bytes_avg"] / full / 1e3
         log(f"  {name:13s} {backend:4s} (impl {impl:4s}): {full:9.1f} us = send {send:.1f} + "
-            f"recv {rcv:.1f}, {row['gbps']:6.1f} GB/s")
+            f"recv {rcv:.1f}, device span {span:.1f}, {row['gbps']:6.1f} GB/s")
         rows.append(row)
         if with_overlap:
             mm, pin, free = us["matmul"]["us"], us[name + " pinned"]["us"], us[name + " free"]["us"]
@@ -262,13 +274,13 @@ def run_case(mesh, backend, t, a, with_overlap, log):
 
 
 def table(rows, overlap, a, big):
-    fmt = "{:18s} {:>5} {:7s} {:4s} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8}"
-    print("\n" + fmt.format("op", "T", "backend", "impl", "us", "send", "recv", "full-send",
-                            "GB/s", "NVL GB/s"))
+    fmt = "{:18s} {:>5} {:7s} {:4s} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>8}"
+    print("\n" + fmt.format("op", "T", "backend", "impl", "us", "send", "recv", "span",
+                            "full-send", "GB/s", "NVL GB/s"))
     for r in sorted(rows, key=lambda r: (r["op"][0] == "c", r["op"], r["tokens"], r["backend"])):
         print(fmt.format(r["op"], r["tokens"], r["backend"], r["impl"], *(
-            f"{r[k]:.1f}" for k in ("us", "send_us", "recv_us", "full_minus_send_us", "gbps",
-                                    "nvlink_gbps"))))
+            f"{r[k]:.1f}" for k in ("us", "send_us", "recv_us", "span_us", "full_minus_send_us",
+                                    "gbps", "nvlink_gbps"))))
     print("\nreference, DESIGN.md §4 (4xH200, T=128, H=7168, K=8, E=256), us:")
     for op, (tot, send, recv, xla) in REFERENCE.items():
         print(f"  {op:13s} DeepEP V1 {tot} = send {send} + recv {recv}; XLA dense {xla}")
@@ -338,7 +350,8 @@ def main():
             overlap += got[1]
     print(f"\nR={r} {env['device']}, H={a.hidden}, K={a.topk}, E={a.experts}; median time per "
           f"call (us); GB/s = per-rank average received (token, expert) bytes / full time; "
-          f"impl = what ran; cuda send/recv = median kernel device time from the profiler")
+          f"impl = what ran; cuda send/recv = median kernel device time from the profiler; "
+          f"span = send start to recv end on one GPU (device time of the op, profiler)")
     table(rows, overlap, a, big)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
     if a.json:

@@ -1,11 +1,12 @@
 // Low-latency dispatch / combine kernels (see low_latency.h for the design and the protocol).
 //
 // One launch per phase on the caller's stream:
-//   dispatch send: routing in shared memory (every block), wait for the buffers' release,
-//                  per-(token, 512-channel chunk) warps read x once, quantise (fp8) and write
-//                  the chunk to each destination rank's bundle (a copy-engine send: to its
-//                  own outbox, then the host's copy graph moves it); the last block raises
-//                  the flags.
+//   dispatch send: rank routing in shared memory (every block), wait for the buffers'
+//                  release, per-(token, 512-channel chunk) warps read x once, quantise (fp8)
+//                  and write the chunk to each destination rank's bundle (a copy-engine send:
+//                  to its own outbox, then the host's copy graph moves it); while the rows
+//                  land, the expert routing and the rows' metadata; the last block raises the
+//                  flags.
 //   dispatch recv: wait for every source's flag, fan each received row out to its local
 //                  experts' output rows; padding; the last block acknowledges.
 //   combine send:  each valid row of y goes to its source's [token][k] slot in 4 KB bulk (TMA)
@@ -266,57 +267,41 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   int4 raw[kVec];
   if (first_item < items) load_x(first_item, raw);
 
-  // 1. Routing (each block redundantly: T*K is small in this mode).
+  // 1. Rank routing (each block redundantly: T*K is small in this mode), all the rows need:
+  //    the tokens sent to each rank, as bit masks. A thread per token; the warp's ballots are
+  //    the mask words. The expert masks (per-expert rows, for the metadata) come after the
+  //    rows are on their way (step 4): 12.3 against 12.7 us per send at R = 2, T = 128
+  //    (benchmarks/RESULTS.md, seventh session).
   for (int e = tid; e < E; e += kThreads) {
     s_rank[e] = a.expert_rank[e];
     s_slot[e] = a.expert_slot[e];
   }
-  for (int i = tid; i < (E + R) * W; i += kThreads) s_emask[i] = 0;  // and s_rmask
+  for (int i = tid; i < E * W; i += kThreads) s_emask[i] = 0;
   if (tid == 0) s_invalid = 0;
+  __syncthreads();
   int invalid = 0;
-  for (int i = tid; i < T * K; i += kThreads) {
-    const int e = a.topk_idx[i];
-    const bool ok = e >= 0 && e < E;
-    invalid += !ok && e != -1;
-    s_idx[i] = ok ? e : -1;
-  }
-  __syncthreads();  // s_invalid = 0 is visible before any thread adds to it
-  if (invalid) atomicAdd(&s_invalid, invalid);
-  // Entry-parallel: the first listing of each (token, expert) sets the token's bit in the
-  // expert's mask and in its rank's mask. The rank masks are few words, so each warp ORs its
-  // bits per word (lanes grouped by target word) and one lane per group writes them.
-  for (int i0 = warp * 32; i0 < T * K; i0 += kThreads) {
-    const int i = i0 + lane;
-    int key = -1 - lane;  // unique: no group
-    unsigned bit = 0;
-    if (i < T * K) {
-      const int e = s_idx[i];
-      const int t = i / K, k = i - t * K;
-      bool first = e >= 0;
-      for (int j = 0; j < k && first; ++j) first = s_idx[t * K + j] != e;
-      if (first) {
-        bit = 1u << (t & 31);
-        atomicOr(&s_emask[static_cast<size_t>(e) * W + (t >> 5)], bit);
-        key = s_rank[e] * W + (t >> 5);
+  for (int t0 = warp * 32; t0 < T; t0 += kThreads) {  // warp-uniform
+    const int t = t0 + lane;
+    unsigned ranks = 0;
+    if (t < T) {
+      for (int k = 0; k < K; ++k) {
+        const int e = a.topk_idx[static_cast<size_t>(t) * K + k];
+        const bool ok = e >= 0 && e < E;
+        invalid += !ok && e != -1;
+        s_idx[t * K + k] = ok ? e : -1;
+        if (ok) ranks |= 1u << s_rank[e];
       }
     }
-    const unsigned group = __match_any_sync(kFull, key);
-    const unsigned bits = __reduce_or_sync(group, bit);
-    if (key >= 0 && lane == __ffs(group) - 1) atomicOr(&s_rmask[key], bits);
+    for (int d = 0; d < R; ++d) {
+      const unsigned word = __ballot_sync(kFull, (ranks >> d) & 1u);
+      if (lane == 0) s_rmask[d * W + (t0 >> 5)] = word;
+    }
   }
+  if (invalid) atomicAdd(&s_invalid, invalid);
   // 2. The destinations must have read the call that last used this buffer.
   WaitPeers(ws, ws->dispatch_ack[p], ws->dispatch_last[p], kLLDispatchSend, a.timeout_ns);
 
-  // 3. Block 0: per-(destination, local expert) counts and rows per destination.
-  if (blockIdx.x == 0) {
-    for (int e = tid; e < E; e += kThreads) {
-      bundle(s_rank[e]).counts[s_slot[e]] = PopcAll(s_emask + static_cast<size_t>(e) * W, W);
-    }
-    if (tid < R) bundle(tid).counts[El] = PopcAll(s_rmask + tid * W, W);
-    if (tid == 0) a.info[0] = s_invalid;
-  }
-
-  // 4. Rows: warp per (token, 512-channel chunk); x is read once, written once per rank.
+  // 3. Rows: warp per (token, 512-channel chunk); x is read once, written once per rank.
   for (int item = first_item; item < items; item += gridDim.x * kWarps) {
     const int t = item / chunks, c = item - t * chunks;
     const int h0 = c * kLLChunk + lane * kPerLane;
@@ -333,11 +318,50 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
       Load16(reinterpret_cast<const TIn*>(raw), v, false);
       scale = Quantize16(v, a.round_scale, q);
     }
-    // Row metadata (chunk 0): token, then per top-k entry (local expert * T_max + row within
-    // it) or -1, then per entry the weight summed over the entry's duplicates (first only).
+    for (int d = 0; d < R; ++d) {
+      const int i = __shfl_sync(kFull, my_i, d);
+      if (i < 0 || !active) continue;
+      char* slot = bundle(d).Row(i);
+      if (a.fp8) {
+        *reinterpret_cast<int4*>(slot + h0) = q;
+        if ((lane & 7) == 0) reinterpret_cast<float*>(slot + H)[h0 / 128] = scale;
+      } else {
+        int4* dst = reinterpret_cast<int4*>(slot + static_cast<size_t>(h0) * sizeof(TIn));
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dst[j] = raw[j];
+      }
+    }
+  }
+
+  // 4. Expert routing, while the rows land: the first listing of each (token, expert) sets
+  //    the token's bit in the expert's mask (entry-parallel).
+  for (int i = tid; i < T * K; i += kThreads) {
+    const int e = s_idx[i];
+    const int t = i / K, k = i - t * K;
+    bool first = e >= 0;
+    for (int j = 0; j < k && first; ++j) first = s_idx[t * K + j] != e;
+    if (first) atomicOr(&s_emask[static_cast<size_t>(e) * W + (t >> 5)], 1u << (t & 31));
+  }
+  __syncthreads();
+
+  // 5. Block 0: per-(destination, local expert) counts and rows per destination.
+  if (blockIdx.x == 0) {
+    for (int e = tid; e < E; e += kThreads) {
+      bundle(s_rank[e]).counts[s_slot[e]] = PopcAll(s_emask + static_cast<size_t>(e) * W, W);
+    }
+    if (tid < R) bundle(tid).counts[El] = PopcAll(s_rmask + tid * W, W);
+    if (tid == 0) a.info[0] = s_invalid;
+  }
+
+  // 6. Row metadata, by the warp that sent the token's first chunk: token, then per top-k
+  //    entry (local expert * T_max + row within it) or -1, then per entry the weight summed
+  //    over the entry's duplicates (first only).
+  for (int item = first_item; item < items; item += gridDim.x * kWarps) {
+    const int t = item / chunks;
+    if (item - t * chunks != 0) continue;
     int entry_e = -1, entry_rank = -1, entry_j = -1;
     float entry_w = 0.f;
-    if (c == 0 && lane < K) {
+    if (lane < K) {
       const int e = s_idx[t * K + lane];
       bool first = e >= 0;
       for (int j = 0; j < lane && first; ++j) first = s_idx[t * K + j] != e;
@@ -353,28 +377,13 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
       }
     }
     for (int d = 0; d < R; ++d) {
-      const int i = __shfl_sync(kFull, my_i, d);
-      if (i < 0) continue;
-      const BundleParts b = bundle(d);
-      char* slot = b.Row(i);
-      if (active) {
-        if (a.fp8) {
-          *reinterpret_cast<int4*>(slot + h0) = q;
-          if ((lane & 7) == 0) reinterpret_cast<float*>(slot + H)[h0 / 128] = scale;
-        } else {
-          int4* dst = reinterpret_cast<int4*>(slot + static_cast<size_t>(h0) * sizeof(TIn));
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) dst[j] = raw[j];
-        }
-      }
-      if (c == 0) {
-        int32_t* meta = b.Meta(ws, i);
-        if (lane == 0) meta[0] = t;
-        if (lane < K) {
-          const bool here = entry_e >= 0 && entry_rank == d;
-          meta[1 + lane] = here ? s_slot[entry_e] * Tmax + entry_j : -1;
-          meta[1 + K + lane] = __float_as_int(here ? entry_w : 0.f);
-        }
+      if (!((s_rmask[d * W + (t >> 5)] >> (t & 31)) & 1u)) continue;  // warp-uniform
+      int32_t* meta = bundle(d).Meta(ws, PopcBelow(s_rmask + d * W, t));
+      if (lane == 0) meta[0] = t;
+      if (lane < K) {
+        const bool here = entry_e >= 0 && entry_rank == d;
+        meta[1 + lane] = here ? s_slot[entry_e] * Tmax + entry_j : -1;
+        meta[1 + K + lane] = __float_as_int(here ? entry_w : 0.f);
       }
     }
   }

@@ -31,18 +31,18 @@ KINDS = ["random", "minus_one", "invalid", "one_expert", "empty_rank", "zipf", "
 CASES = {"small": (32, 4, 256, 24), "h640": (64, 6, 640, 40), "deepseek": (256, 8, 7168, 128)}
 
 
-def comms(num_ranks, case, placement="linear"):
+def comms(num_ranks, case, placement="linear", num_sms=None):
     """The (cuda, xla) communicators of a case, made once per process."""
-    return _comms(num_ranks, case, placement)
+    return _comms(num_ranks, case, placement, num_sms)
 
 
 @functools.lru_cache(maxsize=None)
-def _comms(num_ranks, case, placement):
+def _comms(num_ranks, case, placement, num_sms):
     e, k, h, t = CASES[case]
     mesh = make_mesh(num_ranks, "gpu")
     cfg = jaxep.EPConfig(num_experts=e, num_topk=k, hidden=h, max_tokens_per_rank=t,
                          placement=placement, low_latency=True, ll_copy_engine=True,
-                         timeout_s=10.0)
+                         timeout_s=10.0, num_sms=num_sms)
     cuda = jaxep.Communicator(mesh, cfg, backend="cuda")
     assert cuda.implementation("ll_dispatch") == "cuda", "low-latency buffers not allocated"
     assert cuda.implementation("ll_combine") == "cuda"
@@ -93,8 +93,8 @@ def assert_bits(a, b, msg=""):
 
 def check_case(num_ranks, case, trials, fp8=False, round_scale=False, ue8m0=False,
                zero_padding=True, placement="linear", dtype=jnp.bfloat16, seed=0,
-               copy_engine=False):
-    cuda, xla = comms(num_ranks, case, placement)
+               copy_engine=False, num_sms=None):
+    cuda, xla = comms(num_ranks, case, placement, num_sms)
     f_cuda = ll_fn(cuda, fp8, round_scale, ue8m0, zero_padding, copy_engine)
     f_xla = ll_fn(xla, fp8, round_scale, ue8m0)
     tmax = cuda.cfg.max_tokens_per_rank
@@ -133,6 +133,14 @@ def check_case(num_ranks, case, trials, fp8=False, round_scale=False, ue8m0=Fals
 @pytest.mark.parametrize("case", ["small", "h640"])
 def test_bf16_matches_xla(num_ranks, case):
     check_case(num_ranks, case, trials=21, seed=num_ranks)
+
+
+@pytest.mark.parametrize("num_sms", [1, 2, 5])
+def test_small_grids_match_xla(num_sms):
+    """``num_sms`` caps every LL kernel's grid: with one block, the dispatch send's one block
+    writes both the metadata and the rows; with a few, each block loops over many items."""
+    check_case(2, "h640", trials=7, seed=11, num_sms=num_sms)
+    check_case(2, "h640", trials=3, seed=12, fp8=True, num_sms=num_sms)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
