@@ -11,9 +11,10 @@
 //                  experts' output rows; padding; the last block acknowledges.
 //   combine send:  each valid row of y goes to its source's [token][k] slot in 4 KB bulk (TMA)
 //                  copies, global -> the warp's shared buffer -> the slot (lane 0 drives them).
-//                  Pre-reduced: block 0 pushes the top-k weights to every rank, all wait for
-//                  everyone's, then the weighted float32 sum of a token's local rows goes to
-//                  its source's [token][rank] slot.
+//                  Pre-reduced: every block pushes a share of the top-k weights to every
+//                  rank (words tagged with the call), then the weighted float32 sum of a
+//                  token's local rows goes to its source's [token][rank] slot, once its
+//                  weights have arrived.
 //   combine recv:  wait, weighted float32 sum over k per (token, chunk) (pre-reduced: the sum
 //                  of the token's per-rank rows); acknowledge.
 // Received data is read with ld.global.cg (L2; buffers are rewritten by later calls, so L1
@@ -81,11 +82,35 @@ __device__ __forceinline__ char* CombineSlot(const LLWorkspace* ws, LLWorkspace*
 }
 
 // Pre-reduction weights [T_max][K] that source `src` pushed to `w` for parity p (addressed as
-// CombineSlot).
-__device__ __forceinline__ float* CombineWeights(const LLWorkspace* ws, LLWorkspace* w, int p,
-                                                 int src) {
+// CombineSlot). Each is one 8-byte word, the weight's bits with the low 32 bits of the call
+// number above them, so that a reader knows from the word itself that it has arrived (an
+// aligned 8-byte store is seen whole or not at all): no fence and flag after the pushes.
+__device__ __forceinline__ unsigned long long* CombineWeights(const LLWorkspace* ws,
+                                                              LLWorkspace* w, int p, int src) {
   const int64_t idx = (static_cast<int64_t>(p) * ws->num_ranks + src) * ws->max_tokens;
-  return reinterpret_cast<float*>(Region(w, ws->layout.weights_off)) + idx * ws->num_topk;
+  return reinterpret_cast<unsigned long long*>(Region(w, ws->layout.weights_off)) +
+         idx * ws->num_topk;
+}
+__device__ __forceinline__ unsigned long long TaggedWeight(float w, unsigned long long seq) {
+  return (seq << 32) | __float_as_uint(w);
+}
+// Waits (bounded) until the word at p carries call `seq`'s tag; returns its weight.
+__device__ __forceinline__ float WaitTaggedWeight(const unsigned long long* p,
+                                                  unsigned long long seq, const LLWorkspace* ws,
+                                                  int src, unsigned long long timeout_ns) {
+  const unsigned tag = static_cast<unsigned>(seq);
+  unsigned long long v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  if (static_cast<unsigned>(v >> 32) != tag) {
+    const unsigned long long start = GlobalTimer();
+    do {
+      if (GlobalTimer() - start > timeout_ns) {
+        ReportTimeout(ws->error, ws->rank, src, kLLCombineWeights, seq);
+      }
+      asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    } while (static_cast<unsigned>(v >> 32) != tag);
+  }
+  return __uint_as_float(static_cast<unsigned>(v));
 }
 
 // ---- 16-channel lane vectors --------------------------------------------------------------
@@ -732,30 +757,27 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombine
   constexpr int kBatch = 4;        // entries whose rows are loaded together
 
   WaitPeers(ws, ws->combine_ack[p], seq > 2 ? seq - 2 : 0, kLLCombineSend, a.timeout_ns);
-  // 1. Block 0 pushes this rank's weights to every rank: a repeated expert's weights summed
-  //    into its first listing (whose row the dispatch recv recorded), 0 for invalid entries.
-  if (blockIdx.x == 0) {
-    for (int i = tid; i < Tn * K; i += kThreads) {
-      const int t = i / K, k = i - t * K;
-      const int32_t* idx = a.topk_idx + static_cast<size_t>(t) * K;
-      const int e = idx[k];
-      float w = 0.f;
-      if (e >= 0 && e < E) {
-        bool first = true;
-        for (int j = 0; j < k && first; ++j) first = idx[j] != e;
-        if (first) {
-          for (int j = k; j < K; ++j) {
-            if (idx[j] == e) w += a.weights[static_cast<size_t>(t) * K + j];
-          }
-        }
+  // 1. Every block pushes its share of this rank's weights to every rank, tagged with the call
+  //    (see CombineWeights): a repeated expert's weights summed into its first listing (whose
+  //    row the dispatch recv recorded), in top-k order; 0 for invalid entries and repeats.
+  for (int i = blockIdx.x * kThreads + tid; i < Tn * K; i += gridDim.x * kThreads) {
+    const int t = i / K, k = i - t * K;
+    const int32_t* idx = a.topk_idx + static_cast<size_t>(t) * K;
+    const float* wt = a.weights + static_cast<size_t>(t) * K;
+    const int e = idx[k];
+    bool first = true;
+    float w = 0.f;
+    for (int j = 0; j < K; ++j) {  // no early exit: the loads can be in flight together
+      const int ej = idx[j];
+      const float wj = wt[j];
+      if (ej == e) {
+        if (j < k) first = false;
+        else w += wj;
       }
-      for (int d = 0; d < R; ++d) CombineWeights(ws, ws->peers[d], p, me)[i] = w;
     }
-    FenceAcqRelSys();
-    __syncthreads();
-    if (tid < R) StoreRelease(&ws->peers[tid]->combine_wflag[p][me], seq);
+    const unsigned long long v = TaggedWeight(first && e >= 0 && e < E ? w : 0.f, seq);
+    for (int d = 0; d < R; ++d) CombineWeights(ws, ws->peers[d], p, me)[i] = v;
   }
-  WaitPeers(ws, ws->combine_wflag[p], seq, kLLCombineWeights, a.timeout_ns);
 
   // 2. Warp per (source token, group of chunks c = g, g + G, ...; G spreads the tokens over
   //    every warp): the weighted float32 sum of the token's rows held here. A lane's 16
@@ -774,7 +796,8 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombine
     if (row >= ws->num_local_experts * R * Tn) row = -1;  // not from this dispatch's recv
     const unsigned entries = __ballot_sync(kFull, row >= 0);
     if (!entries) continue;
-    const float w = row >= 0 ? __ldcg(CombineWeights(ws, ws, p, s) + t * K + lane) : 0.f;
+    const float w = row >= 0 ? WaitTaggedWeight(CombineWeights(ws, ws, p, s) + t * K + lane,
+                                                seq, ws, s, a.timeout_ns) : 0.f;
     T* dst = reinterpret_cast<T*>(CombineSlot(ws, ws->peers[s], p, t, me));
     for (int c = g; c < chunks; c += G) {
       const int base = c * kLLChunk + lane * kPieceElems;
@@ -936,7 +959,7 @@ LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_lo
   l.combine_slots = num_topk > num_ranks ? num_topk : num_ranks;
   l.combine_off = l.outbox_off + outboxes * bundles;
   l.weights_off = l.combine_off + up(2 * int64_t{max_tokens} * l.combine_slots * l.slot_bytes);
-  l.total_bytes = l.weights_off + up(2 * int64_t{num_ranks} * max_tokens * num_topk * 4);
+  l.total_bytes = l.weights_off + up(2 * int64_t{num_ranks} * max_tokens * num_topk * 8);
   return l;
 }
 
@@ -1176,7 +1199,8 @@ cudaError_t LaunchLLCombineSend(const LLCombineSendArgs& a, cudaStream_t stream)
 
 cudaError_t LaunchLLCombineSendReduced(const LLCombineSendReducedArgs& a, cudaStream_t stream) {
   const int items = a.shape.num_ranks * a.num_tokens * Chunks(a.shape.hidden);
-  // At most one block per SM: every block waits for block 0's weights (see low_latency.h).
+  // At most one block per SM: a block waits for weights that the other blocks push (see
+  // low_latency.h).
   const int blocks =
       min(DefaultBlocks(a.num_sms, (items + kWarps - 1) / kWarps), DeviceSmCount());
   if (a.elem_bytes == 2) {

@@ -30,9 +30,10 @@
 // Pre-reduced combine weights: rank m writes its weights into [parity p][m] of every rank d
 // after d has acknowledged call seq - 2 (the same wait as for the slots); d's ack of seq - 2
 // follows its recv of seq - 2, which follows its send of seq - 2, the only reader of that
-// region. In a send, every block waits for the weights that block 0 of each rank pushes: block
-// 0 is the first block the hardware starts and waits for nothing but acknowledgements, and the
-// grid is at most one block per SM.
+// region. Each weight is an 8-byte word tagged with the call, so no fence or flag follows the
+// pushes: a warp waits only for the words it reads. In a send, every block pushes its share
+// of the weights before it waits for any, and the grid is at most one block per SM, so every
+// block of every rank runs (and pushes) while the others wait.
 #pragma once
 
 #include <cstddef>
@@ -80,7 +81,8 @@ struct LLLayout {
   int64_t bundle_bytes;  // one dispatch bundle at T_max rows of slot_bytes
   int64_t inbox_off, outbox_off, combine_off, weights_off, total_bytes;  // bytes from the base:
   // inbox:   [2 or 4 (buffer)][R(src)] bundles     outbox: [0 or 2 (buffer - 2)][R(dest)] bundles
-  // combine: [2][T_max][combine_slots] slots       weights: [2][R(src)][T_max][K] float32
+  // combine: [2][T_max][combine_slots] slots       weights: [2][R(src)][T_max][K] 8-byte
+  //                                                   words (float32 weight | call << 32)
 };
 
 struct LLWorkspace {
@@ -89,7 +91,6 @@ struct LLWorkspace {
   alignas(128) unsigned long long dispatch_ack[kLLDispatchBuffers][kMaxRanks];   // [buf][dest]
   alignas(128) unsigned long long combine_flag[2][kMaxRanks];
   alignas(128) unsigned long long combine_ack[2][kMaxRanks];
-  alignas(128) unsigned long long combine_wflag[2][kMaxRanks];  // pre-reduction weights, [src]
   // This device's call counters (LLCounter) and last-block tickets (LLTicket).
   alignas(128) unsigned long long seq[kNumLLCounters];
   unsigned int ticket[kNumLLTickets];
@@ -249,7 +250,7 @@ struct LLCombineSendArgs {
 cudaError_t LaunchLLCombineSend(const LLCombineSendArgs& a, cudaStream_t stream);
 
 // Combine with pre-reduction on the expert rank: each rank pushes its tokens' top-k weights
-// (repeated listings merged into the first) to every rank, waits for everyone's, then sums per
+// (repeated listings merged into the first) to every rank, waits for the ones it uses, sums per
 // source token the weighted rows of its local experts in float32 and sends that one row (in
 // y's dtype) to the token's [token][expert rank] slot. Fewer bytes than a row per entry (by
 // the token's distinct experts over the ranks they are on: ~2.2x at K=8, R=4), at the price of
