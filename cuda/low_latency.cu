@@ -98,18 +98,11 @@ __device__ __forceinline__ unsigned long long TaggedWeight(float w, unsigned lon
 __device__ __forceinline__ float WaitTaggedWeight(const unsigned long long* p,
                                                   unsigned long long seq, const LLWorkspace* ws,
                                                   int src, unsigned long long timeout_ns) {
-  const unsigned tag = static_cast<unsigned>(seq);
   unsigned long long v;
-  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  if (static_cast<unsigned>(v >> 32) != tag) {
-    const unsigned long long start = GlobalTimer();
-    do {
-      if (GlobalTimer() - start > timeout_ns) {
-        ReportTimeout(ws->error, ws->rank, src, kLLCombineWeights, seq);
-      }
-      asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    } while (static_cast<unsigned>(v >> 32) != tag);
-  }
+  WaitFor([&] {
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return static_cast<unsigned>(v >> 32) == static_cast<unsigned>(seq);
+  }, ws->error, ws->rank, src, kLLCombineWeights, seq, timeout_ns);
   return __uint_as_float(static_cast<unsigned>(v));
 }
 

@@ -47,15 +47,24 @@ __device__ __noinline__ inline void ReportTimeout(ErrorRecord* e, int rank, int 
   __trap();
 }
 
+// Polls ready() until it returns true, bounded by timeout_ns (then reports call `seq` waiting
+// for `peer` in `phase` and traps).
+template <typename Ready>
+__device__ __forceinline__ void WaitFor(Ready ready, ErrorRecord* error, int rank, int peer,
+                                        int phase, unsigned long long seq,
+                                        unsigned long long timeout_ns) {
+  if (ready()) return;
+  const unsigned long long start = GlobalTimer();
+  while (!ready()) {
+    if (GlobalTimer() - start > timeout_ns) ReportTimeout(error, rank, peer, phase, seq);
+  }
+}
+
 // Waits (bounded by timeout_ns) until *flag >= want; acquire at system scope.
 __device__ __forceinline__ void WaitAtLeast(const unsigned long long* flag, unsigned long long want,
                                             ErrorRecord* error, int rank, int peer, int phase,
                                             unsigned long long timeout_ns) {
-  if (LoadAcquire(flag) >= want) return;
-  const unsigned long long start = GlobalTimer();
-  while (LoadAcquire(flag) < want) {
-    if (GlobalTimer() - start > timeout_ns) ReportTimeout(error, rank, peer, phase, want);
-  }
+  WaitFor([&] { return LoadAcquire(flag) >= want; }, error, rank, peer, phase, want, timeout_ns);
 }
 
 }  // namespace jaxep

@@ -39,6 +39,17 @@ ffi::Error LookupLL(const char* op, int64_t comm_id, int32_t device, WorkspaceRe
   return ffi::Error::Success();
 }
 
+// A launch-argument struct of an LL kernel with the fields every one of them has filled in.
+template <typename Args>
+Args LLArgs(const WorkspaceRef& ref, int32_t num_sms, int64_t timeout_ns) {
+  Args a{};
+  a.ws = ref.ll;
+  a.shape = ref.ll_shape;
+  a.num_sms = num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  return a;
+}
+
 // The copy-engine state of a send that asks for it (else null). Its copies must be enqueued by
 // the host on every call: its FFI target is not command-buffer compatible, and should a capture
 // take it anyway, it runs as an SM send.
@@ -97,9 +108,7 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
     return Invalid(op, "routing tables need " + Str(smem) + " bytes of shared memory, over the " +
                            Str(kLLMaxSharedBytes) + " limit (T=" + Str(T) + ", E=" + Str(E) + ")");
   }
-  LLDispatchSendArgs a{};
-  a.ws = ref.ll;
-  a.shape = ref.ll_shape;
+  auto a = LLArgs<LLDispatchSendArgs>(ref, num_sms, timeout_ns);
   a.num_tokens = static_cast<int>(T);
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(E);
@@ -112,8 +121,6 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   a.expert_rank = expert_rank.typed_data();
   a.expert_slot = expert_slot.typed_data();
   a.info = info->typed_data();
-  a.num_sms = num_sms;
-  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
   LLCopyEngines* engines = nullptr;
   JAXEP_RETURN_IF_ERROR(CopyEngines(op, copy_engine, stream, ref, &engines));
   return LaunchStatus(op, LaunchLLDispatchSend(a, stream, engines));
@@ -161,9 +168,7 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", *src_topk, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "recv_rows", *recv_rows, {RT, int64_t{ref.ll_topk}}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "num_invalid", *num_invalid, {}));
-  LLDispatchRecvArgs a{};
-  a.ws = ref.ll;
-  a.shape = ref.ll_shape;
+  auto a = LLArgs<LLDispatchRecvArgs>(ref, num_sms, timeout_ns);
   a.num_tokens = static_cast<int>(T);
   a.elem_bytes = elem;
   a.fp8 = fp8;
@@ -178,8 +183,6 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   a.src_topk = src_topk->typed_data();
   a.recv_rows = recv_rows->typed_data();
   a.num_invalid = num_invalid->typed_data();
-  a.num_sms = num_sms;
-  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
   return LaunchStatus(op, LaunchLLDispatchRecv(a, stream));
 }
 
@@ -214,9 +217,7 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", src_topk, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "counts", counts, {El}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
-  LLCombineSendArgs a{};
-  a.ws = ref.ll;
-  a.shape = ref.ll_shape;
+  auto a = LLArgs<LLCombineSendArgs>(ref, num_sms, timeout_ns);
   a.num_tokens = static_cast<int>(T);
   a.elem_bytes = elem;
   a.y = y.untyped_data();
@@ -224,8 +225,6 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   a.src_topk = src_topk.typed_data();
   a.counts = counts.typed_data();
   a.info = info->typed_data();
-  a.num_sms = num_sms;
-  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
   return LaunchStatus(op, LaunchLLCombineSend(a, stream));
 }
 
@@ -244,9 +243,7 @@ ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::An
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_idx", topk_idx, {T, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", weights, {T, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
-  LLCombineSendReducedArgs a{};
-  a.ws = ref.ll;
-  a.shape = ref.ll_shape;
+  auto a = LLArgs<LLCombineSendReducedArgs>(ref, num_sms, timeout_ns);
   a.num_tokens = static_cast<int>(T);
   a.num_experts = static_cast<int>(R * El);
   a.elem_bytes = elem;
@@ -255,8 +252,6 @@ ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::An
   a.topk_idx = topk_idx.typed_data();
   a.weights = weights.typed_data();
   a.info = info->typed_data();
-  a.num_sms = num_sms;
-  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
   return LaunchStatus(op, LaunchLLCombineSendReduced(a, stream));
 }
 
@@ -287,9 +282,7 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
     if (rows->element_type() != out->element_type()) return Invalid(op, "rows must match out's dtype");
     JAXEP_RETURN_IF_ERROR(Shape(op, "rows", *rows, {T, K, H}));
   }
-  LLCombineRecvArgs a{};
-  a.ws = ref.ll;
-  a.shape = ref.ll_shape;
+  auto a = LLArgs<LLCombineRecvArgs>(ref, num_sms, timeout_ns);
   a.num_tokens = static_cast<int>(T);
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(R * ref.ll_shape.num_local_experts);
@@ -301,8 +294,6 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
   a.reduced = reduced;
   a.out = out->untyped_data();
   a.rows = want_rows ? rows->untyped_data() : nullptr;
-  a.num_sms = num_sms;
-  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
   return LaunchStatus(op, LaunchLLCombineRecv(a, stream));
 }
 
