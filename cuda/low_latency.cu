@@ -5,10 +5,10 @@
 //                  release, per-(token, 512-channel chunk) warps read x once, quantise (fp8)
 //                  and write the chunk to each destination rank's bundle (a copy-engine send:
 //                  to its own outbox, then the host's copy graph moves it); while the rows
-//                  land, the expert routing and the rows' metadata; the last block raises the
-//                  flags.
-//   dispatch recv: wait for every source's flag, fan each received row out to its local
-//                  experts' output rows; padding; the last block acknowledges.
+//                  land, the expert routing and the rows' metadata; each block signals its
+//                  part to every destination.
+//   dispatch recv: wait for every source's signals, fan each received row out to its local
+//                  experts' output rows; padding; each block acknowledges its reads.
 //   combine send:  each valid row of y goes to its source's [token][k] slot in 4 KB bulk (TMA)
 //                  copies, global -> the warp's shared buffer -> the slot (lane 0 drives them).
 //                  Pre-reduced: every block pushes a share of the top-k weights to every
@@ -18,9 +18,8 @@
 //   combine recv:  wait, weighted float32 sum over k per (token, chunk) (pre-reduced: the sum
 //                  of the token's per-rank rows); acknowledge.
 // Received data is read with ld.global.cg (L2; buffers are rewritten by later calls, so L1
-// must never serve them), flags with acquire/release at system scope; waits are bounded. The
-// last block raises flags / acknowledgements with one thread per peer, so their system-scope
-// fences run side by side.
+// must never serve them), completion counters with acquire/release at system scope (one
+// release per block and peer, side by side: SignalPeers); waits are bounded.
 #include "low_latency.h"
 
 #include <cstddef>
@@ -193,33 +192,42 @@ __device__ __forceinline__ float Quantize16(const float* v, bool round_scale, in
   return scale;
 }
 
-// ---- last-block completion ------------------------------------------------------------------
+// ---- call completion: counters (see low_latency.h) --------------------------------------------
 
-// Every thread: make this block's writes (and finished reads) visible system-wide. Returns true
-// in every thread of the last block of the grid to get here (its thread 0 then resets the
-// ticket for the next launch, and has acquired every other block's writes).
-__device__ __forceinline__ bool LastBlock(LLWorkspace* ws, int ticket_index) {
-  __shared__ bool s_last;
-  FenceAcqRelSys();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned ticket = atomicAdd(&ws->ticket[ticket_index], 1u);
-    s_last = ticket == gridDim.x - 1;
-    if (s_last) {
-      ws->ticket[ticket_index] = 0;
-      FenceAcqRelSys();
-    }
-  }
-  __syncthreads();
-  return s_last;
+// This block's share of its grid's kLLCallTotal at a counter.
+__device__ __forceinline__ unsigned long long BlockShare() {
+  return blockIdx.x == 0 ? kLLCallTotal - (gridDim.x - 1) : 1;
 }
 
-// Threads r < R: wait until flags[r] >= want (bounded); then the whole block continues.
+// Every thread of a block, once the block's part of the call is done (its writes issued, its
+// reads of a peer's data consumed): thread d < R adds the block's share to counter(d), at peer
+// d, with release semantics (the __syncthreads brings in the other threads' operations). The
+// R releases of a block, and those of all blocks, run side by side.
+template <typename Counter>
+__device__ __forceinline__ void SignalPeers(const LLWorkspace* ws, Counter counter) {
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < ws->num_ranks) AddRelease(counter(threadIdx.x), BlockShare());
+}
+
+// Every thread of a send, after SignalPeers (or a __syncthreads): true in one thread (not a
+// signalling one) of the last block to get here, which then advances the call numbers: every
+// block has read them, at its start (the ticket's acquire and release order those reads first).
+__device__ __forceinline__ bool LastToFinish(LLWorkspace* ws, int ticket_index) {
+  if (threadIdx.x != blockDim.x - 1) return false;
+  if (AddAcqRelGpu(&ws->ticket[ticket_index], 1u) != gridDim.x - 1) return false;
+  ws->ticket[ticket_index] = 0;  // for the next launch (stream-ordered after this one)
+  return true;
+}
+
+// Threads s < R: wait until flags[s] >= want (bounded; `call` names the call in a timeout
+// report); then the whole block continues.
 __device__ __forceinline__ void WaitPeers(LLWorkspace* ws, const unsigned long long* flags,
-                                          unsigned long long want, int phase,
-                                          unsigned long long timeout_ns) {
+                                          unsigned long long want, unsigned long long call,
+                                          int phase, unsigned long long timeout_ns) {
   if (static_cast<int>(threadIdx.x) < ws->num_ranks) {
-    WaitAtLeast(flags + threadIdx.x, want, ws->error, ws->rank, threadIdx.x, phase, timeout_ns);
+    const unsigned long long* f = flags + threadIdx.x;
+    WaitFor([&] { return LoadAcquire(f) >= want; }, ws->error, ws->rank, threadIdx.x, phase,
+            call, timeout_ns);
   }
   __syncthreads();
 }
@@ -251,10 +259,10 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   const int T = a.num_tokens, K = a.num_topk, E = a.num_experts;
   const int W = (T + 31) / 32;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const unsigned long long seq = ws->seq[kDispatchSendCtr] + 1;
   const bool outbox = a.buffer >= 0;  // copy-engine send: remote bundles go to the outbox
-  const unsigned long long sm_seq = ws->seq[kDispatchSmSendCtr] + !outbox;
-  const int p = outbox ? a.buffer : static_cast<int>(sm_seq & 1);
+  const unsigned long long sm_sends = ws->dispatch_sm_sends + !outbox;
+  const int p = outbox ? a.buffer : static_cast<int>(sm_sends & 1);
+  const unsigned long long call = ws->dispatch_uses[p] + 1;  // this call's number at buffer p
   const int elem = static_cast<int>(LLElemBytes(a.fp8, sizeof(TIn)));
   // Where the bundle for destination d goes.
   auto bundle = [&](int d) {
@@ -317,7 +325,8 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   }
   if (invalid) atomicAdd(&s_invalid, invalid);
   // 2. The destinations must have read the call that last used this buffer.
-  WaitPeers(ws, ws->dispatch_ack[p], ws->dispatch_last[p], kLLDispatchSend, a.timeout_ns);
+  WaitPeers(ws, ws->dispatch_read[p], (call - 1) * kLLCallTotal, call, kLLDispatchSend,
+            a.timeout_ns);
 
   // 3. Rows: warp per (token, 512-channel chunk); x is read once, written once per rank.
   for (int item = first_item; item < items; item += gridDim.x * kWarps) {
@@ -406,19 +415,20 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     }
   }
 
-  // 5. The last block announces the call to every destination (a copy-engine send: to itself;
-  //    the flag copies after the bundle copies announce it to the others).
-  const bool last = LastBlock(ws, kDispatchSendTicket);
-  if (last && tid < R && (!outbox || tid == me)) {  // one thread per destination
-    StoreRelease(&ws->peers[tid]->dispatch_flag[p][me], seq);
+  // 7. Each block signals its part to every destination (a copy-engine send: nothing; its copy
+  //    graph raises the flags after the bundles); the last to finish advances the call numbers.
+  if (!outbox) {
+    SignalPeers(ws, [&](int d) { return &ws->peers[d]->dispatch_arrived[p][me]; });
+  } else {
+    __syncthreads();
   }
-  if (last && tid == 0) {
-    ws->dispatch_flag_out[p] = seq;
-    ws->dispatch_last[p] = seq;
-    ws->seq[kDispatchSendCtr] = seq;
-    ws->seq[kDispatchSmSendCtr] = sm_seq;
-    a.info[1] = static_cast<int32_t>(seq & 0xffffffffu);
-    a.info[2] = static_cast<int32_t>(seq >> 32);
+  if (LastToFinish(ws, kDispatchSendTicket)) {
+    // A copy-engine send's own bundle needs no signal: its recv runs after it on this device.
+    if (outbox) ws->dispatch_arrived[p][me] = call;
+    ws->dispatch_uses[p] = call;  // a copy-engine send's flag value (copied by the graph)
+    ws->dispatch_sm_sends = sm_sends;
+    a.info[1] = static_cast<int32_t>(call & 0xffffffffu);
+    a.info[2] = static_cast<int32_t>(call >> 32);
     a.info[3] = p;
   }
 }
@@ -433,8 +443,8 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
   const int G = H / 128, GW = (G + 3) / 4;
   const size_t row_bytes = static_cast<size_t>(H) * kElem;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const unsigned long long seq = CallNumber(a.info + 1);  // the send's, not a counter
-  const int p = a.info[3];                                 // the send's buffer
+  const unsigned long long call = CallNumber(a.info + 1);  // the send's, not a counter
+  const int p = a.info[3];                                  // the send's buffer
   auto bundle = [&](int s) {
     return BundleParts(ws, InboxBundle(ws, ws, p, s), T, kElem);
   };
@@ -444,7 +454,9 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
   int32_t* s_total = s_off + El * R;  // [E_l]
   __shared__ int s_rows[kMaxRanks + 1];  // prefix of rows received per source
 
-  WaitPeers(ws, ws->dispatch_flag[p], seq, kLLDispatchRecv, a.timeout_ns);
+  // SM buffers: completion counters; copy-engine buffers: the flags that the copies raise.
+  WaitPeers(ws, ws->dispatch_arrived[p], p < kLLFirstCopyBuffer ? call * kLLCallTotal : call,
+            call, kLLDispatchRecv, a.timeout_ns);
 
   // Per (local expert, source) counts: every load issued at once (l = El: rows per source).
   for (int l = tid; l <= El; l += kThreads) {
@@ -590,9 +602,8 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
     }
   }
 
-  // The last block tells every source that this buffer may be rewritten.
-  const bool last = LastBlock(ws, kDispatchRecvTicket);
-  if (last && tid < R) StoreRelease(&ws->peers[tid]->dispatch_ack[p][me], seq);
+  // Each block tells every source that it is done reading this buffer.
+  SignalPeers(ws, [&](int src) { return &ws->peers[src]->dispatch_read[p][me]; });
 }
 
 // ---- bulk copies (TMA): global -> shared -> global, one lane drives them ---------------------
@@ -647,16 +658,27 @@ __device__ __forceinline__ void BulkStoresDone() {
 
 // ---- combine send ----------------------------------------------------------------------------
 
-// Every thread of a combine send, at its end: the last block raises call `seq`'s flag at every
-// destination (one thread per peer) and records the call.
+// Combine call `seq` uses parity seq & 1; it is that parity's CombineUse(seq)-th call.
+__device__ __forceinline__ unsigned long long CombineUse(unsigned long long seq) {
+  return (seq + 1) >> 1;
+}
+
+// Every thread of a combine send, at its start: waits until every destination has read the
+// parity's previous call (the call two back).
+__device__ __forceinline__ void WaitCombineRead(LLWorkspace* ws, unsigned long long seq,
+                                                unsigned long long timeout_ns) {
+  WaitPeers(ws, ws->combine_read[seq & 1], (CombineUse(seq) - 1) * kLLCallTotal, seq,
+            kLLCombineSend, timeout_ns);
+}
+
+// Every thread of a combine send, at its end: each block signals its part to every destination;
+// the last to finish records the call.
 __device__ __forceinline__ void FinishCombineSend(LLWorkspace* ws, unsigned long long seq,
                                                   int32_t* info) {
-  const int tid = threadIdx.x, me = ws->rank;
-  const int p = static_cast<int>(seq & 1);
-  const bool last = LastBlock(ws, kCombineSendTicket);
-  if (last && tid < ws->num_ranks) StoreRelease(&ws->peers[tid]->combine_flag[p][me], seq);
-  if (last && tid == 0) {
-    ws->seq[kCombineSendCtr] = seq;
+  const int me = ws->rank, p = static_cast<int>(seq & 1);
+  SignalPeers(ws, [&](int d) { return &ws->peers[d]->combine_arrived[p][me]; });
+  if (LastToFinish(ws, kCombineSendTicket)) {
+    ws->combine_sends = seq;
     info[0] = static_cast<int32_t>(seq & 0xffffffffu);
     info[1] = static_cast<int32_t>(seq >> 32);
   }
@@ -672,7 +694,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
   const int R = ws->num_ranks, El = ws->num_local_experts, H = ws->hidden;
   const int Tn = a.num_tokens, RT = R * Tn;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const unsigned long long seq = ws->seq[kCombineSendCtr] + 1;
+  const unsigned long long seq = ws->combine_sends + 1;
   const int p = static_cast<int>(seq & 1);
   extern __shared__ __align__(128) int32_t smem[];
   char* s_stage = reinterpret_cast<char*>(smem);  // [kWarps][kBulkStages][kBulkPart]
@@ -700,7 +722,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
     }
     if (lane == 0) s_base[0] = 0;
   }
-  WaitPeers(ws, ws->combine_ack[p], seq > 2 ? seq - 2 : 0, kLLCombineSend, a.timeout_ns);
+  WaitCombineRead(ws, seq, a.timeout_ns);
 
   const int row_bytes = H * static_cast<int>(sizeof(T));
   const int parts = (row_bytes + kBulkPart - 1) / kBulkPart;
@@ -744,12 +766,12 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombine
   const int R = ws->num_ranks, me = ws->rank, H = ws->hidden, K = ws->num_topk;
   const int Tn = a.num_tokens, E = a.num_experts;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const unsigned long long seq = ws->seq[kCombineSendCtr] + 1;
+  const unsigned long long seq = ws->combine_sends + 1;
   const int p = static_cast<int>(seq & 1);
   constexpr int kVec = sizeof(T);  // int4s per lane (16 elements)
   constexpr int kBatch = 4;        // entries whose rows are loaded together
 
-  WaitPeers(ws, ws->combine_ack[p], seq > 2 ? seq - 2 : 0, kLLCombineSend, a.timeout_ns);
+  WaitCombineRead(ws, seq, a.timeout_ns);
   // 1. Every block pushes its share of this rank's weights to every rank, tagged with the call
   //    (see CombineWeights): a repeated expert's weights summed into its first listing (whose
   //    row the dispatch recv recorded), in top-k order; 0 for invalid entries and repeats.
@@ -844,13 +866,14 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombine
 template <typename T>
 __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArgs a) {
   LLWorkspace* ws = a.ws;
-  const int R = ws->num_ranks, me = ws->rank, H = ws->hidden;
+  const int me = ws->rank, H = ws->hidden;
   const int Tn = a.num_tokens, K = a.num_topk, E = a.num_experts;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const unsigned long long seq = CallNumber(a.info);
   const int p = static_cast<int>(seq & 1);
 
-  WaitPeers(ws, ws->combine_flag[p], seq, kLLCombineRecv, a.timeout_ns);
+  WaitPeers(ws, ws->combine_arrived[p], CombineUse(seq) * kLLCallTotal, seq, kLLCombineRecv,
+            a.timeout_ns);
 
   const int chunks = (H + kLLChunk - 1) / kLLChunk;
   const int items = Tn * chunks;
@@ -900,8 +923,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArg
     if (active) Store16(static_cast<T*>(a.out) + static_cast<size_t>(t) * H + h0, acc);
   }
 
-  const bool last = LastBlock(ws, kCombineRecvTicket);
-  if (last && tid < R) StoreRelease(&ws->peers[tid]->combine_ack[p][me], seq);
+  SignalPeers(ws, [&](int src) { return &ws->peers[src]->combine_read[p][me]; });
 }
 
 int DefaultBlocks(int requested, int items_per_block_hint) {
@@ -1099,10 +1121,7 @@ cudaError_t BuildCopyGraph(const LLCopyEngines& c, int buffer, size_t bytes,
     if (err != cudaSuccess) break;
     err = cudaGraphAddMemcpyNode1D(
         &signal, graph, &data, 1,
-        at(c.peers[d], offsetof(LLWorkspace, dispatch_flag) +
-                           (buffer * kMaxRanks + me) * sizeof(unsigned long long)),
-        at(c.peers[me], offsetof(LLWorkspace, dispatch_flag_out) +
-                            buffer * sizeof(unsigned long long)),
+        &c.peers[d]->dispatch_arrived[buffer][me], &c.peers[me]->dispatch_uses[buffer],
         sizeof(unsigned long long), cudaMemcpyDeviceToDevice);
   }
   if (err == cudaSuccess) err = cudaGraphInstantiate(exec, graph, 0);

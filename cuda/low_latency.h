@@ -15,18 +15,24 @@
 //     waits, then reduces per token with the top-k weights in float32. Pre-reduced combine
 //     (LaunchLLCombineSendReduced): the expert rank sums a token's rows itself and sends one
 //     row per (token, expert rank) to slot [parity][token][rank].
-// Reuse protocol: a receiver acknowledges a call once it has read it; a sender waits, before
-// writing a buffer, until every destination has acknowledged the call that last wrote it.
-// Combine alternates between two parities (the call two back). Dispatch SM sends alternate
-// between buffers 0 and 1, chosen on the device; with copy-engine buffers (LLLayout::
-// copy_engine), copy-engine sends alternate between 2 and 3, chosen by the host, which
-// enqueues every one of them (LLCopyEngines). A recv takes its call number and buffer from its
-// send's `info` (not from a counter of its own), so XLA may order the recvs of two outstanding
-// sends either way. So at most two sends of one kind (SM dispatch, copy-engine dispatch,
-// combine) may be outstanding per communicator; a third waits, and if the receiver never
-// reads, times out with an error. Sequence numbers live on the device (advanced by the
-// kernels), so SM sends keep no host state and can be captured in CUDA graphs. Nothing spins
-// between the phases.
+// Completion: every block of a kernel that writes a peer's buffer (or has read one, to release
+// it) adds its share to a counter at that peer with release semantics once its part is done;
+// the shares of one grid add up to kLLCallTotal, whatever the grid size, so the k-th call to use
+// a counter is complete there when it reaches k * kLLCallTotal. No block waits for another: no
+// last-block ticket, no all-thread fence, one release per block and peer, side by side.
+// Reuse protocol: a receiver acknowledges a call (the `read` counters) once it has read it; a
+// sender waits, before writing a buffer, until every destination has acknowledged every earlier
+// call that wrote it. Combine alternates between two parities (the call two back). Dispatch SM
+// sends alternate between buffers 0 and 1, chosen on the device; with copy-engine buffers
+// (LLLayout::copy_engine), copy-engine sends alternate between 2 and 3, chosen by the host, which
+// enqueues every one of them (LLCopyEngines); their arrival is a flag (the call's number at the
+// buffer), copied after the bundle. A recv takes its buffer and call number from its send's
+// `info` (not from a counter of its own), so XLA may order the recvs of two outstanding sends
+// either way. So at most two sends of one kind (SM dispatch, copy-engine dispatch, combine) may
+// be outstanding per communicator; a third waits, and if the receiver never reads, times out
+// with an error. Call numbers live on the device (advanced by the last block of a send to finish,
+// after every block has read them), so SM sends keep no host state and can be captured in CUDA
+// graphs. Nothing spins between the phases.
 // Pre-reduced combine weights: rank m writes its weights into [parity p][m] of every rank d
 // after d has acknowledged call seq - 2 (the same wait as for the slots); d's ack of seq - 2
 // follows its recv of seq - 2, which follows its send of seq - 2, the only reader of that
@@ -57,16 +63,12 @@ enum LLPhase : int32_t {
   kLLCombineWeights = 15,  // pre-reduced combine send: waiting for a source's top-k weights
 };
 
-// Indices of LLWorkspace::seq (call counters, advanced by the send kernels; a recv takes its
-// call number from its send's info) and of LLWorkspace::ticket (last-block detection).
-// kDispatchSendCtr numbers every dispatch send (flags and acks carry it); kDispatchSmSendCtr
-// counts the SM sends only (their buffer alternates with it).
-enum LLCounter : int { kDispatchSendCtr = 0, kCombineSendCtr = 1, kDispatchSmSendCtr = 2,
-                       kNumLLCounters = 3 };
+// A call's shares at one completion counter add up to this (see SignalPeers in low_latency.cu):
+// more than any grid has blocks, and 2^44 calls fit in the 64-bit counters.
+inline constexpr unsigned long long kLLCallTotal = 1ull << 20;
 inline constexpr int kLLDispatchBuffers = 4;  // 0, 1: SM sends; 2, 3: copy-engine sends
 inline constexpr int kLLFirstCopyBuffer = 2;
-enum LLTicket : int { kDispatchSendTicket = 0, kDispatchRecvTicket = 1, kCombineSendTicket = 2,
-                      kCombineRecvTicket = 3, kNumLLTickets = 4 };
+enum LLTicket : int { kDispatchSendTicket = 0, kCombineSendTicket = 1, kNumLLTickets = 2 };
 
 // Where everything lives in a workspace (identical on every device); computed once
 // (ComputeLLLayout), used by the allocation, the kernels (LLWorkspace::layout) and the
@@ -86,16 +88,18 @@ struct LLLayout {
 };
 
 struct LLWorkspace {
-  // Written by peers.
-  alignas(128) unsigned long long dispatch_flag[kLLDispatchBuffers][kMaxRanks];  // [buf][src]
-  alignas(128) unsigned long long dispatch_ack[kLLDispatchBuffers][kMaxRanks];   // [buf][dest]
-  alignas(128) unsigned long long combine_flag[2][kMaxRanks];
-  alignas(128) unsigned long long combine_ack[2][kMaxRanks];
-  // This device's call counters (LLCounter) and last-block tickets (LLTicket).
-  alignas(128) unsigned long long seq[kNumLLCounters];
+  // Written by peers (and by this device): completion counters (k * kLLCallTotal once the k-th
+  // call to use one is complete), except dispatch_arrived of the copy-engine buffers: a flag,
+  // the call's number at the buffer, copied by the sender's copy graph.
+  alignas(128) unsigned long long dispatch_arrived[kLLDispatchBuffers][kMaxRanks];  // [buf][src]
+  alignas(128) unsigned long long dispatch_read[kLLDispatchBuffers][kMaxRanks];     // [buf][dest]
+  alignas(128) unsigned long long combine_arrived[2][kMaxRanks];  // [parity][src]
+  alignas(128) unsigned long long combine_read[2][kMaxRanks];     // [parity][dest]
+  // This device's call numbers (advanced by the sends) and the sends' last-block tickets.
+  alignas(128) unsigned long long dispatch_sm_sends;  // SM dispatch sends so far (buffer parity)
+  unsigned long long combine_sends;                   // combine sends so far (parity, tags)
+  unsigned long long dispatch_uses[kLLDispatchBuffers];  // calls that have written each buffer
   unsigned int ticket[kNumLLTickets];
-  unsigned long long dispatch_last[kLLDispatchBuffers];      // the call that last wrote it
-  unsigned long long dispatch_flag_out[kLLDispatchBuffers];  // copied to the peers' flags
   // Constant after setup.
   LLWorkspace* peers[kMaxRanks];
   ErrorRecord* error;  // device alias of the rank's host-mapped record
@@ -157,9 +161,9 @@ cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace**
 // The call's buffer is 2 + (calls & 1): the host picks it, since the copies' addresses are
 // fixed when they are enqueued. After the send kernel on the caller's stream, a copy-engine
 // send records `packed` there, makes `stream` wait for it and launches there a small CUDA graph:
-// per peer d, the bundle copy (outbox -> d's inbox) and then the flag copy (dispatch_flag_out ->
-// d's flag). One graph launch costs the host a fraction of 2 (R - 1) cudaMemcpyAsync calls; the
-// graphs are instantiated on first use, per buffer and copy size. Nothing joins `stream` back:
+// per peer d, the bundle copy (outbox -> d's inbox) and then the flag copy
+// (dispatch_uses[buffer] -> d's dispatch_arrived). One graph launch costs the host a fraction
+// of 2 (R - 1) cudaMemcpyAsync calls; the graphs are instantiated on first use, per buffer and copy size. Nothing joins `stream` back:
 // the receiver's recv kernel waits for the flag. `mutex` serialises the sends of one device
 // (the buffer choice and the launch order must agree) and the reads of `calls`.
 struct LLCopyGraph {
@@ -201,7 +205,8 @@ struct LLDispatchSendArgs {
   const float* weights;         // [T, K] or null: shipped so the receiver can scale rows
   const int32_t* expert_rank;   // [E]
   const int32_t* expert_slot;   // [E]
-  int32_t* info;                // [4]: num_invalid, call number (low, high 32 bits), buffer; the
+  int32_t* info;                // [4]: num_invalid, the call's number at its buffer (low, high
+                                //      32 bits: the buffer's k-th call), buffer; the
                                 //      recv reads it, which also orders it after this send
   int num_sms;
   unsigned long long timeout_ns;

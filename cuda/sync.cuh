@@ -20,6 +20,21 @@ __device__ __forceinline__ void FenceAcqRelSys() {
   asm volatile("fence.acq_rel.sys;" ::: "memory");
 }
 
+// Adds v to *p (a peer's memory too) at system scope, ordered after this thread's earlier memory
+// operations and those it has observed (a release: a __syncthreads before it brings in the
+// block's).
+__device__ __forceinline__ void AddRelease(unsigned long long* p, unsigned long long v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Atomic add at GPU scope, acquire and release; returns the old value.
+__device__ __forceinline__ unsigned AddAcqRelGpu(unsigned* p, unsigned v) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
+
 __device__ __forceinline__ unsigned long long LoadAcquire(const unsigned long long* p) {
   unsigned long long v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");

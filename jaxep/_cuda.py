@@ -288,8 +288,8 @@ def ll_dispatch_send(comm, x, topk_idx, weights=None, *, fp8=False, round_scale=
 
     ``weights [T, K]`` (optional) travel with the rows and scale them on receipt (the gradient
     of ``ll_combine``). ``copy_engine``: the kernel packs the rows locally and copy engines
-    move them (outside CUDA-graph capture). Returns ``info [4]`` int32 (num_invalid, call
-    number low/high, buffer) for the recv.
+    move them (outside CUDA-graph capture). Returns ``info [4]`` int32 (num_invalid, the
+    call's number at its buffer low/high, buffer) for the recv.
     """
     w = jnp.zeros((0,), jnp.float32) if weights is None else weights.astype(jnp.float32)
     target = LL_DISPATCH_SEND_CE_TARGET if copy_engine else LL_DISPATCH_SEND_TARGET
