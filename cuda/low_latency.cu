@@ -254,8 +254,7 @@ __device__ __forceinline__ int PopcAll(const uint32_t* mask, int words) {
 template <typename TIn>
 __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendArgs a) {
   LLWorkspace* ws = a.ws;
-  const int R = ws->num_ranks, me = ws->rank, Tmax = ws->max_tokens, El = ws->num_local_experts;
-  const int H = ws->hidden;
+  const int R = ws->num_ranks, me = ws->rank, Tmax = ws->max_tokens, H = ws->hidden;
   const int T = a.num_tokens, K = a.num_topk, E = a.num_experts;
   const int W = (T + 31) / 32;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -273,12 +272,10 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   extern __shared__ int32_t smem[];
   int32_t* s_rank = smem;                                        // [E]
   int32_t* s_slot = s_rank + E;                                  // [E]
-  int32_t* s_idx = s_slot + E;                                   // [T*K] sanitised ids
+  int32_t* s_idx = s_slot + E;                                   // [T*K] top-k ids as given
   uint32_t* s_emask = reinterpret_cast<uint32_t*>(s_idx + T * K);  // [E][W] tokens per expert
-  uint32_t* s_rmask = s_emask + static_cast<size_t>(E) * W;      // [R][W] tokens per rank
   __shared__ int s_invalid;
 
-  // The warp's first chunk of x is loaded now, so that its latency hides behind the routing.
   const int chunks = (H + kLLChunk - 1) / kLLChunk;
   const int items = T * chunks;
   const int first_item = blockIdx.x * kWarps + warp;
@@ -290,53 +287,32 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
 #pragma unroll
     for (int j = 0; j < kVec; ++j) raw[j] = h0 < H ? src[j] : make_int4(0, 0, 0, 0);
   };
+  auto valid = [&](int e) { return e >= 0 && e < E; };
+
+  // 1. Every load the rows need, issued together: the warp's first chunk of x, the top-k ids
+  //    and the expert placement (each block keeps its own copy: T*K is small in this mode); and
+  //    the destinations must have read the call that last used this buffer.
   int4 raw[kVec];
   if (first_item < items) load_x(first_item, raw);
-
-  // 1. Rank routing (each block redundantly: T*K is small in this mode), all the rows need:
-  //    the tokens sent to each rank, as bit masks. A thread per token; the warp's ballots are
-  //    the mask words. The expert masks (per-expert rows, for the metadata) come after the
-  //    rows are on their way (step 4): 12.3 against 12.7 us per send at R = 2, T = 128
-  //    (benchmarks/RESULTS.md, seventh session).
   for (int e = tid; e < E; e += kThreads) {
     s_rank[e] = a.expert_rank[e];
     s_slot[e] = a.expert_slot[e];
   }
+  for (int i = tid; i < T * K; i += kThreads) s_idx[i] = a.topk_idx[i];
   for (int i = tid; i < E * W; i += kThreads) s_emask[i] = 0;
   if (tid == 0) s_invalid = 0;
-  __syncthreads();
-  int invalid = 0;
-  for (int t0 = warp * 32; t0 < T; t0 += kThreads) {  // warp-uniform
-    const int t = t0 + lane;
-    unsigned ranks = 0;
-    if (t < T) {
-      for (int k = 0; k < K; ++k) {
-        const int e = a.topk_idx[static_cast<size_t>(t) * K + k];
-        const bool ok = e >= 0 && e < E;
-        invalid += !ok && e != -1;
-        s_idx[t * K + k] = ok ? e : -1;
-        if (ok) ranks |= 1u << s_rank[e];
-      }
-    }
-    for (int d = 0; d < R; ++d) {
-      const unsigned word = __ballot_sync(kFull, (ranks >> d) & 1u);
-      if (lane == 0) s_rmask[d * W + (t0 >> 5)] = word;
-    }
-  }
-  if (invalid) atomicAdd(&s_invalid, invalid);
-  // 2. The destinations must have read the call that last used this buffer.
   WaitPeers(ws, ws->dispatch_read[p], (call - 1) * kLLCallTotal, call, kLLDispatchSend,
-            a.timeout_ns);
+            a.timeout_ns);  // ends with the __syncthreads that publishes the shared arrays
 
-  // 3. Rows: warp per (token, 512-channel chunk); x is read once, written once per rank.
+  // 2. Rows: warp per (token, 512-channel chunk); x is read once and written to row t of the
+  //    bundle of each rank that holds one of the token's experts (rows are not compacted, so
+  //    a warp needs only its own token's routing).
   for (int item = first_item; item < items; item += gridDim.x * kWarps) {
     const int t = item / chunks, c = item - t * chunks;
     const int h0 = c * kLLChunk + lane * kPerLane;
     const bool active = h0 < H;
-    int my_i = -1;  // lane d < R: index of token t among my tokens sent to rank d
-    if (lane < R && (s_rmask[lane * W + (t >> 5)] >> (t & 31)) & 1u) {
-      my_i = PopcBelow(s_rmask + lane * W, t);
-    }
+    const int e = lane < K ? s_idx[t * K + lane] : -1;
+    const unsigned ranks = __reduce_or_sync(kFull, valid(e) ? 1u << s_rank[e] : 0u);
     if (item != first_item) load_x(item, raw);
     int4 q = make_int4(0, 0, 0, 0);
     float scale = 0.f;
@@ -345,10 +321,8 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
       Load16(reinterpret_cast<const TIn*>(raw), v, false);
       scale = Quantize16(v, a.round_scale, q);
     }
-    for (int d = 0; d < R; ++d) {
-      const int i = __shfl_sync(kFull, my_i, d);
-      if (i < 0 || !active) continue;
-      char* slot = bundle(d).Row(i);
+    for (unsigned todo = active ? ranks : 0u; todo; todo &= todo - 1) {
+      char* slot = bundle(__ffs(todo) - 1).Row(t);
       if (a.fp8) {
         *reinterpret_cast<int4*>(slot + h0) = q;
         if ((lane & 7) == 0) reinterpret_cast<float*>(slot + H)[h0 / 128] = scale;
@@ -360,29 +334,33 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     }
   }
 
-  // 4. Expert routing, while the rows land: the first listing of each (token, expert) sets
-  //    the token's bit in the expert's mask (entry-parallel).
+  // 3. Expert routing, while the rows land: the first listing of each (token, expert) sets
+  //    the token's bit in the expert's mask (entry-parallel); ids outside [0, E) other than -1
+  //    are counted.
+  int invalid = 0;
   for (int i = tid; i < T * K; i += kThreads) {
     const int e = s_idx[i];
     const int t = i / K, k = i - t * K;
-    bool first = e >= 0;
+    invalid += !valid(e) && e != -1;
+    bool first = valid(e);
     for (int j = 0; j < k && first; ++j) first = s_idx[t * K + j] != e;
     if (first) atomicOr(&s_emask[static_cast<size_t>(e) * W + (t >> 5)], 1u << (t & 31));
   }
+  if (invalid) atomicAdd(&s_invalid, invalid);
   __syncthreads();
 
-  // 5. Block 0: per-(destination, local expert) counts and rows per destination.
+  // 4. Block 0: per-(destination, local expert) counts.
   if (blockIdx.x == 0) {
     for (int e = tid; e < E; e += kThreads) {
       bundle(s_rank[e]).counts[s_slot[e]] = PopcAll(s_emask + static_cast<size_t>(e) * W, W);
     }
-    if (tid < R) bundle(tid).counts[El] = PopcAll(s_rmask + tid * W, W);
     if (tid == 0) a.info[0] = s_invalid;
   }
 
-  // 6. Row metadata, by the warp that sent the token's first chunk: token, then per top-k
-  //    entry (local expert * T_max + row within it) or -1, then per entry the weight summed
-  //    over the entry's duplicates (first only).
+  // 5. Row metadata of every token at every destination, by the warp that sent the token's
+  //    first chunk: -1 if the token did not go there; else the token, then per top-k entry
+  //    (local expert * T_max + row within it) or -1, then per entry the weight summed over the
+  //    entry's duplicates (first only).
   for (int item = first_item; item < items; item += gridDim.x * kWarps) {
     const int t = item / chunks;
     if (item - t * chunks != 0) continue;
@@ -390,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     float entry_w = 0.f;
     if (lane < K) {
       const int e = s_idx[t * K + lane];
-      bool first = e >= 0;
+      bool first = valid(e);
       for (int j = 0; j < lane && first; ++j) first = s_idx[t * K + j] != e;
       if (first) {
         entry_e = e;
@@ -403,9 +381,13 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
         }
       }
     }
+    const unsigned ranks = __reduce_or_sync(kFull, entry_e >= 0 ? 1u << entry_rank : 0u);
     for (int d = 0; d < R; ++d) {
-      if (!((s_rmask[d * W + (t >> 5)] >> (t & 31)) & 1u)) continue;  // warp-uniform
-      int32_t* meta = bundle(d).Meta(ws, PopcBelow(s_rmask + d * W, t));
+      int32_t* meta = bundle(d).Meta(ws, t);
+      if (!((ranks >> d) & 1u)) {  // warp-uniform
+        if (lane == 0) meta[0] = -1;
+        continue;
+      }
       if (lane == 0) meta[0] = t;
       if (lane < K) {
         const bool here = entry_e >= 0 && entry_rank == d;
@@ -415,7 +397,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     }
   }
 
-  // 7. Each block signals its part to every destination (a copy-engine send: nothing; its copy
+  // 6. Each block signals its part to every destination (a copy-engine send: nothing; its copy
   //    graph raises the flags after the bundles); the last to finish advances the call numbers.
   if (!outbox) {
     SignalPeers(ws, [&](int d) { return &ws->peers[d]->dispatch_arrived[p][me]; });
@@ -452,14 +434,44 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
   extern __shared__ int32_t smem[];
   int32_t* s_off = smem;              // [E_l][R]: first output row of source s in expert l
   int32_t* s_total = s_off + El * R;  // [E_l]
-  __shared__ int s_rows[kMaxRanks + 1];  // prefix of rows received per source
 
   // SM buffers: completion counters; copy-engine buffers: the flags that the copies raise.
   WaitPeers(ws, ws->dispatch_arrived[p], p < kLLFirstCopyBuffer ? call * kLLCallTotal : call,
             call, kLLDispatchRecv, a.timeout_ns);
 
-  // Per (local expert, source) counts: every load issued at once (l = El: rows per source).
-  for (int l = tid; l <= El; l += kThreads) {
+  // Work items: warp per (source, token, 512-channel chunk); a token that did not come from
+  // that source has metadata -1. A warp's loads of an item are issued together; those of its
+  // first item together with the counts below, whose prefix the fan-out needs.
+  const int chunks = (H + kLLChunk - 1) / kLLChunk;
+  const int items = RT * chunks;
+  constexpr int kVec = kElem;  // int4s per lane (16 elements)
+  struct Item {
+    int t, ent;  // the token (-1: not sent), lane k < K: entry k's (local expert * T_max + row)
+    float w, scale;
+    int4 v[kVec];
+  };
+  auto load = [&](int item, Item& it) {
+    const int st = item / chunks, c = item - st * chunks, s = st / T, t = st - s * T;
+    const BundleParts b = bundle(s);
+    const int32_t* meta = b.Meta(ws, t);
+    it.t = __ldcg(meta);
+    it.ent = lane < K ? __ldcg(meta + 1 + lane) : -1;
+    it.w = lane < K ? __int_as_float(__ldcg(meta + 1 + K + lane)) : 0.f;
+    const char* slot = b.Row(t);
+    const int h0 = c * kLLChunk + lane * kPerLane;
+    it.scale = 0.f;
+    if (h0 < H) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) it.v[j] = __ldcg(reinterpret_cast<const int4*>(slot + h0 * kElem) + j);
+      if (kElem == 1 && (lane & 7) == 0) it.scale = __ldcg(reinterpret_cast<const float*>(slot + H) + h0 / 128);
+    }
+  };
+  const int first_item = blockIdx.x * kWarps + warp;
+  Item it;
+  if (first_item < items) load(first_item, it);
+
+  // Per (local expert, source) counts: every load issued at once.
+  for (int l = tid; l < El; l += kThreads) {
     int n[kMaxRanks];
 #pragma unroll
     for (int s = 0; s < kMaxRanks; ++s) n[s] = s < R ? __ldcg(bundle(s).counts + l) : 0;
@@ -467,44 +479,25 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
 #pragma unroll
     for (int s = 0; s < kMaxRanks; ++s) {
       if (s >= R) break;
-      if (l < El) s_off[l * R + s] = acc; else s_rows[s] = acc;
+      s_off[l * R + s] = acc;
       acc += n[s];
     }
-    if (l < El) {
-      s_total[l] = acc;
-      if (blockIdx.x == 0) a.counts[l] = acc;
-    } else {
-      s_rows[R] = acc;
-    }
+    s_total[l] = acc;
+    if (blockIdx.x == 0) a.counts[l] = acc;
   }
   if (tid == 0 && blockIdx.x == 0) a.num_invalid[0] = a.info[0];
   __syncthreads();
 
-  // Received rows: warp per (row, chunk); each row fans out to its local experts.
-  const int chunks = (H + kLLChunk - 1) / kLLChunk;
-  const int items = s_rows[R] * chunks;
-  for (int item = blockIdx.x * kWarps + warp; item < items; item += gridDim.x * kWarps) {
-    const int q = item / chunks, c = item - q * chunks;
-    int s = 0;
-    while (q >= s_rows[s + 1]) ++s;
-    const int i = q - s_rows[s];
-    const BundleParts b = bundle(s);
-    const int32_t* meta = b.Meta(ws, i);
-    const int t = __ldcg(meta);
-    const int ent = lane < K ? __ldcg(meta + 1 + lane) : -1;
-    const float w = lane < K ? __int_as_float(__ldcg(meta + 1 + K + lane)) : 0.f;
-    const char* slot = b.Row(i);
+  // Each received row fans out to its local experts' rows; recv_rows of every (source, token).
+  for (int item = first_item; item < items; item += gridDim.x * kWarps) {
+    if (item != first_item) load(item, it);
+    const int st = item / chunks, c = item - st * chunks, s = st / T;
     const int h0 = c * kLLChunk + lane * kPerLane;
     const bool active = h0 < H;
-    constexpr int kVec = kElem;  // int4s per lane (16 elements)
-    int4 v[kVec];
-    if (active) {
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) v[j] = __ldcg(reinterpret_cast<const int4*>(slot + h0 * kElem) + j);
-    }
-    float scale = 0.f;
-    if constexpr (kElem == 1) {
-      if (active && (lane & 7) == 0) scale = __ldcg(reinterpret_cast<const float*>(slot + H) + h0 / 128);
+    int32_t* rr = a.recv_rows + static_cast<size_t>(st) * K;
+    if (it.t < 0) {  // warp-uniform: nothing from this source for this token
+      if (c == 0 && lane < K) rr[lane] = -1;
+      continue;
     }
     // UE8M0: the chunk's 4 groups are exactly packed word c (groups past G pad with 127).
     unsigned packed = 0;
@@ -512,15 +505,15 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
       if (a.ue8m0) {
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
-          const float sg = __shfl_sync(kFull, scale, 8 * g);
+          const float sg = __shfl_sync(kFull, it.scale, 8 * g);
           const unsigned ex = 4 * c + g < G ? (__float_as_uint(sg) >> 23) & 0xFFu : 127u;
           packed |= ex << (8 * g);
         }
       }
     }
     for (int k = 0; k < K; ++k) {
-      const int e = __shfl_sync(kFull, ent, k);
-      const float wk = __shfl_sync(kFull, w, k);
+      const int e = __shfl_sync(kFull, it.ent, k);
+      const float wk = __shfl_sync(kFull, it.w, k);
       if (e < 0) continue;
       const int l = e / Tmax, row = s_off[l * R + s] + (e - l * Tmax);
       const size_t out_row = static_cast<size_t>(l) * RT + row;
@@ -530,22 +523,22 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
           if (a.weighted) {
             float f[kPerLane];
             if constexpr (kElem == 2) {
-              Load16(reinterpret_cast<const __nv_bfloat16*>(v), f, false);
+              Load16(reinterpret_cast<const __nv_bfloat16*>(it.v), f, false);
               for (int j = 0; j < kPerLane; ++j) f[j] *= wk;
               Store16(reinterpret_cast<__nv_bfloat16*>(dst), f);
             } else {
-              Load16(reinterpret_cast<const float*>(v), f, false);
+              Load16(reinterpret_cast<const float*>(it.v), f, false);
               for (int j = 0; j < kPerLane; ++j) f[j] *= wk;
               Store16(reinterpret_cast<float*>(dst), f);
             }
           } else {
 #pragma unroll
-            for (int j = 0; j < kVec; ++j) reinterpret_cast<int4*>(dst)[j] = v[j];
+            for (int j = 0; j < kVec; ++j) reinterpret_cast<int4*>(dst)[j] = it.v[j];
           }
         } else {
-          *reinterpret_cast<int4*>(dst) = v[0];
+          *reinterpret_cast<int4*>(dst) = it.v[0];
           if (!a.ue8m0 && (lane & 7) == 0) {
-            static_cast<float*>(a.scales)[out_row * G + h0 / 128] = scale;
+            static_cast<float*>(a.scales)[out_row * G + h0 / 128] = it.scale;
           }
         }
       }
@@ -553,36 +546,21 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
         if (a.ue8m0 && lane == 0) static_cast<int32_t*>(a.scales)[out_row * GW + c] = packed;
       }
       if (c == 0 && lane == 0) {
-        a.src_index[out_row] = s * T + t;
+        a.src_index[out_row] = st;  // s * T + t
         a.src_topk[out_row] = k;
       }
     }
-    // recv_rows of this token, and -1 for the tokens of this source between it and the
-    // previous received one (after it too, for the last): a source's rows ascend by token.
-    if (c == 0) {
-      int32_t* rr = a.recv_rows + static_cast<size_t>(s) * T * K;
-      if (lane < K) {
-        int row = -1;
-        if (ent >= 0) {
-          const int l = ent / Tmax;
-          row = l * RT + s_off[l * R + s] + (ent - l * Tmax);
-        }
-        rr[t * K + lane] = row;
+    if (c == 0 && lane < K) {
+      int row = -1;
+      if (it.ent >= 0) {
+        const int l = it.ent / Tmax;
+        row = l * RT + s_off[l * R + s] + (it.ent - l * Tmax);
       }
-      const int t_prev = i > 0 ? __ldcg(b.Meta(ws, i - 1)) : -1;
-      for (int x = (t_prev + 1) * K + lane; x < t * K; x += 32) rr[x] = -1;
-      if (q + 1 == s_rows[s + 1]) {
-        for (int x = (t + 1) * K + lane; x < T * K; x += 32) rr[x] = -1;
-      }
+      rr[lane] = row;
     }
   }
 
-  // Padding rows: -1 in the handle; zeros in x (and scales) with zero_padding. recv_rows of
-  // the sources that sent nothing: -1.
-  for (int x = blockIdx.x * kThreads + tid; x < RT * K; x += gridDim.x * kThreads) {
-    const int s = x / (T * K);
-    if (s_rows[s + 1] == s_rows[s]) a.recv_rows[x] = -1;
-  }
+  // Padding rows: -1 in the handle; zeros in x (and scales) with zero_padding.
   const int total_rows = El * RT;
   for (int r = blockIdx.x * kThreads + tid; r < total_rows; r += gridDim.x * kThreads) {
     if (r % RT >= s_total[r / RT]) {
@@ -962,7 +940,7 @@ LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_lo
   LLLayout l{};
   l.slot_bytes = 4 * hidden;
   l.meta_ints = 1 + 2 * num_topk;
-  l.counts_bytes = static_cast<int32_t>(LLAlign16(4 * (int64_t{num_local_experts} + 1)));
+  l.counts_bytes = static_cast<int32_t>(LLAlign16(4 * int64_t{num_local_experts}));
   l.copy_engine = copy_engine ? 1 : 0;
   l.bundle_bytes = up(LLRowsOffset(l.counts_bytes, max_tokens, l.meta_ints) +
                       int64_t{max_tokens} * l.slot_bytes);
@@ -987,7 +965,7 @@ size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_loc
 size_t LLSendSharedBytes(int num_ranks, int num_tokens, int num_topk, int num_experts) {
   const size_t words = (static_cast<size_t>(num_tokens) + 31) / 32;
   return 4 * (2 * static_cast<size_t>(num_experts) + static_cast<size_t>(num_tokens) * num_topk +
-              (static_cast<size_t>(num_experts) + num_ranks) * words);
+              static_cast<size_t>(num_experts) * words);
 }
 
 size_t LLCombineSendSharedBytes(int num_local_experts) {
@@ -996,7 +974,7 @@ size_t LLCombineSendSharedBytes(int num_local_experts) {
 }
 
 size_t LLRecvSharedBytes(int num_ranks, int num_local_experts) {
-  return 4 * (static_cast<size_t>(num_local_experts) * num_ranks + num_local_experts + 1);
+  return 4 * (static_cast<size_t>(num_local_experts) * num_ranks + num_local_experts);
 }
 
 cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens, int num_topk,

@@ -5,11 +5,14 @@
 // outside XLA's allocator) that its peers write through peer access:
 //   * dispatch: the *send* kernel quantises (optionally) and writes each token once per
 //     destination rank (deduplicated across that rank's experts: the receiver fans it out) into
-//     the destination's receive *bundle* of this source: per-expert counts, then per-row
-//     metadata (token, and for each top-k entry the local expert and the row within it), then
-//     the rows (LLBundleUsedBytes), so one call from one rank to another is one contiguous
-//     range; then it raises a flag per destination and returns. The *recv* kernel waits for the
-//     flags of every source, then unpacks the rows into the expert-major [E_l, R*T, H] output.
+//     the destination's receive *bundle* of this source: per-expert counts, then per-token
+//     metadata (-1 if the token did not go there; else the token, and for each top-k entry the
+//     local expert and the row within it), then the rows, row t for token t (not compacted:
+//     a sender warp needs only its own token's routing, and a receiver warp knows its token
+//     without a prefix) (LLBundleUsedBytes), so one call from one rank to another is one
+//     contiguous range; then it signals every destination and returns. The *recv* kernel
+//     waits for every source's signals, then unpacks the rows into the expert-major
+//     [E_l, R*T, H] output.
 //   * combine: the *send* kernel copies each expert output row (bulk TMA copies through shared
 //     memory) into its source's slot [parity][token][k] and raises flags; the *recv* kernel
 //     waits, then reduces per token with the top-k weights in float32. Pre-reduced combine
@@ -75,8 +78,8 @@ enum LLTicket : int { kDispatchSendTicket = 0, kCombineSendTicket = 1, kNumLLTic
 // copy-engine launches.
 struct LLLayout {
   int32_t slot_bytes;    // bytes of one row slot: 4 * hidden (float32 rows fit)
-  int32_t meta_ints;     // per dispatched row: token, K entries, K weights
-  int32_t counts_bytes;  // head of a bundle: [E_l + 1] int32 (per local expert, then rows)
+  int32_t meta_ints;     // per token and destination: token (or -1), K entries, K weights
+  int32_t counts_bytes;  // head of a bundle: [E_l] int32 (rows per local expert)
   int32_t copy_engine;   // 1: buffers 2, 3 and the outbox exist (copy-engine sends)
   int32_t combine_slots;  // slots per token and parity: max(K, R) (per top-k entry, or per
                           // expert rank with pre-reduction)
@@ -124,8 +127,8 @@ __host__ __device__ inline int64_t LLOutboxOffset(const LLLayout& l, int num_ran
 }
 __host__ __device__ inline int64_t LLElemBytes(bool fp8, int x_bytes) { return fp8 ? 1 : x_bytes; }
 
-// One dispatch bundle of a call with T rows of `elem_bytes` elements (1 = e4m3: the row is
-// followed by its H/128 float32 scales):
+// One dispatch bundle of a call with T tokens, rows of `elem_bytes` elements (1 = e4m3: the row
+// is followed by its H/128 float32 scales):
 //   [counts_bytes: counts][align16(T * meta_ints * 4): metadata][T * RowStride: rows]
 __host__ __device__ inline int64_t LLAlign16(int64_t n) { return (n + 15) & ~int64_t{15}; }
 __host__ __device__ inline int64_t LLRowStride(int elem_bytes, int hidden) {
