@@ -209,6 +209,19 @@ __device__ __forceinline__ void SignalPeers(const LLWorkspace* ws, Counter count
   if (static_cast<int>(threadIdx.x) < ws->num_ranks) AddRelease(counter(threadIdx.x), BlockShare());
 }
 
+// Every thread of a block that has read peers' data into a buffer of its own, once it is done
+// with it: thread d < R adds the block's share to counter(d), at peer d, telling the peer
+// that it may rewrite the buffer. An acknowledgement orders reads only, and after the
+// __syncthreads each of the block's reads has returned its value (the values feed the work
+// before it; a load whose value is never used cannot matter), so a plain relaxed add does:
+// no system-scope fence, which cost the recv 1.9-2.6 us per block (phase stamps,
+// benchmarks/RESULTS.md, eighth session) while it waited for the block's output writes.
+template <typename Counter>
+__device__ __forceinline__ void AcknowledgePeers(const LLWorkspace* ws, Counter counter) {
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < ws->num_ranks) AddRelaxed(counter(threadIdx.x), BlockShare());
+}
+
 // Every thread of a send, after SignalPeers (or a __syncthreads): true in one thread (not a
 // signalling one) of the last block to get here, which then advances the call numbers: every
 // block has read them, at its start (the ticket's acquire and release order those reads first).
@@ -581,7 +594,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
   }
 
   // Each block tells every source that it is done reading this buffer.
-  SignalPeers(ws, [&](int src) { return &ws->peers[src]->dispatch_read[p][me]; });
+  AcknowledgePeers(ws, [&](int src) { return &ws->peers[src]->dispatch_read[p][me]; });
 }
 
 // ---- bulk copies (TMA): global -> shared -> global, one lane drives them ---------------------
@@ -901,7 +914,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArg
     if (active) Store16(static_cast<T*>(a.out) + static_cast<size_t>(t) * H + h0, acc);
   }
 
-  SignalPeers(ws, [&](int src) { return &ws->peers[src]->combine_read[p][me]; });
+  AcknowledgePeers(ws, [&](int src) { return &ws->peers[src]->combine_read[p][me]; });
 }
 
 int DefaultBlocks(int requested, int items_per_block_hint) {

@@ -27,6 +27,11 @@ __device__ __forceinline__ void AddRelease(unsigned long long* p, unsigned long 
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// Adds v to *p at system scope, unordered with this thread's other memory operations.
+__device__ __forceinline__ void AddRelaxed(unsigned long long* p, unsigned long long v) {
+  asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 // Atomic add at GPU scope, acquire and release; returns the old value.
 __device__ __forceinline__ unsigned AddAcqRelGpu(unsigned* p, unsigned v) {
   unsigned old;
