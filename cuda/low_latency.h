@@ -18,11 +18,12 @@
 //     waits, then reduces per token with the top-k weights in float32. Pre-reduced combine
 //     (LaunchLLCombineSendReduced): the expert rank sums a token's rows itself and sends one
 //     row per (token, expert rank) to slot [parity][token][rank].
-// Completion: every block of a kernel that writes a peer's buffer (or has read one, to release
-// it) adds its share to a counter at that peer with release semantics once its part is done;
-// the shares of one grid add up to kLLCallTotal, whatever the grid size, so the k-th call to use
-// a counter is complete there when it reaches k * kLLCallTotal. No block waits for another: no
-// last-block ticket, no all-thread fence, one release per block and peer, side by side.
+// Completion: every block of a kernel that writes a peer's buffer adds its share to a counter
+// at that peer with release semantics once its part is done (a block that has read a buffer
+// acknowledges it the same way, with a relaxed add: see AcknowledgePeers); the shares of one
+// grid add up to kLLCallTotal, whatever the grid size, so the k-th call to use a counter is
+// complete there when it reaches k * kLLCallTotal. No block waits for another: no last-block
+// ticket, no all-thread fence, one release per block and peer, side by side.
 // Reuse protocol: a receiver acknowledges a call (the `read` counters) once it has read it; a
 // sender waits, before writing a buffer, until every destination has acknowledged every earlier
 // call that wrote it. Combine alternates between two parities (the call two back). Dispatch SM
