@@ -71,10 +71,22 @@ def ll_fn(comm, fp8=False, round_scale=False, ue8m0=False, zero_padding=True, co
     return ep_call(comm, f)
 
 
-def inputs(rng, comm, kind, tokens, dtype=jnp.bfloat16):
+def hard_values(rng, n, h):
+    """[n, h] float64 rows whose 128-channel groups span 2^-60..2^60 in magnitude, with exact
+    zeros, negative zeros and all-zero groups (the fp8 scale's floor)."""
+    g = h // 128
+    x = rng.standard_normal((n, g, 128)) * 2.0 ** rng.uniform(-60, 60, (n, g, 1))
+    x[rng.random((n, g, 128)) < 0.1] = 0.0
+    x[rng.random((n, g, 128)) < 0.1] = -0.0
+    x[rng.random((n, g)) < 0.05] = 0.0
+    return x.reshape(n, h)
+
+
+def inputs(rng, comm, kind, tokens, dtype=jnp.bfloat16, hard=False):
     r, h, e, k = comm.num_ranks, comm.cfg.hidden, comm.cfg.num_experts, comm.cfg.num_topk
     idx = _routing(rng, kind, tokens, k, e, r)
-    x = jnp.asarray(rng.standard_normal((r * tokens, h)) * 3, dtype)
+    x = (hard_values(rng, r * tokens, h) if hard else rng.standard_normal((r * tokens, h)) * 3)
+    x = jnp.asarray(x, dtype)
     w = jnp.asarray(rng.random((r * tokens, k)), jnp.float32)
     y = jnp.asarray(rng.standard_normal((r * comm.num_local_experts, r * tokens, h)), dtype)
     return x, jnp.asarray(idx), w, y
@@ -93,7 +105,7 @@ def assert_bits(a, b, msg=""):
 
 def check_case(num_ranks, case, trials, fp8=False, round_scale=False, ue8m0=False,
                zero_padding=True, placement="linear", dtype=jnp.bfloat16, seed=0,
-               copy_engine=False, num_sms=None):
+               copy_engine=False, num_sms=None, hard=False):
     cuda, xla = comms(num_ranks, case, placement, num_sms)
     f_cuda = ll_fn(cuda, fp8, round_scale, ue8m0, zero_padding, copy_engine)
     f_xla = ll_fn(xla, fp8, round_scale, ue8m0)
@@ -102,7 +114,7 @@ def check_case(num_ranks, case, trials, fp8=False, round_scale=False, ue8m0=Fals
     for trial in range(trials):
         kind = KINDS[trial % len(KINDS)]
         tokens = tmax if trial % 2 == 0 else max(1, tmax // 2 - 3)  # full and below capacity
-        args = inputs(rng, cuda, kind, tokens, dtype)
+        args = inputs(rng, cuda, kind, tokens, dtype, hard)
         got = jax.device_get(f_cuda(*args))
         want = jax.device_get(f_xla(*args))
         msg = f"{case} R={num_ranks} {kind} T={tokens} fp8={fp8}/{round_scale}/{ue8m0}"
@@ -166,6 +178,15 @@ def test_deepseek_shape_bf16_and_no_zero_padding(num_ranks):
 
 def test_fp8_float32_input():
     check_case(2, "h640", trials=4, fp8=True, dtype=jnp.float32, seed=8)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("round_scale", [False, True])
+def test_fp8_bit_equal_hard_values(dtype, round_scale):
+    """fp8 rows stay bit-equal to ``quantize_fp8`` on groups of any magnitude (2^-60..2^60),
+    exact and negative zeros, and all-zero groups (the scale's floor)."""
+    check_case(2, "h640", trials=4, fp8=True, round_scale=round_scale, dtype=dtype, seed=21,
+               hard=True)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
