@@ -212,8 +212,9 @@ __device__ __forceinline__ void SignalPeers(const LLWorkspace* ws, Counter count
 // Every thread of a block that has read peers' data into a buffer of its own, once it is done
 // with it: thread d < R adds the block's share to counter(d), at peer d, telling the peer
 // that it may rewrite the buffer. An acknowledgement orders reads only, and after the
-// __syncthreads each of the block's reads has returned its value (the values feed the work
-// before it; a load whose value is never used cannot matter), so a plain relaxed add does:
+// __syncthreads every read whose value the block uses has returned it (the values feed stores,
+// shuffles or branches before it; a speculative load whose value is never used, such as the
+// row of a token that was not sent, cannot matter), so a plain relaxed add does:
 // no system-scope fence, which cost the recv 1.9-2.6 us per block (phase stamps,
 // benchmarks/RESULTS.md, eighth session) while it waited for the block's output writes.
 template <typename Counter>
@@ -233,7 +234,8 @@ __device__ __forceinline__ bool LastToFinish(LLWorkspace* ws, int ticket_index) 
 }
 
 // Threads s < R: wait until flags[s] >= want (bounded; `call` names the call in a timeout
-// report); then the whole block continues.
+// report: a dispatch's number at its buffer, a combine's sequence number); then the whole
+// block continues.
 __device__ __forceinline__ void WaitPeers(LLWorkspace* ws, const unsigned long long* flags,
                                           unsigned long long want, unsigned long long call,
                                           int phase, unsigned long long timeout_ns) {
@@ -421,7 +423,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     // A copy-engine send's own bundle needs no signal: its recv runs after it on this device.
     if (outbox) ws->dispatch_arrived[p][me] = call;
     ws->dispatch_uses[p] = call;  // a copy-engine send's flag value (copied by the graph)
-    ws->dispatch_sm_sends = sm_sends;
+    if (!outbox) ws->dispatch_sm_sends = sm_sends;
     a.info[1] = static_cast<int32_t>(call & 0xffffffffu);
     a.info[2] = static_cast<int32_t>(call >> 32);
     a.info[3] = p;
@@ -641,7 +643,8 @@ __device__ __forceinline__ void BulkWaitStageFree() {
 }
 
 // Waits until every bulk store of this thread has completed, and orders them (async proxy)
-// before its later generic-proxy operations (the release of the flags).
+// before its later generic-proxy operations (the block's barrier and then SignalPeers'
+// release, which publishes them to the peer).
 __device__ __forceinline__ void BulkStoresDone() {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
   asm volatile("fence.proxy.async.global;" ::: "memory");
@@ -918,7 +921,7 @@ __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArg
 }
 
 int DefaultBlocks(int requested, int items_per_block_hint) {
-  if (requested > 0) return requested;
+  if (requested > 0) return min(requested, kLLMaxBlocks);  // a block's share must stay positive
   return max(1, min(DeviceSmCount(), items_per_block_hint));
 }
 

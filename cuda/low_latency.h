@@ -14,7 +14,7 @@
 //     waits for every source's signals, then unpacks the rows into the expert-major
 //     [E_l, R*T, H] output.
 //   * combine: the *send* kernel copies each expert output row (bulk TMA copies through shared
-//     memory) into its source's slot [parity][token][k] and raises flags; the *recv* kernel
+//     memory) into its source's slot [parity][token][k] and signals; the *recv* kernel
 //     waits, then reduces per token with the top-k weights in float32. Pre-reduced combine
 //     (LaunchLLCombineSendReduced): the expert rank sums a token's rows itself and sends one
 //     row per (token, expert rank) to slot [parity][token][rank].
@@ -32,7 +32,8 @@
 // enqueues every one of them (LLCopyEngines); their arrival is a flag (the call's number at the
 // buffer), copied after the bundle. A recv takes its buffer and call number from its send's
 // `info` (not from a counter of its own), so XLA may order the recvs of two outstanding sends
-// either way. So at most two sends of one kind (SM dispatch, copy-engine dispatch, combine) may
+// either way; but each send must have exactly one recv (acknowledgements add up: a second
+// recv of a send would release its buffer one call early). So at most two sends of one kind (SM dispatch, copy-engine dispatch, combine) may
 // be outstanding per communicator; a third waits, and if the receiver never reads, times out
 // with an error. Call numbers live on the device (advanced by the last block of a send to finish,
 // after every block has read them), so SM sends keep no host state and can be captured in CUDA
@@ -68,8 +69,10 @@ enum LLPhase : int32_t {
 };
 
 // A call's shares at one completion counter add up to this (see SignalPeers in low_latency.cu):
-// more than any grid has blocks, and 2^44 calls fit in the 64-bit counters.
+// more than any grid has blocks (the launchers cap grids at kLLMaxBlocks), and 2^44 calls fit
+// in the 64-bit counters.
 inline constexpr unsigned long long kLLCallTotal = 1ull << 20;
+inline constexpr int kLLMaxBlocks = 1 << 16;
 inline constexpr int kLLDispatchBuffers = 4;  // 0, 1: SM sends; 2, 3: copy-engine sends
 inline constexpr int kLLFirstCopyBuffer = 2;
 enum LLTicket : int { kDispatchSendTicket = 0, kCombineSendTicket = 1, kNumLLTickets = 2 };

@@ -13,13 +13,6 @@ __device__ __forceinline__ void StoreRelease(unsigned long long* p, unsigned lon
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// Orders this thread's earlier memory operations (and those it has observed) before its later
-// ones, at system scope: the fence of a release or acquire pattern. Lighter than
-// __threadfence_system() (fence.sc.sys), which also imposes a single total order on fences.
-__device__ __forceinline__ void FenceAcqRelSys() {
-  asm volatile("fence.acq_rel.sys;" ::: "memory");
-}
-
 // Adds v to *p (a peer's memory too) at system scope, ordered after this thread's earlier memory
 // operations and those it has observed (a release: a __syncthreads before it brings in the
 // block's).

@@ -23,8 +23,9 @@ transfer to the copy engines instead (see its docstring). XLA orders a recv afte
 send's ``info`` array (a data dependency); it is free to place independent work before the send
 or after the recv, so to pin ``send -> work -> recv`` make the work's inputs and the pending
 pytree pass through one ``jax.lax.optimization_barrier``, and the work's result and the pending
-through another (``benchmarks/bench_ll.py`` does this). Every send must be followed by its
-recv, and every rank must issue the sends in the same order (a recv finds its data by its
+through another (``benchmarks/bench_ll.py`` does this). Every send must be followed by exactly
+one recv (a recv acknowledges the buffer it read by adding to a counter, so a second recv of
+the same send would let a later send overwrite a buffer before it is read), and every rank must issue the sends in the same order (a recv finds its data by its
 send's call number, so recvs may come in any order); at most two sends of one kind (dispatch
 SM sends, dispatch copy-engine sends, combine) may be outstanding per communicator (a third
 waits for the first to be received, and times out with an error naming the phase if it never
