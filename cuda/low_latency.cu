@@ -978,7 +978,7 @@ size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_loc
                                              hidden, copy_engine).total_bytes);
 }
 
-size_t LLSendSharedBytes(int num_ranks, int num_tokens, int num_topk, int num_experts) {
+size_t LLSendSharedBytes(int num_tokens, int num_topk, int num_experts) {
   const size_t words = (static_cast<size_t>(num_tokens) + 31) / 32;
   return 4 * (2 * static_cast<size_t>(num_experts) + static_cast<size_t>(num_tokens) * num_topk +
               static_cast<size_t>(num_experts) * words);
@@ -1162,7 +1162,7 @@ cudaError_t LaunchLLDispatchSend(const LLDispatchSendArgs& args, cudaStream_t st
     if ((err = CopyGraph(*engines, a.buffer, bytes, &copies)) != cudaSuccess) return err;
   }
   const size_t smem =
-      LLSendSharedBytes(a.shape.num_ranks, a.num_tokens, a.num_topk, a.num_experts);
+      LLSendSharedBytes(a.num_tokens, a.num_topk, a.num_experts);
   const int items = a.num_tokens * Chunks(a.shape.hidden);
   const int blocks = DefaultBlocks(a.num_sms, (items + kWarps - 1) / kWarps);
   if (a.x_dtype == 0) {

@@ -152,7 +152,7 @@ size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_loc
                         int hidden, bool copy_engine);
 // Dynamic shared memory of the dispatch send / recv and combine send kernels (the caller
 // checks the limit).
-size_t LLSendSharedBytes(int num_ranks, int num_tokens, int num_topk, int num_experts);
+size_t LLSendSharedBytes(int num_tokens, int num_topk, int num_experts);
 size_t LLRecvSharedBytes(int num_ranks, int num_local_experts);
 size_t LLCombineSendSharedBytes(int num_local_experts);  // bulk-copy buffers + expert prefix
 inline constexpr size_t kLLMaxSharedBytes = 200 * 1024;

@@ -102,8 +102,8 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   const bool has_weights = weights.element_count() > 0;
   if (has_weights) JAXEP_RETURN_IF_ERROR(Shape(op, "weights", weights, {T, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {4}));
-  const size_t smem = LLSendSharedBytes(static_cast<int>(R), static_cast<int>(T),
-                                        static_cast<int>(K), static_cast<int>(E));
+  const size_t smem =
+      LLSendSharedBytes(static_cast<int>(T), static_cast<int>(K), static_cast<int>(E));
   if (smem > kLLMaxSharedBytes) {
     return Invalid(op, "routing tables need " + Str(smem) + " bytes of shared memory, over the " +
                            Str(kLLMaxSharedBytes) + " limit (T=" + Str(T) + ", E=" + Str(E) + ")");

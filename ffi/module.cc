@@ -90,7 +90,7 @@ NB_MODULE(_jaxep_ext, m) {
   m.def(
       "ll_shared_bytes",
       [](int num_ranks, int max_tokens, int num_topk, int num_experts) {
-        const size_t send = jaxep::LLSendSharedBytes(num_ranks, max_tokens, num_topk, num_experts);
+        const size_t send = jaxep::LLSendSharedBytes(max_tokens, num_topk, num_experts);
         const size_t recv = jaxep::LLRecvSharedBytes(num_ranks, num_experts / num_ranks);
         return nb::make_tuple(send > recv ? send : recv, jaxep::kLLMaxSharedBytes);
       },
