@@ -1,12 +1,12 @@
 // Low-latency dispatch / combine kernels (see low_latency.h for the design and the protocol).
 //
 // One launch per phase on the caller's stream:
-//   dispatch send: rank routing in shared memory (every block), wait for the buffers'
-//                  release, per-(token, 512-channel chunk) warps read x once, quantise (fp8)
-//                  and write the chunk to each destination rank's bundle (a copy-engine send:
-//                  to its own outbox, then the host's copy graph moves it); while the rows
-//                  land, the expert routing and the rows' metadata; each block signals its
-//                  part to every destination.
+//   dispatch send: expert routing in shared memory (every block, while x loads), wait for
+//                  the buffers' release, per-(token, 512-channel chunk) warps read x once,
+//                  quantise (fp8) and write the chunk to each destination rank's bundle (a
+//                  copy-engine send: to its own outbox, then the host's copy graph moves it);
+//                  a token's first-chunk warp then writes its metadata, one extra block the
+//                  counts; each block signals its part to every destination.
 //   dispatch recv: wait for every source's signals, fan each received row out to its local
 //                  experts' output rows; padding; each block acknowledges its reads.
 //   combine send:  each valid row of y goes to its source's [token][k] slot in 4 KB bulk (TMA)
@@ -264,6 +264,14 @@ __device__ __forceinline__ int PopcAll(const uint32_t* mask, int words) {
   return n;
 }
 
+// Every lane of the warp: true in the lowest lane of `group` whose `e` is valid and equal to
+// this lane's (the first listing of an expert among a token's top-k entries, with the entries
+// in increasing lanes of `group`).
+__device__ __forceinline__ bool FirstListing(int e, bool valid, unsigned group) {
+  const unsigned same = __match_any_sync(kFull, valid ? e : -2 - static_cast<int>(threadIdx.x & 31));
+  return valid && __ffs(same & group) - 1 == static_cast<int>(threadIdx.x & 31);
+}
+
 // ---- dispatch send ---------------------------------------------------------------------------
 
 template <typename TIn>
@@ -306,22 +314,43 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
 
   // 1. Every load the rows need, issued together: the warp's first chunk of x, the top-k ids
   //    and the expert placement (each block keeps its own copy: T*K is small in this mode); and
-  //    the destinations must have read the call that last used this buffer.
+  //    the destinations must have read the call that last used this buffer. While x is in
+  //    flight, a thread per token routes it to its experts: the first listing of each (token,
+  //    expert) sets the token's bit in the expert's mask; ids outside [0, E) other than -1
+  //    are counted.
+  for (int i = tid; i < E * W; i += kThreads) s_emask[i] = 0;
+  if (tid == 0) s_invalid = 0;
+  __syncthreads();  // the masks are zero before any thread sets a bit
   int4 raw[kVec];
   if (first_item < items) load_x(first_item, raw);
   for (int e = tid; e < E; e += kThreads) {
     s_rank[e] = a.expert_rank[e];
     s_slot[e] = a.expert_slot[e];
   }
-  for (int i = tid; i < T * K; i += kThreads) s_idx[i] = a.topk_idx[i];
-  for (int i = tid; i < E * W; i += kThreads) s_emask[i] = 0;
-  if (tid == 0) s_invalid = 0;
+  // Lane per top-k entry, each token's entries in one aligned group of Kp lanes of a warp.
+  const int Kp = K <= 1 ? 1 : 1 << (32 - __clz(K - 1));  // K rounded up to a power of two
+  int invalid = 0;
+  for (int n0 = warp * 32; n0 < T * Kp; n0 += kThreads) {  // warp-uniform
+    const int n = n0 + lane, t = n / Kp, k = n - t * Kp;
+    const bool here = t < T && k < K;
+    const int e = here ? a.topk_idx[t * K + k] : -1;
+    if (here) s_idx[t * K + k] = e;
+    invalid += here && !valid(e) && e != -1;
+    const unsigned group = (Kp == 32 ? kFull : (1u << Kp) - 1u) << (lane & ~(Kp - 1));
+    if (FirstListing(e, valid(e), group)) {
+      atomicOr(&s_emask[static_cast<size_t>(e) * W + (t >> 5)], 1u << (t & 31));
+    }
+  }
+  if (invalid) atomicAdd(&s_invalid, invalid);
   WaitPeers(ws, ws->dispatch_read[p], (call - 1) * kLLCallTotal, call, kLLDispatchSend,
             a.timeout_ns);  // ends with the __syncthreads that publishes the shared arrays
 
   // 2. Rows: warp per (token, 512-channel chunk); x is read once and written to row t of the
   //    bundle of each rank that holds one of the token's experts (rows are not compacted, so
-  //    a warp needs only its own token's routing).
+  //    a warp needs only its own token's routing). The warp of a token's first chunk then
+  //    writes the token's metadata at every destination: -1 if the token did not go there;
+  //    else the token, then per top-k entry (local expert * T_max + row within it) or -1, then
+  //    per entry the weight summed over the entry's duplicates (first listing only).
   for (int item = first_item; item < items; item += gridDim.x * kWarps) {
     const int t = item / chunks, c = item - t * chunks;
     const int h0 = c * kLLChunk + lane * kPerLane;
@@ -347,56 +376,18 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
         for (int j = 0; j < kVec; ++j) dst[j] = raw[j];
       }
     }
-  }
-
-  // 3. Expert routing, while the rows land: the first listing of each (token, expert) sets
-  //    the token's bit in the expert's mask (entry-parallel); ids outside [0, E) other than -1
-  //    are counted.
-  int invalid = 0;
-  for (int i = tid; i < T * K; i += kThreads) {
-    const int e = s_idx[i];
-    const int t = i / K, k = i - t * K;
-    invalid += !valid(e) && e != -1;
-    bool first = valid(e);
-    for (int j = 0; j < k && first; ++j) first = s_idx[t * K + j] != e;
-    if (first) atomicOr(&s_emask[static_cast<size_t>(e) * W + (t >> 5)], 1u << (t & 31));
-  }
-  if (invalid) atomicAdd(&s_invalid, invalid);
-  __syncthreads();
-
-  // 4. Block 0: per-(destination, local expert) counts.
-  if (blockIdx.x == 0) {
-    for (int e = tid; e < E; e += kThreads) {
-      bundle(s_rank[e]).counts[s_slot[e]] = PopcAll(s_emask + static_cast<size_t>(e) * W, W);
-    }
-    if (tid == 0) a.info[0] = s_invalid;
-  }
-
-  // 5. Row metadata of every token at every destination, by the warp that sent the token's
-  //    first chunk: -1 if the token did not go there; else the token, then per top-k entry
-  //    (local expert * T_max + row within it) or -1, then per entry the weight summed over the
-  //    entry's duplicates (first only).
-  for (int item = first_item; item < items; item += gridDim.x * kWarps) {
-    const int t = item / chunks;
-    if (item - t * chunks != 0) continue;
-    int entry_e = -1, entry_rank = -1, entry_j = -1;
+    if (c != 0) continue;  // warp-uniform
+    const bool first = FirstListing(e, valid(e), kFull);  // lanes < K hold the entries
+    int entry = -1;  // local expert * T_max + row within it
     float entry_w = 0.f;
-    if (lane < K) {
-      const int e = s_idx[t * K + lane];
-      bool first = valid(e);
-      for (int j = 0; j < lane && first; ++j) first = s_idx[t * K + j] != e;
-      if (first) {
-        entry_e = e;
-        entry_rank = s_rank[e];
-        entry_j = PopcBelow(s_emask + static_cast<size_t>(e) * W, t);
-        if (a.weights) {
-          for (int j = lane; j < K; ++j) {
-            if (s_idx[t * K + j] == e) entry_w += a.weights[static_cast<size_t>(t) * K + j];
-          }
+    if (first) {
+      entry = s_slot[e] * Tmax + PopcBelow(s_emask + static_cast<size_t>(e) * W, t);
+      if (a.weights) {
+        for (int j = lane; j < K; ++j) {
+          if (s_idx[t * K + j] == e) entry_w += a.weights[static_cast<size_t>(t) * K + j];
         }
       }
     }
-    const unsigned ranks = __reduce_or_sync(kFull, entry_e >= 0 ? 1u << entry_rank : 0u);
     for (int d = 0; d < R; ++d) {
       int32_t* meta = bundle(d).Meta(ws, t);
       if (!((ranks >> d) & 1u)) {  // warp-uniform
@@ -405,14 +396,23 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
       }
       if (lane == 0) meta[0] = t;
       if (lane < K) {
-        const bool here = entry_e >= 0 && entry_rank == d;
-        meta[1 + lane] = here ? s_slot[entry_e] * Tmax + entry_j : -1;
+        const bool here = first && s_rank[e] == d;
+        meta[1 + lane] = here ? entry : -1;
         meta[1 + K + lane] = __float_as_int(here ? entry_w : 0.f);
       }
     }
   }
 
-  // 6. Each block signals its part to every destination (a copy-engine send: nothing; its copy
+  // 3. The last block: per-(destination, local expert) counts (at T=128 the launcher gives it
+  //    no rows: it does this while the others move them), and the invalid ids.
+  if (blockIdx.x == gridDim.x - 1) {
+    for (int e = tid; e < E; e += kThreads) {
+      bundle(s_rank[e]).counts[s_slot[e]] = PopcAll(s_emask + static_cast<size_t>(e) * W, W);
+    }
+    if (tid == 0) a.info[0] = s_invalid;
+  }
+
+  // 4. Each block signals its part to every destination (a copy-engine send: nothing; its copy
   //    graph raises the flags after the bundles); the last to finish advances the call numbers.
   if (!outbox) {
     SignalPeers(ws, [&](int d) { return &ws->peers[d]->dispatch_arrived[p][me]; });
@@ -1164,7 +1164,8 @@ cudaError_t LaunchLLDispatchSend(const LLDispatchSendArgs& args, cudaStream_t st
   const size_t smem =
       LLSendSharedBytes(a.num_tokens, a.num_topk, a.num_experts);
   const int items = a.num_tokens * Chunks(a.shape.hidden);
-  const int blocks = DefaultBlocks(a.num_sms, (items + kWarps - 1) / kWarps);
+  // One block more than the rows need: the last one writes the counts (see the kernel).
+  const int blocks = DefaultBlocks(a.num_sms, (items + kWarps - 1) / kWarps + 1);
   if (a.x_dtype == 0) {
     LLDispatchSendKernel<__nv_bfloat16><<<blocks, kThreads, smem, stream>>>(a);
   } else {
