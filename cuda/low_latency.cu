@@ -274,8 +274,16 @@ __device__ __forceinline__ bool FirstListing(int e, bool valid, unsigned group) 
 
 // ---- dispatch send ---------------------------------------------------------------------------
 
+// Where a dispatch send put its call: buffer p, the call's number there; and the invalid ids
+// it counted (every block routes every token, so each block knows them).
+struct DispatchCall {
+  unsigned long long call;
+  int p, num_invalid;
+};
+
+// The send of a dispatch, as every thread of a block runs it (LLDispatchSendKernel, LLDispatchKernel).
 template <typename TIn>
-__global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendArgs a) {
+__device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a, int32_t* smem) {
   LLWorkspace* ws = a.ws;
   const int R = ws->num_ranks, me = ws->rank, Tmax = ws->max_tokens, H = ws->hidden;
   const int T = a.num_tokens, K = a.num_topk, E = a.num_experts;
@@ -292,7 +300,6 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     return BundleParts(ws, base, T, elem);
   };
 
-  extern __shared__ int32_t smem[];
   int32_t* s_rank = smem;                                        // [E]
   int32_t* s_slot = s_rank + E;                                  // [E]
   int32_t* s_idx = s_slot + E;                                   // [T*K] top-k ids as given
@@ -409,7 +416,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     for (int e = tid; e < E; e += kThreads) {
       bundle(s_rank[e]).counts[s_slot[e]] = PopcAll(s_emask + static_cast<size_t>(e) * W, W);
     }
-    if (tid == 0) a.info[0] = s_invalid;
+    if (tid == 0 && a.info) a.info[0] = s_invalid;
   }
 
   // 4. Each block signals its part to every destination (a copy-engine send: nothing; its copy
@@ -424,29 +431,40 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
     if (outbox) ws->dispatch_arrived[p][me] = call;
     ws->dispatch_uses[p] = call;  // a copy-engine send's flag value (copied by the graph)
     if (!outbox) ws->dispatch_sm_sends = sm_sends;
-    a.info[1] = static_cast<int32_t>(call & 0xffffffffu);
-    a.info[2] = static_cast<int32_t>(call >> 32);
-    a.info[3] = p;
+    if (a.info) {
+      a.info[1] = static_cast<int32_t>(call & 0xffffffffu);
+      a.info[2] = static_cast<int32_t>(call >> 32);
+      a.info[3] = p;
+    }
   }
+  return DispatchCall{call, p, s_invalid};
+}
+
+template <typename TIn>
+__global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendArgs a) {
+  extern __shared__ int32_t smem[];
+  DispatchSend<TIn>(a, smem);
 }
 
 // ---- dispatch recv ---------------------------------------------------------------------------
 
+// The recv of a dispatch of call `d` (from its send's info, or the same kernel's send part), as
+// every thread of a block runs it (LLDispatchRecvKernel, LLDispatchKernel).
 template <int kElem>  // payload element bytes: 1 (e4m3), 2 (bf16), 4 (f32)
-__global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvArgs a) {
+__device__ __forceinline__ void DispatchRecv(const LLDispatchRecvArgs& a, DispatchCall d,
+                                             int32_t* smem) {
   LLWorkspace* ws = a.ws;
   const int R = ws->num_ranks, me = ws->rank, Tmax = ws->max_tokens, El = ws->num_local_experts;
   const int H = ws->hidden, K = ws->num_topk, T = a.num_tokens, RT = R * T;
   const int G = H / 128, GW = (G + 3) / 4;
   const size_t row_bytes = static_cast<size_t>(H) * kElem;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const unsigned long long call = CallNumber(a.info + 1);  // the send's, not a counter
-  const int p = a.info[3];                                  // the send's buffer
+  const unsigned long long call = d.call;
+  const int p = d.p;
   auto bundle = [&](int s) {
     return BundleParts(ws, InboxBundle(ws, ws, p, s), T, kElem);
   };
 
-  extern __shared__ int32_t smem[];
   int32_t* s_off = smem;              // [E_l][R]: first output row of source s in expert l
   int32_t* s_total = s_off + El * R;  // [E_l]
 
@@ -500,7 +518,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
     s_total[l] = acc;
     if (blockIdx.x == 0) a.counts[l] = acc;
   }
-  if (tid == 0 && blockIdx.x == 0) a.num_invalid[0] = a.info[0];
+  if (tid == 0 && blockIdx.x == 0) a.num_invalid[0] = d.num_invalid;
   __syncthreads();
 
   // Each received row fans out to its local experts' rows; recv_rows of every (source, token).
@@ -597,6 +615,26 @@ __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvA
 
   // Each block tells every source that it is done reading this buffer.
   AcknowledgePeers(ws, [&](int src) { return &ws->peers[src]->dispatch_read[p][me]; });
+}
+
+template <int kElem>
+__global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvArgs a) {
+  extern __shared__ int32_t smem[];
+  // The send's call and buffer, not a counter: XLA may order the recvs of two sends either way.
+  DispatchRecv<kElem>(a, DispatchCall{CallNumber(a.info + 1), a.info[3], a.info[0]}, smem);
+}
+
+// ---- dispatch in one kernel -----------------------------------------------------------------
+
+// Send, then receive, in each block: the block's receive starts as soon as every source's
+// blocks have signalled, without a second launch. Every block must be resident at once (the
+// launcher keeps the grid at most one block per SM), since a block waits for all the others.
+template <typename TIn, int kElem>
+__global__ void __launch_bounds__(kThreads) LLDispatchKernel(LLDispatchSendArgs s,
+                                                             LLDispatchRecvArgs r) {
+  extern __shared__ int32_t smem[];
+  const DispatchCall d = DispatchSend<TIn>(s, smem);  // ends after a __syncthreads: smem is free
+  DispatchRecv<kElem>(r, d, smem);
 }
 
 // ---- bulk copies (TMA): global -> shared -> global, one lane drives them ---------------------
@@ -936,6 +974,8 @@ cudaError_t LoadLLModule() {  // touch every kernel now (no lazy loading while a
   const void* kernels[] = {
       Fn(&LLDispatchSendKernel<__nv_bfloat16>), Fn(&LLDispatchSendKernel<float>),
       Fn(&LLDispatchRecvKernel<1>), Fn(&LLDispatchRecvKernel<2>), Fn(&LLDispatchRecvKernel<4>),
+      Fn(&LLDispatchKernel<__nv_bfloat16, 1>), Fn(&LLDispatchKernel<float, 1>),
+      Fn(&LLDispatchKernel<__nv_bfloat16, 2>), Fn(&LLDispatchKernel<float, 4>),
       Fn(&LLCombineSendKernel<__nv_bfloat16>), Fn(&LLCombineSendKernel<float>),
       Fn(&LLCombineSendReducedKernel<__nv_bfloat16>), Fn(&LLCombineSendReducedKernel<float>),
       Fn(&LLCombineRecvKernel<__nv_bfloat16>), Fn(&LLCombineRecvKernel<float>),
@@ -1188,6 +1228,28 @@ cudaError_t LaunchLLDispatchRecv(const LLDispatchRecvArgs& a, cudaStream_t strea
     case 1: LLDispatchRecvKernel<1><<<blocks, kThreads, smem, stream>>>(a); break;
     case 2: LLDispatchRecvKernel<2><<<blocks, kThreads, smem, stream>>>(a); break;
     case 4: LLDispatchRecvKernel<4><<<blocks, kThreads, smem, stream>>>(a); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchLLDispatch(const LLDispatchSendArgs& s, const LLDispatchRecvArgs& r,
+                             cudaStream_t stream) {
+  const size_t smem = max(LLSendSharedBytes(s.num_tokens, s.num_topk, s.num_experts),
+                          LLRecvSharedBytes(r.shape.num_ranks, r.shape.num_local_experts));
+  // Every block waits for every other (through the peers), so all must be resident: at most
+  // one per SM.
+  const int blocks = min(DefaultBlocks(s.num_sms, 1 << 20), DeviceSmCount());
+  LLDispatchSendArgs sa = s;
+  sa.buffer = -1;  // an SM send
+  const bool bf16 = s.x_dtype == 0;
+  switch (r.elem_bytes) {
+    case 1:
+      if (bf16) LLDispatchKernel<__nv_bfloat16, 1><<<blocks, kThreads, smem, stream>>>(sa, r);
+      else LLDispatchKernel<float, 1><<<blocks, kThreads, smem, stream>>>(sa, r);
+      break;
+    case 2: LLDispatchKernel<__nv_bfloat16, 2><<<blocks, kThreads, smem, stream>>>(sa, r); break;
+    case 4: LLDispatchKernel<float, 4><<<blocks, kThreads, smem, stream>>>(sa, r); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

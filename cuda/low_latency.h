@@ -212,7 +212,7 @@ struct LLDispatchSendArgs {
   const float* weights;         // [T, K] or null: shipped so the receiver can scale rows
   const int32_t* expert_rank;   // [E]
   const int32_t* expert_slot;   // [E]
-  int32_t* info;                // [4]: num_invalid, the call's number at its buffer (low, high
+  int32_t* info;                // [4] (or null): num_invalid, the call's number at its buffer (low, high
                                 //      32 bits: the buffer's k-th call), buffer; the
                                 //      recv reads it, which also orders it after this send
   int num_sms;
@@ -244,6 +244,13 @@ struct LLDispatchRecvArgs {
   unsigned long long timeout_ns;
 };
 cudaError_t LaunchLLDispatchRecv(const LLDispatchRecvArgs& a, cudaStream_t stream);
+
+// Both phases in one kernel (ll_dispatch): `s` as for an SM send (its info may be null: the
+// receive takes the call from the same block), `r` as for its recv (r.info unused). Every
+// block of the grid waits for all the others through the peers, so the grid is at most one
+// block per SM.
+cudaError_t LaunchLLDispatch(const LLDispatchSendArgs& s, const LLDispatchRecvArgs& r,
+                             cudaStream_t stream);
 
 // ---- combine ------------------------------------------------------------------------------
 struct LLCombineSendArgs {

@@ -2,6 +2,7 @@
 //   jaxep_ll_dispatch_send_ffi -> jaxep::LaunchLLDispatchSend (SM send)
 //   jaxep_ll_dispatch_send_ce_ffi -> jaxep::LaunchLLDispatchSend (copy-engine send)
 //   jaxep_ll_dispatch_recv_ffi -> jaxep::LaunchLLDispatchRecv
+//   jaxep_ll_dispatch_ffi      -> jaxep::LaunchLLDispatch (both phases, one kernel)
 //   jaxep_ll_combine_send_ffi  -> jaxep::LaunchLLCombineSend
 //   jaxep_ll_combine_send_reduced_ffi -> jaxep::LaunchLLCombineSendReduced
 //   jaxep_ll_combine_recv_ffi  -> jaxep::LaunchLLCombineRecv
@@ -75,14 +76,13 @@ int ElemBytes(ffi::DataType t) {
   }
 }
 
-ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
-                              ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
-                              ffi::Buffer<ffi::S32> expert_rank, ffi::Buffer<ffi::S32> expert_slot,
-                              ffi::ResultBuffer<ffi::S32> info, int64_t comm_id, int32_t num_sms,
-                              int64_t timeout_ns, bool fp8, bool round_scale, bool copy_engine) {
-  const char* op = copy_engine ? "ll_dispatch_send (copy engine)" : "ll_dispatch_send";
-  WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+// Validates the operands of a dispatch send (weights: null or [T, K]) and fills its launch
+// arguments, but for info and buffer.
+ffi::Error DispatchSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuffer x,
+                            ffi::Buffer<ffi::S32> topk_idx, const ffi::Buffer<ffi::F32>* weights,
+                            ffi::Buffer<ffi::S32> expert_rank, ffi::Buffer<ffi::S32> expert_slot,
+                            int32_t num_sms, int64_t timeout_ns, bool fp8, bool round_scale,
+                            LLDispatchSendArgs& a) {
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, K = ref.ll_topk;
   const int64_t El = ref.ll_shape.num_local_experts;
   auto idx_dims = topk_idx.dimensions();
@@ -99,16 +99,14 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   const int64_t E = R * El;
   JAXEP_RETURN_IF_ERROR(Shape(op, "expert_rank", expert_rank, {E}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "expert_slot", expert_slot, {E}));
-  const bool has_weights = weights.element_count() > 0;
-  if (has_weights) JAXEP_RETURN_IF_ERROR(Shape(op, "weights", weights, {T, K}));
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {4}));
+  if (weights) JAXEP_RETURN_IF_ERROR(Shape(op, "weights", *weights, {T, K}));
   const size_t smem =
       LLSendSharedBytes(static_cast<int>(T), static_cast<int>(K), static_cast<int>(E));
   if (smem > kLLMaxSharedBytes) {
     return Invalid(op, "routing tables need " + Str(smem) + " bytes of shared memory, over the " +
                            Str(kLLMaxSharedBytes) + " limit (T=" + Str(T) + ", E=" + Str(E) + ")");
   }
-  auto a = LLArgs<LLDispatchSendArgs>(ref, num_sms, timeout_ns);
+  a = LLArgs<LLDispatchSendArgs>(ref, num_sms, timeout_ns);
   a.num_tokens = static_cast<int>(T);
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(E);
@@ -117,35 +115,51 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   a.round_scale = round_scale;
   a.x = x.untyped_data();
   a.topk_idx = topk_idx.typed_data();
-  a.weights = has_weights ? weights.typed_data() : nullptr;
+  a.weights = weights ? weights->typed_data() : nullptr;
   a.expert_rank = expert_rank.typed_data();
   a.expert_slot = expert_slot.typed_data();
+  return ffi::Error::Success();
+}
+
+ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                              ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
+                              ffi::Buffer<ffi::S32> expert_rank, ffi::Buffer<ffi::S32> expert_slot,
+                              ffi::ResultBuffer<ffi::S32> info, int64_t comm_id, int32_t num_sms,
+                              int64_t timeout_ns, bool fp8, bool round_scale, bool copy_engine) {
+  const char* op = copy_engine ? "ll_dispatch_send (copy engine)" : "ll_dispatch_send";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  LLDispatchSendArgs a;
+  JAXEP_RETURN_IF_ERROR(DispatchSendArgs(op, ref, x, topk_idx,
+                                         weights.element_count() > 0 ? &weights : nullptr,
+                                         expert_rank, expert_slot, num_sms, timeout_ns, fp8,
+                                         round_scale, a));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {4}));
   a.info = info->typed_data();
   LLCopyEngines* engines = nullptr;
   JAXEP_RETURN_IF_ERROR(CopyEngines(op, copy_engine, stream, ref, &engines));
   return LaunchStatus(op, LaunchLLDispatchSend(a, stream, engines));
 }
 
-ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> info,
-                              ffi::Result<ffi::AnyBuffer> x, ffi::Result<ffi::AnyBuffer> scales,
-                              ffi::ResultBuffer<ffi::S32> counts,
-                              ffi::ResultBuffer<ffi::S32> src_index,
-                              ffi::ResultBuffer<ffi::S32> src_topk,
-                              ffi::ResultBuffer<ffi::S32> recv_rows,
-                              ffi::ResultBuffer<ffi::S32> num_invalid, int64_t comm_id,
-                              int32_t num_sms, int64_t timeout_ns, bool ue8m0, bool zero_padding,
-                              bool weighted) {
-  const char* op = "ll_dispatch_recv";
-  WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+// Validates the results of a dispatch recv (T: its rows per source) and fills its launch
+// arguments, but for info.
+ffi::Error DispatchRecvArgs(const char* op, const WorkspaceRef& ref,
+                            ffi::Result<ffi::AnyBuffer> x, ffi::Result<ffi::AnyBuffer> scales,
+                            ffi::ResultBuffer<ffi::S32> counts,
+                            ffi::ResultBuffer<ffi::S32> src_index,
+                            ffi::ResultBuffer<ffi::S32> src_topk,
+                            ffi::ResultBuffer<ffi::S32> recv_rows,
+                            ffi::ResultBuffer<ffi::S32> num_invalid, int32_t num_sms,
+                            int64_t timeout_ns, bool ue8m0, bool zero_padding, bool weighted,
+                            LLDispatchRecvArgs& a, int64_t& T) {
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {4}));
   auto dims = x->dimensions();
   if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
     return Invalid(op, "x must be [E_l=" + Str(El) + ", R*T, H=" + Str(H) + "] with R=" + Str(R) +
                            ", got " + Dims(dims));
   }
-  const int64_t RT = dims[1], T = RT / R;
+  const int64_t RT = dims[1];
+  T = RT / R;
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   const int elem = ElemBytes(x->element_type());
   if (!elem) return Invalid(op, "x must be float8_e4m3fn, bfloat16 or float32");
@@ -168,14 +182,13 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", *src_topk, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "recv_rows", *recv_rows, {RT, int64_t{ref.ll_topk}}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "num_invalid", *num_invalid, {}));
-  auto a = LLArgs<LLDispatchRecvArgs>(ref, num_sms, timeout_ns);
+  a = LLArgs<LLDispatchRecvArgs>(ref, num_sms, timeout_ns);
   a.num_tokens = static_cast<int>(T);
   a.elem_bytes = elem;
   a.fp8 = fp8;
   a.ue8m0 = ue8m0;
   a.zero_padding = zero_padding;
   a.weighted = weighted;
-  a.info = info.typed_data();
   a.x = x->untyped_data();
   a.scales = fp8 ? scales->untyped_data() : nullptr;
   a.counts = counts->typed_data();
@@ -183,7 +196,65 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   a.src_topk = src_topk->typed_data();
   a.recv_rows = recv_rows->typed_data();
   a.num_invalid = num_invalid->typed_data();
+  return ffi::Error::Success();
+}
+
+ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> info,
+                              ffi::Result<ffi::AnyBuffer> x, ffi::Result<ffi::AnyBuffer> scales,
+                              ffi::ResultBuffer<ffi::S32> counts,
+                              ffi::ResultBuffer<ffi::S32> src_index,
+                              ffi::ResultBuffer<ffi::S32> src_topk,
+                              ffi::ResultBuffer<ffi::S32> recv_rows,
+                              ffi::ResultBuffer<ffi::S32> num_invalid, int64_t comm_id,
+                              int32_t num_sms, int64_t timeout_ns, bool ue8m0, bool zero_padding,
+                              bool weighted) {
+  const char* op = "ll_dispatch_recv";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {4}));
+  LLDispatchRecvArgs a;
+  int64_t T = 0;
+  JAXEP_RETURN_IF_ERROR(DispatchRecvArgs(op, ref, x, scales, counts, src_index, src_topk,
+                                         recv_rows, num_invalid, num_sms, timeout_ns, ue8m0,
+                                         zero_padding, weighted, a, T));
+  a.info = info.typed_data();
   return LaunchStatus(op, LaunchLLDispatchRecv(a, stream));
+}
+
+// ll_dispatch in one kernel: the operands of an SM send, the results of its recv.
+ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                          ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::S32> expert_rank,
+                          ffi::Buffer<ffi::S32> expert_slot, ffi::Result<ffi::AnyBuffer> out,
+                          ffi::Result<ffi::AnyBuffer> scales, ffi::ResultBuffer<ffi::S32> counts,
+                          ffi::ResultBuffer<ffi::S32> src_index,
+                          ffi::ResultBuffer<ffi::S32> src_topk,
+                          ffi::ResultBuffer<ffi::S32> recv_rows,
+                          ffi::ResultBuffer<ffi::S32> num_invalid, int64_t comm_id,
+                          int32_t num_sms, int64_t timeout_ns, bool fp8, bool round_scale,
+                          bool ue8m0, bool zero_padding) {
+  const char* op = "ll_dispatch";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  LLDispatchSendArgs s;
+  JAXEP_RETURN_IF_ERROR(DispatchSendArgs(op, ref, x, topk_idx, nullptr, expert_rank, expert_slot,
+                                         num_sms, timeout_ns, fp8, round_scale, s));
+  s.info = nullptr;
+  LLDispatchRecvArgs r;
+  int64_t T = 0;
+  JAXEP_RETURN_IF_ERROR(DispatchRecvArgs(op, ref, out, scales, counts, src_index, src_topk,
+                                         recv_rows, num_invalid, num_sms, timeout_ns, ue8m0,
+                                         zero_padding, /*weighted=*/false, r, T));
+  if (T != s.num_tokens) {
+    return Invalid(op, "x has T=" + Str(s.num_tokens) + " tokens, the output rows are for T=" +
+                           Str(T));
+  }
+  const int want_elem = fp8 ? 1 : ElemBytes(x.element_type());
+  if (r.elem_bytes != want_elem) {
+    return Invalid(op, "output payload must have " + Str(want_elem) + "-byte elements (fp8=" +
+                           (fp8 ? "true" : "false") + "), got " + Str(r.elem_bytes));
+  }
+  r.info = nullptr;
+  return LaunchStatus(op, LaunchLLDispatch(s, r, stream));
 }
 
 // y [E_l, R*T, H] of a combine send, bfloat16 or float32: its element bytes, R*T and T.
@@ -347,6 +418,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi, jaxep::LLDispatchRecvImpl,
                                   .Attr<bool>("ue8m0")
                                   .Attr<bool>("zero_padding")
                                   .Attr<bool>("weighted"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchFfi, jaxep::LLDispatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
+                                  .Ret<ffi::AnyBuffer>()         // x [E_l, R*T, H]
+                                  .Ret<ffi::AnyBuffer>()         // scales (empty without fp8)
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // counts [E_l]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // num_invalid []
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns")
+                                  .Attr<bool>("fp8")
+                                  .Attr<bool>("round_scale")
+                                  .Attr<bool>("ue8m0")
+                                  .Attr<bool>("zero_padding"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendFfi, jaxep::LLCombineSendImpl,

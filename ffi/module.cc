@@ -53,6 +53,7 @@ NB_MODULE(_jaxep_ext, m) {
         d["jaxep_ll_dispatch_send_ffi"] = Encapsulate(JaxepLLDispatchSendFfi);
         d["jaxep_ll_dispatch_send_ce_ffi"] = Encapsulate(JaxepLLDispatchSendCeFfi);
         d["jaxep_ll_dispatch_recv_ffi"] = Encapsulate(JaxepLLDispatchRecvFfi);
+        d["jaxep_ll_dispatch_ffi"] = Encapsulate(JaxepLLDispatchFfi);
         d["jaxep_ll_combine_send_ffi"] = Encapsulate(JaxepLLCombineSendFfi);
         d["jaxep_ll_combine_send_reduced_ffi"] = Encapsulate(JaxepLLCombineSendReducedFfi);
         d["jaxep_ll_combine_recv_ffi"] = Encapsulate(JaxepLLCombineRecvFfi);

@@ -252,6 +252,7 @@ def dispatch_rows(comm, rows, src_index):
 LL_DISPATCH_SEND_TARGET = "jaxep_ll_dispatch_send_ffi"
 LL_DISPATCH_SEND_CE_TARGET = "jaxep_ll_dispatch_send_ce_ffi"  # copy engines; not in CUDA graphs
 LL_DISPATCH_RECV_TARGET = "jaxep_ll_dispatch_recv_ffi"
+LL_DISPATCH_TARGET = "jaxep_ll_dispatch_ffi"  # both phases in one kernel
 LL_COMBINE_SEND_TARGET = "jaxep_ll_combine_send_ffi"
 LL_COMBINE_SEND_REDUCED_TARGET = "jaxep_ll_combine_send_reduced_ffi"
 LL_COMBINE_RECV_TARGET = "jaxep_ll_combine_recv_ffi"
@@ -298,10 +299,9 @@ def ll_dispatch_send(comm, x, topk_idx, weights=None, *, fp8=False, round_scale=
                     fp8=bool(fp8), round_scale=bool(round_scale), copy_engine=bool(copy_engine))
 
 
-def ll_dispatch_recv(comm, info, num_tokens, dtype, *, fp8=False, ue8m0=False,
-                     zero_padding=True, weighted=False):
-    """Receive phase: ``(x, scales or None, counts, src_index, src_topk, recv_rows,
-    num_invalid)``."""
+def _ll_received_types(comm, num_tokens, dtype, fp8, ue8m0):
+    """Result types of a dispatch recv: x, scales (empty without fp8), counts, src_index,
+    src_topk, recv_rows, num_invalid."""
     el, rt, h = comm.num_local_experts, comm.num_ranks * num_tokens, comm.cfg.hidden
     sds = jax.ShapeDtypeStruct
     if fp8:
@@ -312,12 +312,35 @@ def ll_dispatch_recv(comm, info, num_tokens, dtype, *, fp8=False, ue8m0=False,
         x_t = sds((el, rt, h), dtype)
         s_t = sds((el, rt, 0), jnp.float32)
     i32 = jnp.int32
-    out = _ll_call(comm, LL_DISPATCH_RECV_TARGET,
-                   (x_t, s_t, sds((el,), i32), sds((el, rt), i32), sds((el, rt), i32),
-                    sds((rt, comm.cfg.num_topk), i32), sds((), i32)), info,
-                   ue8m0=bool(ue8m0), zero_padding=bool(zero_padding), weighted=bool(weighted))
+    return (x_t, s_t, sds((el,), i32), sds((el, rt), i32), sds((el, rt), i32),
+            sds((rt, comm.cfg.num_topk), i32), sds((), i32))
+
+
+def _ll_received(out, fp8):
     x, scales, counts, src_index, src_topk, recv_rows, num_invalid = out
     return x, (scales if fp8 else None), counts, src_index, src_topk, recv_rows, num_invalid
+
+
+def ll_dispatch_recv(comm, info, num_tokens, dtype, *, fp8=False, ue8m0=False,
+                     zero_padding=True, weighted=False):
+    """Receive phase: ``(x, scales or None, counts, src_index, src_topk, recv_rows,
+    num_invalid)``."""
+    out = _ll_call(comm, LL_DISPATCH_RECV_TARGET,
+                   _ll_received_types(comm, num_tokens, dtype, fp8, ue8m0), info,
+                   ue8m0=bool(ue8m0), zero_padding=bool(zero_padding), weighted=bool(weighted))
+    return _ll_received(out, fp8)
+
+
+def ll_dispatch(comm, x, topk_idx, *, fp8=False, round_scale=False, ue8m0=False,
+                zero_padding=True):
+    """Both phases in one kernel (an SM send, then its receive in the same blocks); the
+    results of :func:`ll_dispatch_recv`."""
+    out = _ll_call(comm, LL_DISPATCH_TARGET,
+                   _ll_received_types(comm, x.shape[0], x.dtype, fp8, ue8m0), x, topk_idx,
+                   jnp.asarray(comm.expert_rank), jnp.asarray(comm.expert_slot), fp8=bool(fp8),
+                   round_scale=bool(round_scale), ue8m0=bool(ue8m0),
+                   zero_padding=bool(zero_padding))
+    return _ll_received(out, fp8)
 
 
 def ll_combine_send(comm, y, src_index, src_topk, counts):

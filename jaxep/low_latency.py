@@ -170,6 +170,18 @@ def _check_x(comm, op, x, fp8):
         _checks.fp8_hidden(op, x.shape[1])
 
 
+def _check_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0):
+    """Validates a dispatch's operands and options; returns ``topk_idx`` as int32."""
+    _check_x(comm, op, x, fp8)
+    _checks.topk(comm, op, topk_idx, x.shape[0])
+    if (round_scale or ue8m0) and not fp8:
+        raise ValueError(f"jaxep.{op}: round_scale/ue8m0 need fp8=True")
+    if ue8m0 and not round_scale:
+        raise ValueError(f"jaxep.{op}: ue8m0=True needs round_scale=True (UE8M0 holds only "
+                         f"powers of two)")
+    return topk_idx.astype(jnp.int32)
+
+
 def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = False,
                      ue8m0: bool = False, copy_engine: bool = False) -> LLDispatchPending:
     """Send phase of :func:`ll_dispatch`: quantise (with ``fp8``) and issue the transfer.
@@ -188,14 +200,7 @@ def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool 
     default unless measured otherwise.
     """
     op = "ll_dispatch_send"
-    _check_x(comm, op, x, fp8)
-    _checks.topk(comm, op, topk_idx, x.shape[0])
-    if (round_scale or ue8m0) and not fp8:
-        raise ValueError(f"jaxep.{op}: round_scale/ue8m0 need fp8=True")
-    if ue8m0 and not round_scale:
-        raise ValueError(f"jaxep.{op}: ue8m0=True needs round_scale=True (UE8M0 holds only "
-                         f"powers of two)")
-    idx = topk_idx.astype(jnp.int32)
+    idx = _check_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
     if _on_cuda(comm):
         if copy_engine and not comm.cfg.ll_copy_engine:
             raise ValueError(f"jaxep.{op}: copy_engine=True needs the copy-engine buffers "
@@ -263,9 +268,67 @@ def ll_dispatch(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = Fal
 
     Returns:
       :class:`LLDispatched` with ``[E_l, R*T, ...]`` rows, sharded like ``x`` over the EP axis.
+
+    On the CUDA backend both phases run in one kernel: each block sends its share, then
+    receives as soon as every source has signalled (no second launch). Its blocks wait for one
+    another through the peers, so the kernel takes at most one block per SM and needs them all
+    resident at once (as the pre-reduced combine send does). Same results as
+    ``ll_dispatch_recv(ll_dispatch_send(...))``, with which it may be mixed.
     """
-    pending = ll_dispatch_send(comm, x, topk_idx, fp8=fp8, round_scale=round_scale, ue8m0=ue8m0)
-    return ll_dispatch_recv(comm, pending, zero_padding=zero_padding)
+    if not _on_cuda(comm):
+        pending = ll_dispatch_send(comm, x, topk_idx, fp8=fp8, round_scale=round_scale,
+                                   ue8m0=ue8m0)
+        return ll_dispatch_recv(comm, pending, zero_padding=zero_padding)
+    idx = _check_dispatch(comm, "ll_dispatch", x, topk_idx, fp8, round_scale, ue8m0)
+    out = _ll_dispatch_cuda(comm, bool(fp8), bool(round_scale), bool(ue8m0),
+                            bool(zero_padding), x.dtype, x, idx)
+    x_out, counts, src_index, src_topk, recv_rows, num_invalid = out
+    return LLDispatched(x_out, counts, num_invalid,
+                        LLHandle(src_index, src_topk, counts, recv_rows))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _ll_dispatch_cuda(comm, fp8, round_scale, ue8m0, zero_padding, x_dtype, x, topk_idx):
+    return _ll_dispatch_cuda_fwd(comm, fp8, round_scale, ue8m0, zero_padding, x_dtype, x,
+                                 topk_idx)[0]
+
+
+def _ll_dispatch_cuda_fwd(comm, fp8, round_scale, ue8m0, zero_padding, x_dtype, x, topk_idx):
+    payload, scales, counts, src_index, src_topk, recv_rows, num_invalid = _cuda.ll_dispatch(
+        comm, x, topk_idx, fp8=fp8, round_scale=round_scale, ue8m0=ue8m0,
+        zero_padding=zero_padding)
+    out = ((payload, scales) if fp8 else payload, counts, src_index, src_topk, recv_rows,
+           num_invalid)
+    return out, (src_index, src_topk, counts, scales, topk_idx)
+
+
+def _ll_dispatch_cuda_bwd(comm, fp8, round_scale, ue8m0, zero_padding, x_dtype, res, g):
+    src_index, src_topk, counts, scales, topk_idx = res
+    gx = _dispatch_bwd(comm, fp8, ue8m0, x_dtype, src_index, src_topk, counts, scales,
+                       topk_idx, g)
+    return gx, _zero_cotangent(topk_idx)
+
+
+_ll_dispatch_cuda.defvjp(_ll_dispatch_cuda_fwd, _ll_dispatch_cuda_bwd)
+
+
+def _dispatch_bwd(comm, fp8, ue8m0, x_dtype, src_index, src_topk, counts, scales, topk_idx, g):
+    """Gradient of a CUDA dispatch w.r.t. ``x``: the cotangent rows of a token's copies summed
+    (a plain combine with weight 1 per first listing); with ``fp8`` each payload cotangent
+    divided by its row's scale first (the quantisation counts as identity)."""
+    if fp8:
+        gp = g[0][0]
+        h = gp.shape[-1]
+        if ue8m0:
+            scales = _fp8._unpack_ue8m0(scales, h // _fp8.BLOCK)
+        rows = gp.astype(jnp.float32).reshape(*gp.shape[:-1], -1, _fp8.BLOCK) / scales[..., None]
+        rows = rows.reshape(gp.shape).astype(x_dtype)
+    else:
+        rows = g[0]
+    sent = _cuda.ll_combine_send(comm, rows, src_index, src_topk, counts)
+    gx, _ = _cuda.ll_combine_recv(comm, sent, topk_idx,
+                                  _first_weights(topk_idx, comm.cfg.num_experts), rows.dtype)
+    return gx.astype(x_dtype)
 
 
 def _first_weights(topk_idx, num_experts):
@@ -291,19 +354,9 @@ def _ll_recv_cuda_fwd(comm, fp8, ue8m0, zero_padding, x_dtype, x, info, topk_idx
 
 def _ll_recv_cuda_bwd(comm, fp8, ue8m0, zero_padding, x_dtype, res, g):
     src_index, src_topk, counts, scales, info, topk_idx = res
-    if fp8:
-        gp = g[0][0]
-        h = gp.shape[-1]
-        if ue8m0:
-            scales = _fp8._unpack_ue8m0(scales, h // _fp8.BLOCK)
-        rows = gp.astype(jnp.float32).reshape(*gp.shape[:-1], -1, _fp8.BLOCK) / scales[..., None]
-        rows = rows.reshape(gp.shape).astype(x_dtype)
-    else:
-        rows = g[0]
-    sent = _cuda.ll_combine_send(comm, rows, src_index, src_topk, counts)
-    gx, _ = _cuda.ll_combine_recv(comm, sent, topk_idx,
-                                  _first_weights(topk_idx, comm.cfg.num_experts), rows.dtype)
-    return gx.astype(x_dtype), _zero_cotangent(info), _zero_cotangent(topk_idx)
+    gx = _dispatch_bwd(comm, fp8, ue8m0, x_dtype, src_index, src_topk, counts, scales,
+                       topk_idx, g)
+    return gx, _zero_cotangent(info), _zero_cotangent(topk_idx)
 
 
 _ll_recv_cuda.defvjp(_ll_recv_cuda_fwd, _ll_recv_cuda_bwd)

@@ -50,13 +50,16 @@ def _comms(num_ranks, case, placement, num_sms):
 
 
 @functools.lru_cache(maxsize=None)
-def ll_fn(comm, fp8=False, round_scale=False, ue8m0=False, zero_padding=True, copy_engine=False):
+def ll_fn(comm, fp8=False, round_scale=False, ue8m0=False, zero_padding=True, copy_engine=False,
+          two_phase=False):
+    """The case's ops; the dispatch as ``ll_dispatch`` (on CUDA one kernel), or with
+    ``two_phase``/``copy_engine`` as ``ll_dispatch_recv(ll_dispatch_send(...))``."""
     kw = dict(fp8=fp8, round_scale=round_scale, ue8m0=ue8m0)
 
     def f(x, idx, w, y):
-        if copy_engine:
+        if copy_engine or two_phase:
             d = jaxep.ll_dispatch_recv(
-                comm, jaxep.ll_dispatch_send(comm, x, idx, copy_engine=True, **kw),
+                comm, jaxep.ll_dispatch_send(comm, x, idx, copy_engine=copy_engine, **kw),
                 zero_padding=zero_padding)
         else:
             d = jaxep.ll_dispatch(comm, x, idx, zero_padding=zero_padding, **kw)
@@ -105,9 +108,9 @@ def assert_bits(a, b, msg=""):
 
 def check_case(num_ranks, case, trials, fp8=False, round_scale=False, ue8m0=False,
                zero_padding=True, placement="linear", dtype=jnp.bfloat16, seed=0,
-               copy_engine=False, num_sms=None, hard=False):
+               copy_engine=False, num_sms=None, hard=False, two_phase=False):
     cuda, xla = comms(num_ranks, case, placement, num_sms)
-    f_cuda = ll_fn(cuda, fp8, round_scale, ue8m0, zero_padding, copy_engine)
+    f_cuda = ll_fn(cuda, fp8, round_scale, ue8m0, zero_padding, copy_engine, two_phase)
     f_xla = ll_fn(xla, fp8, round_scale, ue8m0)
     tmax = cuda.cfg.max_tokens_per_rank
     rng = np.random.default_rng(seed)
@@ -147,12 +150,27 @@ def test_bf16_matches_xla(num_ranks, case):
     check_case(num_ranks, case, trials=21, seed=num_ranks)
 
 
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_two_phase_sm_send_matches_xla(num_ranks):
+    """``ll_dispatch_recv(ll_dispatch_send(...))`` with SM sends (two kernels) gives the bits of
+    the one-kernel ``ll_dispatch``: bf16, float32 and fp8 (UE8M0), every routing kind, T at and
+    below capacity, with and without zero padding."""
+    check_case(num_ranks, "small", trials=14, seed=41, two_phase=True)
+    check_case(num_ranks, "small", trials=4, dtype=jnp.float32, seed=42, two_phase=True)
+    check_case(num_ranks, "h640", trials=7, fp8=True, round_scale=True, ue8m0=True, seed=43,
+               two_phase=True)
+    check_case(num_ranks, "h640", trials=3, fp8=True, zero_padding=False, seed=44,
+               two_phase=True)
+
+
 @pytest.mark.parametrize("num_sms", [1, 2, 5])
 def test_small_grids_match_xla(num_sms):
     """``num_sms`` caps every LL kernel's grid: with one block, the dispatch send's one block
-    writes both the metadata and the rows; with a few, each block loops over many items."""
+    writes the metadata, the rows and the counts; with a few, each block loops over many
+    items. Both the one-kernel dispatch and the two-phase one."""
     check_case(2, "h640", trials=7, seed=11, num_sms=num_sms)
     check_case(2, "h640", trials=3, seed=12, fp8=True, num_sms=num_sms)
+    check_case(2, "h640", trials=3, seed=13, fp8=True, num_sms=num_sms, two_phase=True)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
@@ -273,7 +291,8 @@ def test_copy_engine_send_sizes_and_config():
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_two_phase_with_work_between(num_ranks):
-    """send -> matmul -> recv (pinned with optimization_barrier) equals the one-phase ops."""
+    """send -> matmul -> recv (pinned with optimization_barrier) equals the one-phase ops; a
+    one-kernel dispatch may run while a two-phase send is outstanding."""
     cuda, _ = comms(num_ranks, "small")
 
     def f(x, idx, w, y, a):
@@ -289,13 +308,18 @@ def test_two_phase_with_work_between(num_ranks):
         out = jaxep.ll_combine_recv(cuda, c)
         d1 = jaxep.ll_dispatch(cuda, x, idx, fp8=True)
         out1 = jaxep.ll_combine(cuda, y, idx, w, d1.handle)
-        return d.x[0], d1.x[0], d.x[1], d1.x[1], out, out1, m2
+        # a one-kernel dispatch while a two-phase send is outstanding, then that send's recv
+        p2 = jaxep.ll_dispatch_send(cuda, x * 2, idx, fp8=True)
+        d2 = jaxep.ll_dispatch(cuda, jax.lax.optimization_barrier((p2, x * 2))[1], idx, fp8=True)
+        d3 = jaxep.ll_dispatch_recv(cuda, jax.lax.optimization_barrier((d2.x, p2))[1])
+        return (d.x[0], d1.x[0], d.x[1], d1.x[1], out, out1, d2.x[0], d3.x[0], d2.x[1], d3.x[1],
+                m2)
 
     rng = np.random.default_rng(9)
     x, idx, w, y = inputs(rng, cuda, "random", 24)
     a = jnp.asarray(rng.standard_normal((num_ranks * 256, 256)), jnp.float32)
     res = jax.device_get(ep_call(cuda, f)(x, idx, w, y, a))
-    for i in (0, 2, 4):
+    for i in (0, 2, 4, 6, 8):
         assert_bits(res[i], res[i + 1], f"output {i}")
 
 
