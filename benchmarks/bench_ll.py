@@ -15,10 +15,10 @@ Send / recv on the xla backend: ``*_send`` is timed alone (chained like the full
 is timed directly, chained on one fixed pending (the output of one send), and also reported as
 full - send.
 
-On the CUDA backend ``ll_dispatch`` is one kernel (send, then receive in the same blocks): its
-span is that kernel's duration, and it has no send / recv split. "dispatch fp8 nopad 2p" times
-the same dispatch as ``ll_dispatch_recv(ll_dispatch_send(...))``, two kernels, for the split and
-the overlap.
+On the CUDA backend ``ll_dispatch`` and ``ll_combine`` are one kernel each (send, then receive
+in the same blocks): the span is that kernel's duration, and there is no send / recv split.
+The ops named "... 2p" time the same op as ``*_recv(*_send(...))``, two kernels, for the split
+and the overlap.
 
 Overlap (at T = 128, else the largest T), for the two-phase ops: (a) send+recv alone, i.e. the
 full op ``recv(send(...))``; (b) a BF16 ``[M, H] @ [H, H]`` matmul
@@ -72,6 +72,10 @@ import jaxep  # noqa: E402
 REFERENCE = {"dispatch fp8": (32.7, 24.7, 8.0, 43.0), "combine bf16": (56.8, 44.5, 9.6, 62.0)}
 
 
+# Kernels that run a whole op (send, then receive, in one launch) on the CUDA backend.
+ONE_KERNEL = ("LLDispatchKernel", "LLCombineKernel", "LLCombineReducedKernel")
+
+
 def two_phase(send, recv, pinned):
     """fn(comm, a, b, *op_args): send -> a @ b -> recv; see the module docstring."""
     def fn(comm, a, b, *args):
@@ -110,18 +114,18 @@ def kernel_times(run, repeats=3):
                 ll = sorted((ev.start_ns, ev.end_ns, "Send" in ev.name) for line in plane.lines
                             for ev in line.events
                             if ("LLDispatch" in ev.name or "LLCombine" in ev.name)
-                            and "LLDispatchKernel" not in ev.name)
+                            and not any(k in ev.name for k in ONE_KERNEL))
                 for (s0, _, is_send), (_, e1, nxt_send) in zip(ll, ll[1:]):
                     if is_send and not nxt_send:
                         spans.append((e1 - s0) / 1e3)
                 spans += [ev.duration_ns / 1e3 for line in plane.lines for ev in line.events
-                          if "LLDispatchKernel" in ev.name]  # one kernel: the op itself
+                          if any(k in ev.name for k in ONE_KERNEL)]  # the op itself
                 for line in plane.lines:
                     for ev in line.events:
                         name = ev.name
                         if name.startswith("MemcpyP2P"):  # copy-engine sends' copies
                             copies.append(ev.duration_ns / 1e3)
-                        for short in ("LLDispatchKernel", "LLDispatchSendKernel",
+                        for short in (*ONE_KERNEL, "LLDispatchSendKernel",
                                       "LLDispatchRecvKernel",
                                       "LLCombineSendKernel", "LLCombineSendReducedKernel",
                                       "LLCombineRecvKernel"):
@@ -209,13 +213,18 @@ def run_case(mesh, backend, t, a, with_overlap, log):
             functools.partial(jaxep.ll_combine, prereduce=True),
             functools.partial(jaxep.ll_combine_send, prereduce=True), jaxep.ll_combine_recv,
             (y, idx, w, handle), 2 * a.hidden)
+    if comm.implementation("ll_combine") == "cuda":  # the same in two kernels: the split
+        for name in [n for n in ops if n.startswith("combine")]:
+            _, send, recv, args, b = ops[name]
+            ops[name + " 2p"] = (lambda c, *v, s=send, r=recv: r(c, s(c, *v)), send, recv,
+                                 args, b)
     if with_overlap:
         mats = (normal(keys[1], r * a.matmul_m, a.hidden), normal(keys[2], r * a.hidden, a.hidden))
     jobs = {}
     # ops whose full form is one kernel on CUDA: no send -> matmul -> recv against it (the
     # overlap is measured on their two-phase form, "... 2p")
-    one_kernel = {n for n in ops if n.startswith("dispatch") and "2p" not in n
-                  and "ce" not in n} if comm.implementation("ll_dispatch") == "cuda" else set()
+    one_kernel = {n for n in ops if "2p" not in n and "ce" not in n} if (
+        comm.implementation("ll_dispatch") == "cuda") else set()
     # The CUDA LL kernels need every send followed by its recv (their buffer protocol), so
     # their phases are timed from the profiler's kernel durations inside the full op instead.
     on_cuda = comm.implementation("ll_dispatch") == "cuda"
@@ -252,6 +261,8 @@ def run_case(mesh, backend, t, a, with_overlap, log):
             kernels[name] = kernel_times(lambda: chain(*op_args).block_until_ready())
             log(f"  {name}: kernel device time (median over calls and GPUs, us): "
                 + ", ".join(f"{k} {v:.1f}" for k, v in kernels[name].items()))
+            if a.no_isolated:
+                continue
             isolated[name] = kernel_times(
                 isolated_runner(per_rank, comm, send, recv, op_args), 20)
             log(f"  {name}: isolated (send, host wait, recv) kernel time (us): "
@@ -350,6 +361,8 @@ def main():
     p.add_argument("--also-bf16", action="store_true", help="also time BF16 ll_dispatch")
     p.add_argument("--matmul-m", type=int, default=256, help="rows M of the overlapped matmul")
     p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
+    p.add_argument("--no-isolated", action="store_true",
+                   help="CUDA: skip the isolated (send, host wait, recv) kernel times")
     p.add_argument("--no-prereduce", action="store_true",
                    help="skip ll_combine(prereduce=True)")
     p.add_argument("--num-sms", type=int, default=None,

@@ -711,8 +711,10 @@ __device__ __forceinline__ void FinishCombineSend(LLWorkspace* ws, unsigned long
   SignalPeers(ws, [&](int d) { return &ws->peers[d]->combine_arrived[p][me]; });
   if (LastToFinish(ws, kCombineSendTicket)) {
     ws->combine_sends = seq;
-    info[0] = static_cast<int32_t>(seq & 0xffffffffu);
-    info[1] = static_cast<int32_t>(seq >> 32);
+    if (info) {
+      info[0] = static_cast<int32_t>(seq & 0xffffffffu);
+      info[1] = static_cast<int32_t>(seq >> 32);
+    }
   }
 }
 
@@ -720,15 +722,17 @@ __device__ __forceinline__ void FinishCombineSend(LLWorkspace* ws, unsigned long
 // pieces by the TMA unit (global -> this warp's shared buffer -> the peer's slot), driven by
 // lane 0 of a warp per piece: over NVLink this writes faster than SM stores (kernel 30.5-31.8
 // against 32.7-37.5 us at R = 2, T = 128; benchmarks/RESULTS.md, fifth session).
+// Every thread of a block (LLCombineSendKernel, LLCombineKernel); returns the call's sequence
+// number. smem: LLCombineSendSharedBytes, 128-byte aligned.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArgs a) {
+__device__ __forceinline__ unsigned long long CombineSend(const LLCombineSendArgs& a,
+                                                          int32_t* smem) {
   LLWorkspace* ws = a.ws;
   const int R = ws->num_ranks, El = ws->num_local_experts, H = ws->hidden;
   const int Tn = a.num_tokens, RT = R * Tn;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const unsigned long long seq = ws->combine_sends + 1;
   const int p = static_cast<int>(seq & 1);
-  extern __shared__ __align__(128) int32_t smem[];
   char* s_stage = reinterpret_cast<char*>(smem);  // [kWarps][kBulkStages][kBulkPart]
   __shared__ __align__(8) unsigned long long s_bar[kWarps][kBulkStages];
   int32_t* s_base = reinterpret_cast<int32_t*>(s_stage + kWarps * kBulkStages * kBulkPart);
@@ -785,6 +789,13 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
   __syncwarp();
 
   FinishCombineSend(ws, seq, a.info);
+  return seq;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArgs a) {
+  extern __shared__ __align__(128) int32_t smem[];
+  CombineSend<T>(a, smem);
 }
 
 // ---- combine send with pre-reduction ---------------------------------------------------------
@@ -792,8 +803,11 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
 // (See LaunchLLCombineSendReduced.) Per source token: the float32 sum over its entries held here
 // of weight * row, stored in y's dtype to the source's slot [token][this rank]; the rows of up
 // to 4 entries are loaded at once.
+// Every thread of a block (LLCombineSendReducedKernel, LLCombineReducedKernel); returns the
+// call's sequence number.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombineSendReducedArgs a) {
+__device__ __forceinline__ unsigned long long CombineSendReduced(
+    const LLCombineSendReducedArgs& a) {
   LLWorkspace* ws = a.ws;
   const int R = ws->num_ranks, me = ws->rank, H = ws->hidden, K = ws->num_topk;
   const int Tn = a.num_tokens, E = a.num_experts;
@@ -891,17 +905,24 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombine
   }
 
   FinishCombineSend(ws, seq, a.info);
+  return seq;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) LLCombineSendReducedKernel(LLCombineSendReducedArgs a) {
+  CombineSendReduced<T>(a);
 }
 
 // ---- combine recv ----------------------------------------------------------------------------
 
+// The recv of combine call `seq` (from its send's info, or the same kernel's send part), as
+// every thread of a block runs it (LLCombineRecvKernel, LLCombineKernel, LLCombineReducedKernel).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArgs a) {
+__device__ __forceinline__ void CombineRecv(const LLCombineRecvArgs& a, unsigned long long seq) {
   LLWorkspace* ws = a.ws;
   const int me = ws->rank, H = ws->hidden;
   const int Tn = a.num_tokens, K = a.num_topk, E = a.num_experts;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const unsigned long long seq = CallNumber(a.info);
   const int p = static_cast<int>(seq & 1);
 
   WaitPeers(ws, ws->combine_arrived[p], CombineUse(seq) * kLLCallTotal, seq, kLLCombineRecv,
@@ -958,6 +979,26 @@ __global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArg
   AcknowledgePeers(ws, [&](int src) { return &ws->peers[src]->combine_read[p][me]; });
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kThreads) LLCombineRecvKernel(LLCombineRecvArgs a) {
+  CombineRecv<T>(a, CallNumber(a.info));  // the send's call, not a counter
+}
+
+// ---- combine in one kernel (as LLDispatchKernel: every block resident, one per SM) ----------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) LLCombineKernel(LLCombineSendArgs s,
+                                                            LLCombineRecvArgs r) {
+  extern __shared__ __align__(128) int32_t smem[];
+  CombineRecv<T>(r, CombineSend<T>(s, smem));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) LLCombineReducedKernel(LLCombineSendReducedArgs s,
+                                                                   LLCombineRecvArgs r) {
+  CombineRecv<T>(r, CombineSendReduced<T>(s));
+}
+
 int DefaultBlocks(int requested, int items_per_block_hint) {
   if (requested > 0) return min(requested, kLLMaxBlocks);  // a block's share must stay positive
   return max(1, min(DeviceSmCount(), items_per_block_hint));
@@ -979,6 +1020,8 @@ cudaError_t LoadLLModule() {  // touch every kernel now (no lazy loading while a
       Fn(&LLCombineSendKernel<__nv_bfloat16>), Fn(&LLCombineSendKernel<float>),
       Fn(&LLCombineSendReducedKernel<__nv_bfloat16>), Fn(&LLCombineSendReducedKernel<float>),
       Fn(&LLCombineRecvKernel<__nv_bfloat16>), Fn(&LLCombineRecvKernel<float>),
+      Fn(&LLCombineKernel<__nv_bfloat16>), Fn(&LLCombineKernel<float>),
+      Fn(&LLCombineReducedKernel<__nv_bfloat16>), Fn(&LLCombineReducedKernel<float>),
   };
   for (const void* k : kernels) {
     cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1276,6 +1319,29 @@ cudaError_t LaunchLLCombineSendReduced(const LLCombineSendReducedArgs& a, cudaSt
     LLCombineSendReducedKernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(a);
   } else {
     LLCombineSendReducedKernel<float><<<blocks, kThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchLLCombine(const LLCombineSendArgs& s, const LLCombineRecvArgs& r,
+                            cudaStream_t stream) {
+  const size_t smem = LLCombineSendSharedBytes(s.shape.num_local_experts);
+  const int blocks = min(DefaultBlocks(s.num_sms, 1 << 20), DeviceSmCount());  // all resident
+  if (s.elem_bytes == 2) {
+    LLCombineKernel<__nv_bfloat16><<<blocks, kThreads, smem, stream>>>(s, r);
+  } else {
+    LLCombineKernel<float><<<blocks, kThreads, smem, stream>>>(s, r);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchLLCombineReduced(const LLCombineSendReducedArgs& s, const LLCombineRecvArgs& r,
+                                   cudaStream_t stream) {
+  const int blocks = min(DefaultBlocks(s.num_sms, 1 << 20), DeviceSmCount());  // all resident
+  if (s.elem_bytes == 2) {
+    LLCombineReducedKernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(s, r);
+  } else {
+    LLCombineReducedKernel<float><<<blocks, kThreads, 0, stream>>>(s, r);
   }
   return cudaGetLastError();
 }

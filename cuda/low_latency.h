@@ -262,7 +262,7 @@ struct LLCombineSendArgs {
   const int32_t* src_index;  // [E_l, R*T]
   const int32_t* src_topk;   // [E_l, R*T]
   const int32_t* counts;     // [E_l]
-  int32_t* info;             // [2]: call number (low, high 32 bits)
+  int32_t* info;             // [2] (or null): call number (low, high 32 bits)
   int num_sms;
   unsigned long long timeout_ns;
 };
@@ -283,7 +283,7 @@ struct LLCombineSendReducedArgs {
   const int32_t* recv_rows;     // [R*T, K] from the dispatch recv
   const int32_t* topk_idx;      // [T, K] this rank's tokens
   const float* weights;         // [T, K]
-  int32_t* info;                // [2]: call number (low, high 32 bits)
+  int32_t* info;                // [2] (or null): call number (low, high 32 bits)
   int num_sms;
   unsigned long long timeout_ns;
 };
@@ -306,5 +306,12 @@ struct LLCombineRecvArgs {
   unsigned long long timeout_ns;
 };
 cudaError_t LaunchLLCombineRecv(const LLCombineRecvArgs& a, cudaStream_t stream);
+
+// Both phases in one kernel (ll_combine), as LaunchLLDispatch: `s` as for the send (info may
+// be null), `r` as for its recv (r.info unused; r.reduced as the send); at most one block per SM.
+cudaError_t LaunchLLCombine(const LLCombineSendArgs& s, const LLCombineRecvArgs& r,
+                            cudaStream_t stream);
+cudaError_t LaunchLLCombineReduced(const LLCombineSendReducedArgs& s, const LLCombineRecvArgs& r,
+                                   cudaStream_t stream);
 
 }  // namespace jaxep

@@ -14,7 +14,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchRowsFfi);
 // Low-latency mode (cuda/low_latency.cu): "jaxep_ll_dispatch_send_ffi",
 // "jaxep_ll_dispatch_send_ce_ffi", "jaxep_ll_dispatch_recv_ffi", "jaxep_ll_dispatch_ffi",
 // "jaxep_ll_combine_send_ffi",
-// "jaxep_ll_combine_send_reduced_ffi", "jaxep_ll_combine_recv_ffi".
+// "jaxep_ll_combine_send_reduced_ffi", "jaxep_ll_combine_recv_ffi", "jaxep_ll_combine_ffi".
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLDispatchSendFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLDispatchSendCeFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi);
@@ -22,4 +22,5 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLDispatchFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLCombineSendFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLCombineSendReducedFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLCombineFfi);
 #endif

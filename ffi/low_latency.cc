@@ -6,6 +6,7 @@
 //   jaxep_ll_combine_send_ffi  -> jaxep::LaunchLLCombineSend
 //   jaxep_ll_combine_send_reduced_ffi -> jaxep::LaunchLLCombineSendReduced
 //   jaxep_ll_combine_recv_ffi  -> jaxep::LaunchLLCombineRecv
+//   jaxep_ll_combine_ffi       -> jaxep::LaunchLLCombine(Reduced) (both phases, one kernel)
 // Each finds its device's low-latency buffers in the registry, validates every buffer against
 // them, and only enqueues one kernel (a copy-engine dispatch send also its copies, on jaxep's
 // streams). A send returns a small `info` array that its recv takes as an operand: the data
@@ -273,48 +274,42 @@ ffi::Error CheckCombineY(const char* op, const ffi::AnyBuffer& y, const Workspac
   return CheckTokens(op, T, ref);
 }
 
-ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
-                             ffi::Buffer<ffi::S32> src_index, ffi::Buffer<ffi::S32> src_topk,
-                             ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::S32> info,
-                             int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
-  const char* op = "ll_combine_send";
-  WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+// Validates the operands of a combine send and fills its launch arguments, but for info; T: the
+// dispatch's tokens per rank.
+ffi::Error CombineSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuffer y,
+                           ffi::Buffer<ffi::S32> src_index, ffi::Buffer<ffi::S32> src_topk,
+                           ffi::Buffer<ffi::S32> counts, int32_t num_sms, int64_t timeout_ns,
+                           LLCombineSendArgs& a, int64_t& T) {
   const int64_t El = ref.ll_shape.num_local_experts;
   int elem = 0;
-  int64_t RT = 0, T = 0;
+  int64_t RT = 0;
   JAXEP_RETURN_IF_ERROR(CheckCombineY(op, y, ref, elem, RT, T));
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_index", src_index, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", src_topk, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "counts", counts, {El}));
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
-  auto a = LLArgs<LLCombineSendArgs>(ref, num_sms, timeout_ns);
+  a = LLArgs<LLCombineSendArgs>(ref, num_sms, timeout_ns);
   a.num_tokens = static_cast<int>(T);
   a.elem_bytes = elem;
   a.y = y.untyped_data();
   a.src_index = src_index.typed_data();
   a.src_topk = src_topk.typed_data();
   a.counts = counts.typed_data();
-  a.info = info->typed_data();
-  return LaunchStatus(op, LaunchLLCombineSend(a, stream));
+  return ffi::Error::Success();
 }
 
-ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
-                                    ffi::Buffer<ffi::S32> recv_rows, ffi::Buffer<ffi::S32> topk_idx,
-                                    ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::S32> info,
-                                    int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
-  const char* op = "ll_combine_send(prereduce=True)";
-  WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+// The same for a pre-reduced combine send.
+ffi::Error CombineSendReducedArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuffer y,
+                                  ffi::Buffer<ffi::S32> recv_rows, ffi::Buffer<ffi::S32> topk_idx,
+                                  ffi::Buffer<ffi::F32> weights, int32_t num_sms,
+                                  int64_t timeout_ns, LLCombineSendReducedArgs& a, int64_t& T) {
   const int64_t R = ref.num_ranks, El = ref.ll_shape.num_local_experts, K = ref.ll_topk;
   int elem = 0;
-  int64_t RT = 0, T = 0;
+  int64_t RT = 0;
   JAXEP_RETURN_IF_ERROR(CheckCombineY(op, y, ref, elem, RT, T));
   JAXEP_RETURN_IF_ERROR(Shape(op, "recv_rows", recv_rows, {RT, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_idx", topk_idx, {T, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", weights, {T, K}));
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
-  auto a = LLArgs<LLCombineSendReducedArgs>(ref, num_sms, timeout_ns);
+  a = LLArgs<LLCombineSendReducedArgs>(ref, num_sms, timeout_ns);
   a.num_tokens = static_cast<int>(T);
   a.num_experts = static_cast<int>(R * El);
   a.elem_bytes = elem;
@@ -322,20 +317,17 @@ ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::An
   a.recv_rows = recv_rows.typed_data();
   a.topk_idx = topk_idx.typed_data();
   a.weights = weights.typed_data();
-  a.info = info->typed_data();
-  return LaunchStatus(op, LaunchLLCombineSendReduced(a, stream));
+  return ffi::Error::Success();
 }
 
-ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> info,
-                             ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
-                             ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
-                             ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
-                             int64_t timeout_ns, bool reduced) {
-  const char* op = "ll_combine_recv";
-  WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+// Validates the operands and results of a combine recv and fills its launch arguments, but
+// for info.
+ffi::Error CombineRecvArgs(const char* op, const WorkspaceRef& ref, ffi::Buffer<ffi::S32> topk_idx,
+                           ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> expert_rank,
+                           ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> rows,
+                           int32_t num_sms, int64_t timeout_ns, bool reduced,
+                           LLCombineRecvArgs& a) {
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, K = ref.ll_topk;
-  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {2}));
   auto idx_dims = topk_idx.dimensions();
   if (idx_dims.size() != 2 || idx_dims[1] != K) {
     return Invalid(op, "topk_idx must be [T, K=" + Str(K) + "], got " + Dims(idx_dims));
@@ -353,19 +345,103 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
     if (rows->element_type() != out->element_type()) return Invalid(op, "rows must match out's dtype");
     JAXEP_RETURN_IF_ERROR(Shape(op, "rows", *rows, {T, K, H}));
   }
-  auto a = LLArgs<LLCombineRecvArgs>(ref, num_sms, timeout_ns);
+  a = LLArgs<LLCombineRecvArgs>(ref, num_sms, timeout_ns);
   a.num_tokens = static_cast<int>(T);
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(R * ref.ll_shape.num_local_experts);
   a.elem_bytes = elem;
-  a.info = info.typed_data();
   a.topk_idx = topk_idx.typed_data();
   a.weights = weights.typed_data();
   a.expert_rank = expert_rank.typed_data();
   a.reduced = reduced;
   a.out = out->untyped_data();
   a.rows = want_rows ? rows->untyped_data() : nullptr;
+  return ffi::Error::Success();
+}
+
+ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                             ffi::Buffer<ffi::S32> src_index, ffi::Buffer<ffi::S32> src_topk,
+                             ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::S32> info,
+                             int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+  const char* op = "ll_combine_send";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  LLCombineSendArgs a;
+  int64_t T = 0;
+  JAXEP_RETURN_IF_ERROR(CombineSendArgs(op, ref, y, src_index, src_topk, counts, num_sms,
+                                        timeout_ns, a, T));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
+  a.info = info->typed_data();
+  return LaunchStatus(op, LaunchLLCombineSend(a, stream));
+}
+
+ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                                    ffi::Buffer<ffi::S32> recv_rows, ffi::Buffer<ffi::S32> topk_idx,
+                                    ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::S32> info,
+                                    int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+  const char* op = "ll_combine_send(prereduce=True)";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  LLCombineSendReducedArgs a;
+  int64_t T = 0;
+  JAXEP_RETURN_IF_ERROR(CombineSendReducedArgs(op, ref, y, recv_rows, topk_idx, weights, num_sms,
+                                               timeout_ns, a, T));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
+  a.info = info->typed_data();
+  return LaunchStatus(op, LaunchLLCombineSendReduced(a, stream));
+}
+
+ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> info,
+                             ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
+                             ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
+                             ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
+                             int64_t timeout_ns, bool reduced) {
+  const char* op = "ll_combine_recv";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {2}));
+  LLCombineRecvArgs a;
+  JAXEP_RETURN_IF_ERROR(CombineRecvArgs(op, ref, topk_idx, weights, expert_rank, out, rows,
+                                        num_sms, timeout_ns, reduced, a));
+  a.info = info.typed_data();
   return LaunchStatus(op, LaunchLLCombineRecv(a, stream));
+}
+
+// ll_combine in one kernel: the operands of the send (every handle array; `prereduce` picks
+// which the send reads) and of the recv, the recv's results.
+ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                         ffi::Buffer<ffi::S32> src_index, ffi::Buffer<ffi::S32> src_topk,
+                         ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> recv_rows,
+                         ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
+                         ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
+                         ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
+                         int64_t timeout_ns, bool prereduce) {
+  const char* op = prereduce ? "ll_combine(prereduce=True)" : "ll_combine";
+  WorkspaceRef ref;
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  LLCombineRecvArgs r;
+  JAXEP_RETURN_IF_ERROR(CombineRecvArgs(op, ref, topk_idx, weights, expert_rank, out, rows,
+                                        num_sms, timeout_ns, prereduce, r));
+  r.info = nullptr;
+  int64_t T = 0;
+  if (prereduce) {
+    LLCombineSendReducedArgs s;
+    JAXEP_RETURN_IF_ERROR(CombineSendReducedArgs(op, ref, y, recv_rows, topk_idx, weights,
+                                                 num_sms, timeout_ns, s, T));
+    if (y.element_type() != out->element_type()) return Invalid(op, "out must match y's dtype");
+    s.info = nullptr;
+    return LaunchStatus(op, LaunchLLCombineReduced(s, r, stream));
+  }
+  LLCombineSendArgs s;
+  JAXEP_RETURN_IF_ERROR(CombineSendArgs(op, ref, y, src_index, src_topk, counts, num_sms,
+                                        timeout_ns, s, T));
+  if (T != r.num_tokens) {
+    return Invalid(op, "y has rows for T=" + Str(T) + " tokens per rank, topk_idx has T=" +
+                           Str(r.num_tokens));
+  }
+  if (y.element_type() != out->element_type()) return Invalid(op, "out must match y's dtype");
+  s.info = nullptr;
+  return LaunchStatus(op, LaunchLLCombine(s, r, stream));
 }
 
 }  // namespace
@@ -470,6 +546,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendReducedFfi, jaxep::LLCombineSend
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int32_t>("num_sms")
                                   .Attr<int64_t>("timeout_ns"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineFfi, jaxep::LLCombineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // counts [E_l]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
+                                  .Ret<ffi::AnyBuffer>()         // out [T, H]
+                                  .Ret<ffi::AnyBuffer>()         // rows [T, K, H] or empty
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int32_t>("num_sms")
+                                  .Attr<int64_t>("timeout_ns")
+                                  .Attr<bool>("prereduce"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,

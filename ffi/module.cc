@@ -57,6 +57,7 @@ NB_MODULE(_jaxep_ext, m) {
         d["jaxep_ll_combine_send_ffi"] = Encapsulate(JaxepLLCombineSendFfi);
         d["jaxep_ll_combine_send_reduced_ffi"] = Encapsulate(JaxepLLCombineSendReducedFfi);
         d["jaxep_ll_combine_recv_ffi"] = Encapsulate(JaxepLLCombineRecvFfi);
+        d["jaxep_ll_combine_ffi"] = Encapsulate(JaxepLLCombineFfi);
 #endif
         return d;
       },

@@ -256,6 +256,7 @@ LL_DISPATCH_TARGET = "jaxep_ll_dispatch_ffi"  # both phases in one kernel
 LL_COMBINE_SEND_TARGET = "jaxep_ll_combine_send_ffi"
 LL_COMBINE_SEND_REDUCED_TARGET = "jaxep_ll_combine_send_reduced_ffi"
 LL_COMBINE_RECV_TARGET = "jaxep_ll_combine_recv_ffi"
+LL_COMBINE_TARGET = "jaxep_ll_combine_ffi"  # both phases in one kernel
 LL_MAX_TOPK = 32  # kLLMaxTopk in cuda/low_latency.h
 
 
@@ -356,14 +357,30 @@ def ll_combine_send_reduced(comm, y, recv_rows, topk_idx, weights):
                     y, recv_rows, topk_idx, weights.astype(jnp.float32))
 
 
-def ll_combine_recv(comm, info, topk_idx, weights, dtype, want_rows=False, reduced=False):
-    """Receive phase of combine: ``(out [T, H], rows [T, K, H] or None)``. ``reduced``: the
-    send pre-reduced per expert rank (no per-entry rows then)."""
+def _ll_combined_types(comm, topk_idx, dtype, want_rows):
     t, k = topk_idx.shape
     h = comm.cfg.hidden
     sds = jax.ShapeDtypeStruct
-    rows_t = sds((t, k, h), dtype) if want_rows else sds((0,), dtype)
-    out, rows = _ll_call(comm, LL_COMBINE_RECV_TARGET, (sds((t, h), dtype), rows_t), info,
+    return sds((t, h), dtype), sds((t, k, h), dtype) if want_rows else sds((0,), dtype)
+
+
+def ll_combine_recv(comm, info, topk_idx, weights, dtype, want_rows=False, reduced=False):
+    """Receive phase of combine: ``(out [T, H], rows [T, K, H] or None)``. ``reduced``: the
+    send pre-reduced per expert rank (no per-entry rows then)."""
+    out, rows = _ll_call(comm, LL_COMBINE_RECV_TARGET,
+                         _ll_combined_types(comm, topk_idx, dtype, want_rows), info,
                          topk_idx, weights.astype(jnp.float32), jnp.asarray(comm.expert_rank),
                          reduced=bool(reduced))
+    return out, (rows if want_rows else None)
+
+
+def ll_combine(comm, y, src_index, src_topk, counts, recv_rows, topk_idx, weights,
+               want_rows=False, prereduce=False):
+    """Both phases of combine in one kernel (the send, then its receive in the same blocks):
+    ``(out [T, H], rows [T, K, H] or None)``, as :func:`ll_combine_recv`. The handle's arrays
+    all pass; ``prereduce`` picks the send (and reads ``recv_rows``, else the other three)."""
+    out, rows = _ll_call(comm, LL_COMBINE_TARGET,
+                         _ll_combined_types(comm, topk_idx, y.dtype, want_rows), y, src_index,
+                         src_topk, counts, recv_rows, topk_idx, weights.astype(jnp.float32),
+                         jnp.asarray(comm.expert_rank), prereduce=bool(prereduce))
     return out, (rows if want_rows else None)

@@ -362,13 +362,7 @@ def _ll_recv_cuda_bwd(comm, fp8, ue8m0, zero_padding, x_dtype, res, g):
 _ll_recv_cuda.defvjp(_ll_recv_cuda_fwd, _ll_recv_cuda_bwd)
 
 
-def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
-                    prereduce: bool = False) -> LLCombinePending:
-    """Send phase of :func:`ll_combine`: return each expert row to its source rank (with
-    ``prereduce``, each rank's weighted sum per source token; see :func:`ll_combine`). With
-    ``prereduce`` on the CUDA backend the send kernel first exchanges the top-k weights, so it
-    waits for every rank to reach this send."""
-    op = "ll_combine_send"
+def _check_combine(comm, op, y, topk_idx, topk_weights, handle):
     _checks.ep_group(comm, op)
     if not isinstance(handle, LLHandle):
         raise TypeError(f"jaxep.{op}: handle must be an LLHandle (LLDispatched.handle), "
@@ -379,6 +373,16 @@ def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     _checks.array(op, "y", y, 3, FLOAT_DTYPES)
     want = (comm.num_local_experts, rt, comm.cfg.hidden)
     _checks.dim(op, "y shape [E_l, R*T, H]", want, tuple(y.shape))
+
+
+def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
+                    prereduce: bool = False) -> LLCombinePending:
+    """Send phase of :func:`ll_combine`: return each expert row to its source rank (with
+    ``prereduce``, each rank's weighted sum per source token; see :func:`ll_combine`). With
+    ``prereduce`` on the CUDA backend the send kernel first exchanges the top-k weights, so it
+    waits for every rank to reach this send."""
+    op = "ll_combine_send"
+    _check_combine(comm, op, y, topk_idx, topk_weights, handle)
     idx = topk_idx.astype(jnp.int32)
     prereduce = bool(prereduce)
     if _on_cuda(comm):
@@ -439,9 +443,45 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *, prereduce: 
     Gradients: w.r.t. ``y`` the output cotangent dispatched and scaled by ``w[t, k]``; w.r.t.
     ``topk_weights[t, k]`` the dot product of the output cotangent with that row (with
     ``prereduce`` the CUDA backward fetches the rows again with a plain combine).
+
+    On the CUDA backend both phases run in one kernel, as in :func:`ll_dispatch` (every block
+    resident, at most one per SM); same results as ``ll_combine_recv(ll_combine_send(...))``.
     """
-    return ll_combine_recv(comm, ll_combine_send(comm, y, topk_idx, topk_weights, handle,
-                                                 prereduce=prereduce))
+    if not _on_cuda(comm):
+        return ll_combine_recv(comm, ll_combine_send(comm, y, topk_idx, topk_weights, handle,
+                                                     prereduce=prereduce))
+    _check_combine(comm, "ll_combine", y, topk_idx, topk_weights, handle)
+    return _ll_combine_one(comm, bool(prereduce), y, topk_weights, topk_idx.astype(jnp.int32),
+                           handle)
+
+
+def _combine_one(comm, prereduce, y, topk_weights, topk_idx, handle, want_rows):
+    return _cuda.ll_combine(comm, y, handle.src_index, handle.src_topk, handle.counts,
+                            handle.recv_rows, topk_idx, topk_weights, want_rows=want_rows,
+                            prereduce=prereduce)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ll_combine_one(comm, prereduce, y, topk_weights, topk_idx, handle):
+    """``ll_combine`` on CUDA: one kernel (the send, then the receive in the same blocks)."""
+    return _combine_one(comm, prereduce, y, topk_weights, topk_idx, handle, False)[0]
+
+
+def _ll_combine_one_fwd(comm, prereduce, y, topk_weights, topk_idx, handle):
+    if prereduce:  # no per-entry rows came back: the backward fetches them (a plain combine)
+        out, _ = _combine_one(comm, True, y, topk_weights, topk_idx, handle, False)
+        return out, (y, topk_weights, topk_idx, handle)
+    out, rows = _combine_one(comm, False, y, topk_weights, topk_idx, handle, True)
+    return out, (rows, topk_weights, topk_idx, handle)
+
+
+def _ll_combine_one_bwd(comm, prereduce, res, g):
+    rows, topk_weights, topk_idx, handle = res
+    gy, gw = _combine_bwd(comm, prereduce, rows, topk_weights, topk_idx, handle, g)
+    return gy, gw, _zero_cotangent(topk_idx), jax.tree.map(_zero_cotangent, handle)
+
+
+_ll_combine_one.defvjp(_ll_combine_one_fwd, _ll_combine_one_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -460,6 +500,15 @@ def _ll_combine_cuda_fwd(comm, prereduce, y, topk_weights, info, topk_idx, handl
 
 def _ll_combine_cuda_bwd(comm, prereduce, res, g):
     rows, topk_weights, info, topk_idx, handle = res
+    gy, gw = _combine_bwd(comm, prereduce, rows, topk_weights, topk_idx, handle, g)
+    return (gy, gw, _zero_cotangent(info), _zero_cotangent(topk_idx),
+            jax.tree.map(_zero_cotangent, handle))
+
+
+def _combine_bwd(comm, prereduce, rows, topk_weights, topk_idx, handle, g):
+    """Gradients of a CUDA combine w.r.t. ``y`` (the output cotangent dispatched, each row
+    scaled by its weight) and ``topk_weights`` (the cotangent's dot product with each entry's
+    row; ``rows`` are those rows, or with ``prereduce`` ``y``, whose rows are fetched again)."""
     if prereduce:  # rows is y here
         # The refetch depends on forward values only: tie it to g, or XLA may hoist the sends
         # of several layers ahead of their recvs (at most two may be outstanding).
@@ -469,8 +518,7 @@ def _ll_combine_cuda_bwd(comm, prereduce, res, g):
     gw = jnp.einsum("tkh,th->tk", rows.astype(jnp.float32), g.astype(jnp.float32))
     sent = _cuda.ll_dispatch_send(comm, g.astype(rows.dtype), topk_idx, topk_weights)
     gy = _cuda.ll_dispatch_recv(comm, sent, topk_idx.shape[0], rows.dtype, weighted=True)[0]
-    return (gy, gw.astype(topk_weights.dtype), _zero_cotangent(info),
-            _zero_cotangent(topk_idx), jax.tree.map(_zero_cotangent, handle))
+    return gy, gw.astype(topk_weights.dtype)
 
 
 _ll_combine_cuda.defvjp(_ll_combine_cuda_fwd, _ll_combine_cuda_bwd)

@@ -52,8 +52,8 @@ def _comms(num_ranks, case, placement, num_sms):
 @functools.lru_cache(maxsize=None)
 def ll_fn(comm, fp8=False, round_scale=False, ue8m0=False, zero_padding=True, copy_engine=False,
           two_phase=False):
-    """The case's ops; the dispatch as ``ll_dispatch`` (on CUDA one kernel), or with
-    ``two_phase``/``copy_engine`` as ``ll_dispatch_recv(ll_dispatch_send(...))``."""
+    """The case's ops: ``ll_dispatch`` and ``ll_combine`` (on CUDA one kernel each), or with
+    ``two_phase`` both as ``*_recv(*_send(...))`` (with ``copy_engine`` the dispatch)."""
     kw = dict(fp8=fp8, round_scale=round_scale, ue8m0=ue8m0)
 
     def f(x, idx, w, y):
@@ -67,8 +67,13 @@ def ll_fn(comm, fp8=False, round_scale=False, ue8m0=False, zero_padding=True, co
                "src_index": d.handle.src_index, "src_topk": d.handle.src_topk,
                "recv_rows": d.handle.recv_rows}
         if not fp8:
-            out["out"] = jaxep.ll_combine(comm, y, idx, w, d.handle)
-            out["out_pre"] = jaxep.ll_combine(comm, y, idx, w, d.handle, prereduce=True)
+            if two_phase:
+                combine = lambda **kw: jaxep.ll_combine_recv(  # noqa: E731
+                    comm, jaxep.ll_combine_send(comm, y, idx, w, d.handle, **kw))
+            else:
+                combine = lambda **kw: jaxep.ll_combine(comm, y, idx, w, d.handle, **kw)  # noqa: E731
+            out["out"] = combine()
+            out["out_pre"] = combine(prereduce=True)
         return out
 
     return ep_call(comm, f)
@@ -152,9 +157,10 @@ def test_bf16_matches_xla(num_ranks, case):
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_two_phase_sm_send_matches_xla(num_ranks):
-    """``ll_dispatch_recv(ll_dispatch_send(...))`` with SM sends (two kernels) gives the bits of
-    the one-kernel ``ll_dispatch``: bf16, float32 and fp8 (UE8M0), every routing kind, T at and
-    below capacity, with and without zero padding."""
+    """The two-phase forms, ``*_recv(*_send(...))`` with SM sends (two kernels each), match the
+    xla backend as the one-kernel ``ll_dispatch``/``ll_combine`` do: bf16, float32 and fp8
+    (UE8M0), every routing kind, T at and below capacity, with and without zero padding, plain
+    and pre-reduced combine."""
     check_case(num_ranks, "small", trials=14, seed=41, two_phase=True)
     check_case(num_ranks, "small", trials=4, dtype=jnp.float32, seed=42, two_phase=True)
     check_case(num_ranks, "h640", trials=7, fp8=True, round_scale=True, ue8m0=True, seed=43,
@@ -520,10 +526,12 @@ TIMEOUT_SCRIPT = textwrap.dedent("""
                          timeout_s=2.0, low_latency=True, ll_copy_engine=True)
     comm = jaxep.Communicator(Mesh(np.array(devices[:2]), ("ep",)), cfg, backend="cuda")
     only_rank0 = Mesh(np.array(devices[:1]), ("ep",))   # rank 1 never sends
-    copy_engine = os.environ["COPY_ENGINE"] == "1"
+    mode = os.environ["MODE"]  # sm / ce: two-phase (SM or copy-engine send); one: one kernel
 
     def f(x, idx):
-        info = _cuda.ll_dispatch_send(comm, x, idx, copy_engine=copy_engine)
+        if mode == "one":
+            return _cuda.ll_dispatch(comm, x, idx)[0]
+        info = _cuda.ll_dispatch_send(comm, x, idx, copy_engine=mode == "ce")
         return _cuda.ll_dispatch_recv(comm, info, 16, x.dtype)[0]
 
     x = jnp.ones((16, 128), jnp.bfloat16)
@@ -543,12 +551,12 @@ TIMEOUT_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("copy_engine", [False, True])
-def test_missing_peer_times_out_in_ll_recv(copy_engine):
+@pytest.mark.parametrize("mode", ["sm", "ce", "one"])
+def test_missing_peer_times_out_in_ll_recv(mode):
     if len(jax.devices("gpu")) < 2:
         pytest.skip("needs 2 GPUs")
     proc = subprocess.run([sys.executable, "-c", TIMEOUT_SCRIPT], capture_output=True, text=True,
-                          timeout=180, env=subprocess_env(COPY_ENGINE=str(int(copy_engine))))
+                          timeout=180, env=subprocess_env(MODE=mode))
     log = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert proc.returncode == 3, log
     line = next(l for l in proc.stdout.splitlines() if l.startswith("CHECK:"))
