@@ -223,7 +223,7 @@ def run_case(mesh, backend, t, a, with_overlap, log):
     jobs = {}
     # ops whose full form is one kernel on CUDA: no send -> matmul -> recv against it (the
     # overlap is measured on their two-phase form, "... 2p")
-    one_kernel = {n for n in ops if "2p" not in n and "ce" not in n} if (
+    one_kernel = {n for n in ops if not n.endswith((" 2p", " ce"))} if (
         comm.implementation("ll_dispatch") == "cuda") else set()
     # The CUDA LL kernels need every send followed by its recv (their buffer protocol), so
     # their phases are timed from the profiler's kernel durations inside the full op instead.

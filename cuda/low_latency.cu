@@ -17,6 +17,8 @@
 //                  weights have arrived.
 //   combine recv:  wait, weighted float32 sum over k per (token, chunk) (pre-reduced: the sum
 //                  of the token's per-rank rows); acknowledge.
+//   one kernel:    a send's body, then its recv's, in every block (LLDispatchKernel,
+//                  LLCombineKernel, LLCombineReducedKernel): the bodies are device functions.
 // Received data is read with ld.global.cg (L2; buffers are rewritten by later calls, so L1
 // must never serve them), completion counters with acquire/release at system scope (one
 // release per block and peer, side by side: SignalPeers); waits are bounded.

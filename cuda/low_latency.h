@@ -18,6 +18,12 @@
 //     waits, then reduces per token with the top-k weights in float32. Pre-reduced combine
 //     (LaunchLLCombineSendReduced): the expert rank sums a token's rows itself and sends one
 //     row per (token, expert rank) to slot [parity][token][rank].
+//   * one kernel (LaunchLLDispatch, LaunchLLCombine, LaunchLLCombineReduced: ll_dispatch and
+//     ll_combine): the same send, then the same recv, in each block of one launch; a block's
+//     receive starts once every source has signalled, without a second launch. Its blocks wait
+//     for one another through the peers, so the grid is at most one block per SM and all must
+//     be resident. Same buffers, counters and call numbers as the two-phase form, so the two
+//     mix freely.
 // Completion: every block of a kernel that writes a peer's buffer adds its share to a counter
 // at that peer with release semantics once its part is done (a block that has read a buffer
 // acknowledges it the same way, with a relaxed add: see AcknowledgePeers); the shares of one
