@@ -1006,6 +1006,26 @@ int DefaultBlocks(int requested, int items_per_block_hint) {
   return max(1, min(DeviceSmCount(), items_per_block_hint));
 }
 
+// Launches a kernel whose blocks wait for one another (through the peers: the one-kernel ops,
+// the pre-reduced combine send) cooperatively: the driver places every block at once or fails
+// the launch, so no block spins for one that is kept off the GPU by other work (the caller
+// keeps the grid at one block per SM, which fits).
+template <typename... Params, typename... Args>
+cudaError_t LaunchAllResident(void (*kernel)(Params...), int blocks, size_t smem,
+                              cudaStream_t stream, const Args&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 int Chunks(int hidden) { return (hidden + kLLChunk - 1) / kLLChunk; }
 
 template <typename K>
@@ -1290,14 +1310,12 @@ cudaError_t LaunchLLDispatch(const LLDispatchSendArgs& s, const LLDispatchRecvAr
   const bool bf16 = s.x_dtype == 0;
   switch (r.elem_bytes) {
     case 1:
-      if (bf16) LLDispatchKernel<__nv_bfloat16, 1><<<blocks, kThreads, smem, stream>>>(sa, r);
-      else LLDispatchKernel<float, 1><<<blocks, kThreads, smem, stream>>>(sa, r);
-      break;
-    case 2: LLDispatchKernel<__nv_bfloat16, 2><<<blocks, kThreads, smem, stream>>>(sa, r); break;
-    case 4: LLDispatchKernel<float, 4><<<blocks, kThreads, smem, stream>>>(sa, r); break;
+      return bf16 ? LaunchAllResident(LLDispatchKernel<__nv_bfloat16, 1>, blocks, smem, stream, sa, r)
+                  : LaunchAllResident(LLDispatchKernel<float, 1>, blocks, smem, stream, sa, r);
+    case 2: return LaunchAllResident(LLDispatchKernel<__nv_bfloat16, 2>, blocks, smem, stream, sa, r);
+    case 4: return LaunchAllResident(LLDispatchKernel<float, 4>, blocks, smem, stream, sa, r);
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 cudaError_t LaunchLLCombineSend(const LLCombineSendArgs& a, cudaStream_t stream) {
@@ -1317,35 +1335,26 @@ cudaError_t LaunchLLCombineSendReduced(const LLCombineSendReducedArgs& a, cudaSt
   // low_latency.h).
   const int blocks =
       min(DefaultBlocks(a.num_sms, (items + kWarps - 1) / kWarps), DeviceSmCount());
-  if (a.elem_bytes == 2) {
-    LLCombineSendReducedKernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(a);
-  } else {
-    LLCombineSendReducedKernel<float><<<blocks, kThreads, 0, stream>>>(a);
-  }
-  return cudaGetLastError();
+  return a.elem_bytes == 2
+             ? LaunchAllResident(LLCombineSendReducedKernel<__nv_bfloat16>, blocks, 0, stream, a)
+             : LaunchAllResident(LLCombineSendReducedKernel<float>, blocks, 0, stream, a);
 }
 
 cudaError_t LaunchLLCombine(const LLCombineSendArgs& s, const LLCombineRecvArgs& r,
                             cudaStream_t stream) {
   const size_t smem = LLCombineSendSharedBytes(s.shape.num_local_experts);
   const int blocks = min(DefaultBlocks(s.num_sms, 1 << 20), DeviceSmCount());  // all resident
-  if (s.elem_bytes == 2) {
-    LLCombineKernel<__nv_bfloat16><<<blocks, kThreads, smem, stream>>>(s, r);
-  } else {
-    LLCombineKernel<float><<<blocks, kThreads, smem, stream>>>(s, r);
-  }
-  return cudaGetLastError();
+  return s.elem_bytes == 2
+             ? LaunchAllResident(LLCombineKernel<__nv_bfloat16>, blocks, smem, stream, s, r)
+             : LaunchAllResident(LLCombineKernel<float>, blocks, smem, stream, s, r);
 }
 
 cudaError_t LaunchLLCombineReduced(const LLCombineSendReducedArgs& s, const LLCombineRecvArgs& r,
                                    cudaStream_t stream) {
   const int blocks = min(DefaultBlocks(s.num_sms, 1 << 20), DeviceSmCount());  // all resident
-  if (s.elem_bytes == 2) {
-    LLCombineReducedKernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(s, r);
-  } else {
-    LLCombineReducedKernel<float><<<blocks, kThreads, 0, stream>>>(s, r);
-  }
-  return cudaGetLastError();
+  return s.elem_bytes == 2
+             ? LaunchAllResident(LLCombineReducedKernel<__nv_bfloat16>, blocks, 0, stream, s, r)
+             : LaunchAllResident(LLCombineReducedKernel<float>, blocks, 0, stream, s, r);
 }
 
 cudaError_t LaunchLLCombineRecv(const LLCombineRecvArgs& a, cudaStream_t stream) {

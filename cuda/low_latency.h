@@ -21,9 +21,10 @@
 //   * one kernel (LaunchLLDispatch, LaunchLLCombine, LaunchLLCombineReduced: ll_dispatch and
 //     ll_combine): the same send, then the same recv, in each block of one launch; a block's
 //     receive starts once every source has signalled, without a second launch. Its blocks wait
-//     for one another through the peers, so the grid is at most one block per SM and all must
-//     be resident. Same buffers, counters and call numbers as the two-phase form, so the two
-//     mix freely.
+//     for one another through the peers, so the grid is at most one block per SM and the launch
+//     is cooperative (every block placed at once, or the launch fails). Same buffers, counters
+//     and call numbers as the two-phase forms, with which they mix (a one-kernel op counts as a
+//     send of its kind, received at once: see the reuse protocol).
 // Completion: every block of a kernel that writes a peer's buffer adds its share to a counter
 // at that peer with release semantics once its part is done (a block that has read a buffer
 // acknowledges it the same way, with a relaxed add: see AcknowledgePeers); the shares of one
@@ -39,9 +40,12 @@
 // buffer), copied after the bundle. A recv takes its buffer and call number from its send's
 // `info` (not from a counter of its own), so XLA may order the recvs of two outstanding sends
 // either way; but each send must have exactly one recv (acknowledgements add up: a second
-// recv of a send would release its buffer one call early). So at most two sends of one kind (SM dispatch, copy-engine dispatch, combine) may
-// be outstanding per communicator; a third waits, and if the receiver never reads, times out
-// with an error. Call numbers live on the device (advanced by the last block of a send to finish,
+// recv of a send would release its buffer one call early). So at most two sends of one kind
+// (SM dispatch, copy-engine dispatch, combine) may be outstanding per communicator; a third
+// waits, and if the receiver never reads, times out with an error. More precisely, a send
+// reuses the buffer of the send of its kind two calls back, so between a send and its recv at
+// most one other send of the kind may be issued, a one-kernel op (ll_dispatch, ll_combine)
+// included: send A, ll_dispatch, ll_dispatch, recv A times out in the second ll_dispatch. Call numbers live on the device (advanced by the last block of a send to finish,
 // after every block has read them), so SM sends keep no host state and can be captured in CUDA
 // graphs. Nothing spins between the phases.
 // Pre-reduced combine weights: rank m writes its weights into [parity p][m] of every rank d
@@ -49,8 +53,8 @@
 // follows its recv of seq - 2, which follows its send of seq - 2, the only reader of that
 // region. Each weight is an 8-byte word tagged with the call, so no fence or flag follows the
 // pushes: a warp waits only for the words it reads. In a send, every block pushes its share
-// of the weights before it waits for any, and the grid is at most one block per SM, so every
-// block of every rank runs (and pushes) while the others wait.
+// of the weights before it waits for any, and the grid is at most one block per SM, launched
+// cooperatively, so every block of every rank runs (and pushes) while the others wait.
 #pragma once
 
 #include <cstddef>

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include <cuda_runtime_api.h>
 
@@ -466,6 +467,23 @@ auto LLDispatchSendBinding() {
       .Attr<bool>("round_scale")
       .Attr<bool>("copy_engine");  // true exactly for the copy-engine target
 }
+
+// The results of a dispatch receive (the recv target and the one-kernel target), then the
+// attributes every LL target has, after a binding's operands.
+template <typename Binding>
+auto WithDispatchResults(Binding b) {
+  return std::move(b)
+      .template Ret<ffi::AnyBuffer>()              // x [E_l, R*T, H]
+      .template Ret<ffi::AnyBuffer>()              // scales (empty without fp8)
+      .template Ret<ffi::Buffer<ffi::S32>>()       // counts [E_l]
+      .template Ret<ffi::Buffer<ffi::S32>>()       // src_index [E_l, R*T]
+      .template Ret<ffi::Buffer<ffi::S32>>()       // src_topk [E_l, R*T]
+      .template Ret<ffi::Buffer<ffi::S32>>()       // recv_rows [R*T, K]
+      .template Ret<ffi::Buffer<ffi::S32>>()       // num_invalid []
+      .template Attr<int64_t>("comm_id")
+      .template Attr<int32_t>("num_sms")
+      .template Attr<int64_t>("timeout_ns");
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchSendFfi, jaxep::LLDispatchSendImpl,
@@ -477,43 +495,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchSendCeFfi, jaxep::LLDispatchSendImp
                               LLDispatchSendBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi, jaxep::LLDispatchRecvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // info [4] of the send
-                                  .Ret<ffi::AnyBuffer>()         // x [E_l, R*T, H]
-                                  .Ret<ffi::AnyBuffer>()         // scales (empty without fp8)
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // counts [E_l]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // num_invalid []
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns")
+                              WithDispatchResults(
+                                  ffi::Ffi::Bind()
+                                      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                      .Ctx<ffi::DeviceOrdinal>()
+                                      .Arg<ffi::Buffer<ffi::S32>>())  // info [4] of the send
                                   .Attr<bool>("ue8m0")
                                   .Attr<bool>("zero_padding")
                                   .Attr<bool>("weighted"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchFfi, jaxep::LLDispatchImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
-                                  .Ret<ffi::AnyBuffer>()         // x [E_l, R*T, H]
-                                  .Ret<ffi::AnyBuffer>()         // scales (empty without fp8)
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // counts [E_l]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // num_invalid []
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns")
+                              WithDispatchResults(
+                                  ffi::Ffi::Bind()
+                                      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                      .Ctx<ffi::DeviceOrdinal>()
+                                      .Arg<ffi::AnyBuffer>()           // x [T, H] bf16 / f32
+                                      .Arg<ffi::Buffer<ffi::S32>>()    // topk_idx [T, K]
+                                      .Arg<ffi::Buffer<ffi::S32>>()    // expert_rank [E]
+                                      .Arg<ffi::Buffer<ffi::S32>>())   // expert_slot [E]
                                   .Attr<bool>("fp8")
                                   .Attr<bool>("round_scale")
                                   .Attr<bool>("ue8m0")

@@ -29,7 +29,9 @@ the same send would let a later send overwrite a buffer before it is read), and 
 send's call number, so recvs may come in any order); at most two sends of one kind (dispatch
 SM sends, dispatch copy-engine sends, combine) may be outstanding per communicator (a third
 waits for the first to be received, and times out with an error naming the phase if it never
-is).
+is). Precisely: a send reuses the buffer of the send of its kind two calls back, so between a
+send and its recv at most one other call of the kind may be issued, and an ``ll_dispatch`` /
+``ll_combine`` (a send and its recv in one kernel on CUDA) counts as one.
 
 ``ll_combine(..., prereduce=True)`` sums a token's rows on each expert rank first and sends one
 row per (token, expert rank): fewer bytes, one more rounding per rank (see :func:`ll_combine`).
@@ -271,9 +273,13 @@ def ll_dispatch(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = Fal
 
     On the CUDA backend both phases run in one kernel: each block sends its share, then
     receives as soon as every source has signalled (no second launch). Its blocks wait for one
-    another through the peers, so the kernel takes at most one block per SM and needs them all
-    resident at once (as the pre-reduced combine send does). Same results as
-    ``ll_dispatch_recv(ll_dispatch_send(...))``, with which it may be mixed.
+    another through the peers, so the kernel takes at most one block per SM and is launched
+    cooperatively (all blocks placed at once, as the pre-reduced combine send is). It then
+    holds every SM it runs on until the slowest rank arrives: with kernels of another stream
+    that wait for this GPU's peers at the same time (a collective on a side stream, say), prefer
+    the two-phase forms, whose blocks never wait for one another. Same results as
+    ``ll_dispatch_recv(ll_dispatch_send(...))``, with which it may be mixed (see the module
+    docstring for how many may be outstanding).
     """
     if not _on_cuda(comm):
         pending = ll_dispatch_send(comm, x, topk_idx, fp8=fp8, round_scale=round_scale,
@@ -444,8 +450,9 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *, prereduce: 
     ``topk_weights[t, k]`` the dot product of the output cotangent with that row (with
     ``prereduce`` the CUDA backward fetches the rows again with a plain combine).
 
-    On the CUDA backend both phases run in one kernel, as in :func:`ll_dispatch` (every block
-    resident, at most one per SM); same results as ``ll_combine_recv(ll_combine_send(...))``.
+    On the CUDA backend both phases run in one kernel, as in :func:`ll_dispatch` (cooperative
+    launch, at most one block per SM; see there when to prefer the two-phase forms); same
+    results as ``ll_combine_recv(ll_combine_send(...))``.
     """
     if not _on_cuda(comm):
         return ll_combine_recv(comm, ll_combine_send(comm, y, topk_idx, topk_weights, handle,
