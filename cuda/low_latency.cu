@@ -776,7 +776,7 @@ __device__ __forceinline__ unsigned long long CombineSend(const LLCombineSendArg
       }
       const size_t r = static_cast<size_t>(lo) * RT + (q - s_base[lo]);
       const int si = a.src_index[r], k = a.src_topk[r];
-      if (si < 0 || k < 0) { --j; continue; }
+      if (si < 0 || k < 0 || (a.skip_local && si / Tn == ws->rank)) { --j; continue; }
       const int s = si / Tn, t = si - s * Tn;
       const int off = part * kBulkPart, bytes = min(kBulkPart, row_bytes - off);
       const int st = j % kBulkStages;
@@ -940,6 +940,9 @@ __device__ __forceinline__ void CombineRecv(const LLCombineRecvArgs& a, unsigned
     const float wk = valid ? a.weights[static_cast<size_t>(t) * K + lane] : 0.f;
     const unsigned same = __match_any_sync(kFull, valid ? e : -2 - lane);
     const int first = __ffs(same) - 1;
+    // The entry's row of y when its expert is here and the send left it in place, else -1.
+    const int local = a.local_rows && lane < K
+                          ? a.local_rows[(static_cast<size_t>(me) * Tn + t) * K + lane] : -1;
     const int h0 = c * kLLChunk + lane * kPerLane;
     const bool active = h0 < H;
     float acc[kPerLane] = {};
@@ -961,10 +964,13 @@ __device__ __forceinline__ void CombineRecv(const LLCombineRecvArgs& a, unsigned
       const bool vk = __shfl_sync(kFull, valid, k);
       const int fk = __shfl_sync(kFull, first, k);
       const float w = __shfl_sync(kFull, wk, k);
+      const int lk = __shfl_sync(kFull, local, fk);
       if (!active) continue;
       float v[kPerLane];
       if (vk) {
-        Load16(reinterpret_cast<const T*>(CombineSlot(ws, ws, p, t, fk)) + h0, v, true);
+        const T* src = lk >= 0 ? static_cast<const T*>(a.y) + static_cast<size_t>(lk) * H
+                               : reinterpret_cast<const T*>(CombineSlot(ws, ws, p, t, fk));
+        Load16(src + h0, v, lk < 0);
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) acc[j] += w * v[j];
       } else {

@@ -273,6 +273,7 @@ struct LLCombineSendArgs {
   const int32_t* src_topk;   // [E_l, R*T]
   const int32_t* counts;     // [E_l]
   int32_t* info;             // [2] (or null): call number (low, high 32 bits)
+  bool skip_local;           // rows of this rank's own tokens stay (its recv reads y itself)
   int num_sms;
   unsigned long long timeout_ns;
 };
@@ -312,6 +313,10 @@ struct LLCombineRecvArgs {
   void* out;                  // [T, H]
   void* rows;                 // [T, K, H] or null: the returned row of each entry (0 if none;
                               // not with `reduced`)
+  const void* y;              // with local_rows (not `reduced`): the expert outputs [E_l, R*T, H]
+  const int32_t* local_rows;  // [R*T, K] or null: the dispatch's recv_rows; an entry whose expert
+                              // is here is read from y at recv_rows[me * T + t][k], not from
+                              // its slot (the send skipped it: skip_local)
   int num_sms;
   unsigned long long timeout_ns;
 };

@@ -441,7 +441,12 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                            Str(r.num_tokens));
   }
   if (y.element_type() != out->element_type()) return Invalid(op, "out must match y's dtype");
+  JAXEP_RETURN_IF_ERROR(Shape(op, "recv_rows", recv_rows, {T * ref.num_ranks, ref.ll_topk}));
   s.info = nullptr;
+  // This rank's own entries stay in y: the receive part reads them there (recv_rows).
+  s.skip_local = true;
+  r.y = y.untyped_data();
+  r.local_rows = recv_rows.typed_data();
   return LaunchStatus(op, LaunchLLCombine(s, r, stream));
 }
 
