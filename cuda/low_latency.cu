@@ -324,9 +324,9 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
   // 1. Every load the rows need, issued together: the warp's first chunk of x, the top-k ids
   //    and the expert placement (each block keeps its own copy: T*K is small in this mode); and
   //    the destinations must have read the call that last used this buffer. While x is in
-  //    flight, a thread per token routes it to its experts: the first listing of each (token,
-  //    expert) sets the token's bit in the expert's mask; ids outside [0, E) other than -1
-  //    are counted.
+  //    flight, a lane per top-k entry routes the tokens to their experts: the first listing of
+  //    each (token, expert) sets the token's bit in the expert's mask; ids outside [0, E)
+  //    other than -1 are counted.
   for (int i = tid; i < E * W; i += kThreads) s_emask[i] = 0;
   if (tid == 0) s_invalid = 0;
   __syncthreads();  // the masks are zero before any thread sets a bit
