@@ -42,8 +42,9 @@ are reported as "bundle copy" / "flag copy" (``trace_ll_overlap.py`` shows one c
 Bandwidth follows DeepEP's LL figures: logical = bytes of all (token, expert) rows a rank
 receives, its own included, per-rank average (NVL: rows from other ranks only), / full time.
 Row bytes: FP8 H + 4H/128, BF16 2H; combine sends the BF16 rows (2H per copy) back. The same
-logical bytes are counted for ``ll_combine(prereduce=True)`` ("combine bf16 prereduce"), which
-sends one row per (token, expert rank) instead, so its GB/s is an effective figure.
+logical bytes are counted for ``ll_combine(prereduce=True)`` ("combine bf16 prereduce") and
+``prereduce="float32"`` ("... prereduce f32"), which send one row per (token, expert rank)
+instead, so their GB/s are effective figures.
 
     python benchmarks/bench_ll.py --json ll.json --plot ll.png
 """
@@ -206,13 +207,20 @@ def run_case(mesh, backend, t, a, with_overlap, log):
         ops["dispatch fp8 nopad ce"] = (
             lambda c, *v: ce_recv(c, ce_send(c, *v)), ce_send, ce_recv,
             (x, idx), a.hidden + a.hidden // 128 * 4)
-    ops["combine bf16"] = (jaxep.ll_combine, jaxep.ll_combine_send, jaxep.ll_combine_recv,
+    ops["combine bf16"] = (functools.partial(jaxep.ll_combine, prereduce=False),
+                           jaxep.ll_combine_send, jaxep.ll_combine_recv,
                            (y, idx, w, handle), 2 * a.hidden)
     if not a.no_prereduce:  # one row per (token, expert rank) travels instead of per entry
         ops["combine bf16 prereduce"] = (
             functools.partial(jaxep.ll_combine, prereduce=True),
             functools.partial(jaxep.ll_combine_send, prereduce=True), jaxep.ll_combine_recv,
             (y, idx, w, handle), 2 * a.hidden)
+        # float32 partials (ll_combine's default): float32 accumulation as "combine bf16",
+        # fewer bytes
+        ops["combine bf16 prereduce f32"] = (
+            functools.partial(jaxep.ll_combine, prereduce="float32"),
+            functools.partial(jaxep.ll_combine_send, prereduce="float32"),
+            jaxep.ll_combine_recv, (y, idx, w, handle), 2 * a.hidden)
     if comm.implementation("ll_combine") == "cuda":  # the same in two kernels: the split
         for name in [n for n in ops if n.startswith("combine")]:
             _, send, recv, args, b = ops[name]
@@ -364,7 +372,7 @@ def main():
     p.add_argument("--no-isolated", action="store_true",
                    help="CUDA: skip the isolated (send, host wait, recv) kernel times")
     p.add_argument("--no-prereduce", action="store_true",
-                   help="skip ll_combine(prereduce=True)")
+                   help="skip the pre-reduced ll_combine (prereduce=True and 'float32')")
     p.add_argument("--num-sms", type=int, default=None,
                    help="EPConfig.num_sms: blocks per LL kernel (default: every SM)")
     add_timing_args(p)

@@ -14,9 +14,9 @@
 //                  Pre-reduced: every block pushes a share of the top-k weights to every
 //                  rank (words tagged with the call), then the weighted float32 sum of a
 //                  token's local rows goes to its source's [token][rank] slot, once its
-//                  weights have arrived.
+//                  weights have arrived (in y's dtype or float32; a single row as it is).
 //   combine recv:  wait, weighted float32 sum over k per (token, chunk) (pre-reduced: the sum
-//                  of the token's per-rank rows); acknowledge.
+//                  of the token's per-rank rows, a single row weighted); acknowledge.
 //   one kernel:    a send's body, then its recv's, in every block (LLDispatchKernel,
 //                  LLCombineKernel, LLCombineReducedKernel): the bodies are device functions.
 // Received data is read with ld.global.cg (L2; buffers are rewritten by later calls, so L1
@@ -25,6 +25,7 @@
 #include "low_latency.h"
 
 #include <cstddef>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -802,9 +803,70 @@ __global__ void __launch_bounds__(kThreads) LLCombineSendKernel(LLCombineSendArg
 
 // ---- combine send with pre-reduction ---------------------------------------------------------
 
-// (See LaunchLLCombineSendReduced.) Per source token: the float32 sum over its entries held here
-// of weight * row, stored in y's dtype to the source's slot [token][this rank]; the rows of up
-// to 4 entries are loaded at once.
+// Lanes of a warp, for chunks c = g, g + G, ... of a row: the float32 sum of w * row over the
+// `entries` lanes (each holding a row of y and its weight), stored as O at dst. A lane's 16
+// elements of a chunk are kPieces pieces of one int4 of O each, kPieceStride apart, so that
+// each store instruction of the warp writes 512 contiguous bytes to the peer (whole sectors);
+// the rows of up to kBatch entries are loaded at once.
+template <typename T, typename O>
+__device__ __forceinline__ void SumRowsTo(const T* y, int H, int row, float w, unsigned entries,
+                                          int g, int G, O* dst) {
+  constexpr int kPieceElems = 16 / sizeof(O);     // elements per int4 of O: 8 (bf16), 4 (f32)
+  constexpr int kPieces = kPerLane / kPieceElems;  // 2 or 4
+  constexpr int kPieceStride = 32 * kPieceElems;  // elements between a lane's pieces
+  constexpr int kRawBytes = kPieceElems * sizeof(T);  // 16, or 8 (bf16 rows into f32 pieces)
+  using Raw = std::conditional_t<kRawBytes == 16, int4, int2>;
+  constexpr int kBatch = 4;
+  const int lane = threadIdx.x & 31;
+  const int chunks = (H + kLLChunk - 1) / kLLChunk;
+  for (int c = g; c < chunks; c += G) {
+    const int base = c * kLLChunk + lane * kPieceElems;
+    float acc[kPerLane] = {};
+    unsigned todo = entries;
+    while (todo) {  // warp-uniform
+      int rows[kBatch];
+      float wts[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int k = todo ? __ffs(todo) - 1 : 0;
+        const int rk = __shfl_sync(kFull, row, k);
+        wts[j] = __shfl_sync(kFull, w, k);
+        rows[j] = todo ? rk : -1;
+        todo &= todo - 1;
+      }
+      int4 raw[kBatch][sizeof(T)];  // 16 elements of T per entry, piece after piece
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const T* src = y + static_cast<size_t>(max(rows[j], 0)) * H;
+        Raw* r = reinterpret_cast<Raw*>(raw[j]);
+#pragma unroll
+        for (int v = 0; v < kPieces; ++v) {
+          const int e = base + v * kPieceStride;
+          r[v] = rows[j] >= 0 && e < H ? *reinterpret_cast<const Raw*>(src + e) : Raw{};
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        float f[kPerLane];
+        Load16(reinterpret_cast<const T*>(raw[j]), f, false);
+#pragma unroll
+        for (int v = 0; v < kPerLane; ++v) acc[v] += wts[j] * f[v];
+      }
+    }
+    int4 out[kPieces];
+    Pack16<O>(acc, out);
+#pragma unroll
+    for (int v = 0; v < kPieces; ++v) {
+      const int e = base + v * kPieceStride;
+      if (e < H) *reinterpret_cast<int4*>(dst + e) = out[v];
+    }
+  }
+}
+
+// (See LaunchLLCombineSendReduced.) Per source token held here: the row itself, unweighted, to
+// the source's slot [token][this rank] when one of the token's experts is here; else the
+// float32 sum of weight * row over them, stored in y's dtype, or in float32 with
+// a.float32_partials.
 // Every thread of a block (LLCombineSendReducedKernel, LLCombineReducedKernel); returns the
 // call's sequence number.
 template <typename T>
@@ -816,8 +878,6 @@ __device__ __forceinline__ unsigned long long CombineSendReduced(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const unsigned long long seq = ws->combine_sends + 1;
   const int p = static_cast<int>(seq & 1);
-  constexpr int kVec = sizeof(T);  // int4s per lane (16 elements)
-  constexpr int kBatch = 4;        // entries whose rows are loaded together
 
   WaitCombineRead(ws, seq, a.timeout_ns);
   // 1. Every block pushes its share of this rank's weights to every rank, tagged with the call
@@ -843,15 +903,12 @@ __device__ __forceinline__ unsigned long long CombineSendReduced(
   }
 
   // 2. Warp per (source token, group of chunks c = g, g + G, ...; G spreads the tokens over
-  //    every warp): the weighted float32 sum of the token's rows held here. A lane's 16
-  //    elements of a chunk are kVec pieces of one int4, kPieceStride apart, so that each store
-  //    instruction of the warp writes 512 contiguous bytes to the peer (whole sectors).
-  constexpr int kPieceElems = 16 / kVec;          // elements per int4: 8 (bf16) or 4 (f32)
-  constexpr int kPieceStride = 32 * kPieceElems;  // elements between a lane's pieces
+  //    every warp). A token with one expert here needs no weight: its row goes as it is.
   const int chunks = (H + kLLChunk - 1) / kLLChunk;
   const int pairs = R * Tn;
   const int G = max(1, min(chunks, static_cast<int>(gridDim.x) * kWarps / pairs));
   const int items = pairs * G;
+  const T* y = static_cast<const T*>(a.y);
   for (int item = blockIdx.x * kWarps + warp; item < items; item += gridDim.x * kWarps) {
     const int pair = item / G, g = item - pair * G;
     const int s = pair / Tn, t = pair - s * Tn;
@@ -859,50 +916,17 @@ __device__ __forceinline__ unsigned long long CombineSendReduced(
     if (row >= ws->num_local_experts * R * Tn) row = -1;  // not from this dispatch's recv
     const unsigned entries = __ballot_sync(kFull, row >= 0);
     if (!entries) continue;
+    char* slot = CombineSlot(ws, ws->peers[s], p, t, me);
+    if (__popc(entries) == 1) {
+      SumRowsTo<T, T>(y, H, row, 1.f, entries, g, G, reinterpret_cast<T*>(slot));
+      continue;
+    }
     const float w = row >= 0 ? WaitTaggedWeight(CombineWeights(ws, ws, p, s) + t * K + lane,
                                                 seq, ws, s, a.timeout_ns) : 0.f;
-    T* dst = reinterpret_cast<T*>(CombineSlot(ws, ws->peers[s], p, t, me));
-    for (int c = g; c < chunks; c += G) {
-      const int base = c * kLLChunk + lane * kPieceElems;
-      float acc[kPerLane] = {};
-      unsigned todo = entries;
-      while (todo) {  // warp-uniform
-        int rows[kBatch];
-        float wts[kBatch];
-#pragma unroll
-        for (int j = 0; j < kBatch; ++j) {
-          const int k = todo ? __ffs(todo) - 1 : 0;
-          const int rk = __shfl_sync(kFull, row, k);
-          wts[j] = __shfl_sync(kFull, w, k);
-          rows[j] = todo ? rk : -1;
-          todo &= todo - 1;
-        }
-        int4 raw[kBatch][kVec];
-#pragma unroll
-        for (int j = 0; j < kBatch; ++j) {
-          const T* src = static_cast<const T*>(a.y) + static_cast<size_t>(max(rows[j], 0)) * H;
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) {
-            const int e = base + v * kPieceStride;
-            raw[j][v] = rows[j] >= 0 && e < H ? *reinterpret_cast<const int4*>(src + e)
-                                              : make_int4(0, 0, 0, 0);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < kBatch; ++j) {
-          float f[kPerLane];
-          Load16(reinterpret_cast<const T*>(raw[j]), f, false);
-#pragma unroll
-          for (int v = 0; v < kPerLane; ++v) acc[v] += wts[j] * f[v];
-        }
-      }
-      int4 out[kVec];
-      Pack16<T>(acc, out);
-#pragma unroll
-      for (int v = 0; v < kVec; ++v) {
-        const int e = base + v * kPieceStride;
-        if (e < H) *reinterpret_cast<int4*>(dst + e) = out[v];
-      }
+    if (a.float32_partials) {
+      SumRowsTo<T, float>(y, H, row, w, entries, g, G, reinterpret_cast<float*>(slot));
+    } else {
+      SumRowsTo<T, T>(y, H, row, w, entries, g, G, reinterpret_cast<T*>(slot));
     }
   }
 
@@ -947,17 +971,30 @@ __device__ __forceinline__ void CombineRecv(const LLCombineRecvArgs& a, unsigned
     const bool active = h0 < H;
     float acc[kPerLane] = {};
     if (a.reduced) {  // one row per expert rank of the token's entries, in rank order
-      unsigned ranks = __reduce_or_sync(kFull, valid ? 1u << a.expert_rank[e] : 0u);
-      if (!active) continue;
-      while (ranks) {
+      const int at = valid ? a.expert_rank[e] : -1;
+      unsigned ranks = __reduce_or_sync(kFull, valid ? 1u << at : 0u);
+      while (ranks) {  // warp-uniform
         const int r = __ffs(ranks) - 1;
         ranks &= ranks - 1;
+        const unsigned listed = __ballot_sync(kFull, at == r);
+        const bool single = __popc(__ballot_sync(kFull, at == r && first == lane)) == 1;
+        float w = 1.f;  // a single expert's row came as it is: weigh it by its listings
+        if (single) {
+          w = 0.f;
+          for (unsigned m = listed; m; m &= m - 1) w += __shfl_sync(kFull, wk, __ffs(m) - 1);
+        }
+        if (!active) continue;
+        const char* slot = CombineSlot(ws, ws, p, t, r);
         float v[kPerLane];
-        Load16(reinterpret_cast<const T*>(CombineSlot(ws, ws, p, t, r)) + h0, v, true);
+        if (a.float32_partials && !single) {
+          Load16(reinterpret_cast<const float*>(slot) + h0, v, true);
+        } else {
+          Load16(reinterpret_cast<const T*>(slot) + h0, v, true);
+        }
 #pragma unroll
-        for (int j = 0; j < kPerLane; ++j) acc[j] += v[j];
+        for (int j = 0; j < kPerLane; ++j) acc[j] += w * v[j];
       }
-      Store16(static_cast<T*>(a.out) + static_cast<size_t>(t) * H + h0, acc);
+      if (active) Store16(static_cast<T*>(a.out) + static_cast<size_t>(t) * H + h0, acc);
       continue;
     }
     for (int k = 0; k < K; ++k) {

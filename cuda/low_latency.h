@@ -281,10 +281,12 @@ cudaError_t LaunchLLCombineSend(const LLCombineSendArgs& a, cudaStream_t stream)
 
 // Combine with pre-reduction on the expert rank: each rank pushes its tokens' top-k weights
 // (repeated listings merged into the first) to every rank, waits for the ones it uses, sums per
-// source token the weighted rows of its local experts in float32 and sends that one row (in
-// y's dtype) to the token's [token][expert rank] slot. Fewer bytes than a row per entry (by
-// the token's distinct experts over the ranks they are on: ~2.2x at K=8, R=4), at the price of
-// one rounding to y's dtype per rank.
+// source token the weighted rows of its local experts in float32 and sends that one row to the
+// token's [token][expert rank] slot: in y's dtype (one rounding per rank), or in float32 with
+// float32_partials (float32 accumulation throughout, as the plain combine). A token with a
+// single expert here sends that expert's row as it is (no weight: the recv weighs it). Fewer
+// bytes than a row per entry: in y's dtype by the token's distinct experts over the ranks they
+// are on (~2.2x at K=8, R=4); in float32 ~1.3x at K=8, R=4 and ~2x at R=2.
 struct LLCombineSendReducedArgs {
   LLWorkspace* ws;
   LLShape shape;
@@ -294,6 +296,7 @@ struct LLCombineSendReducedArgs {
   const int32_t* recv_rows;     // [R*T, K] from the dispatch recv
   const int32_t* topk_idx;      // [T, K] this rank's tokens
   const float* weights;         // [T, K]
+  bool float32_partials;        // partial sums of two or more rows in float32 (else y's dtype)
   int32_t* info;                // [2] (or null): call number (low, high 32 bits)
   int num_sms;
   unsigned long long timeout_ns;
@@ -309,7 +312,9 @@ struct LLCombineRecvArgs {
   const int32_t* topk_idx;    // [T, K]
   const float* weights;       // [T, K]
   const int32_t* expert_rank;  // [E]
-  bool reduced;               // the send pre-reduced: sum the token's per-rank rows (no weights)
+  bool reduced;               // the send pre-reduced: sum the token's per-rank rows (weights
+                              // only for a rank's single row)
+  bool float32_partials;      // with `reduced`: as the send's
   void* out;                  // [T, H]
   void* rows;                 // [T, K, H] or null: the returned row of each entry (0 if none;
                               // not with `reduced`)

@@ -301,8 +301,9 @@ ffi::Error CombineSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuff
 // The same for a pre-reduced combine send.
 ffi::Error CombineSendReducedArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuffer y,
                                   ffi::Buffer<ffi::S32> recv_rows, ffi::Buffer<ffi::S32> topk_idx,
-                                  ffi::Buffer<ffi::F32> weights, int32_t num_sms,
-                                  int64_t timeout_ns, LLCombineSendReducedArgs& a, int64_t& T) {
+                                  ffi::Buffer<ffi::F32> weights, bool float32_partials,
+                                  int32_t num_sms, int64_t timeout_ns,
+                                  LLCombineSendReducedArgs& a, int64_t& T) {
   const int64_t R = ref.num_ranks, El = ref.ll_shape.num_local_experts, K = ref.ll_topk;
   int elem = 0;
   int64_t RT = 0;
@@ -318,6 +319,7 @@ ffi::Error CombineSendReducedArgs(const char* op, const WorkspaceRef& ref, ffi::
   a.recv_rows = recv_rows.typed_data();
   a.topk_idx = topk_idx.typed_data();
   a.weights = weights.typed_data();
+  a.float32_partials = float32_partials;
   return ffi::Error::Success();
 }
 
@@ -327,7 +329,7 @@ ffi::Error CombineRecvArgs(const char* op, const WorkspaceRef& ref, ffi::Buffer<
                            ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> expert_rank,
                            ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> rows,
                            int32_t num_sms, int64_t timeout_ns, bool reduced,
-                           LLCombineRecvArgs& a) {
+                           bool float32_partials, LLCombineRecvArgs& a) {
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, K = ref.ll_topk;
   auto idx_dims = topk_idx.dimensions();
   if (idx_dims.size() != 2 || idx_dims[1] != K) {
@@ -355,6 +357,7 @@ ffi::Error CombineRecvArgs(const char* op, const WorkspaceRef& ref, ffi::Buffer<
   a.weights = weights.typed_data();
   a.expert_rank = expert_rank.typed_data();
   a.reduced = reduced;
+  a.float32_partials = reduced && float32_partials;
   a.out = out->untyped_data();
   a.rows = want_rows ? rows->untyped_data() : nullptr;
   return ffi::Error::Success();
@@ -379,14 +382,16 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
 ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                                     ffi::Buffer<ffi::S32> recv_rows, ffi::Buffer<ffi::S32> topk_idx,
                                     ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::S32> info,
-                                    int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
-  const char* op = "ll_combine_send(prereduce=True)";
+                                    int64_t comm_id, int32_t num_sms, int64_t timeout_ns,
+                                    bool float32_partials) {
+  const char* op = float32_partials ? "ll_combine_send(prereduce='float32')"
+                                    : "ll_combine_send(prereduce=True)";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   LLCombineSendReducedArgs a;
   int64_t T = 0;
-  JAXEP_RETURN_IF_ERROR(CombineSendReducedArgs(op, ref, y, recv_rows, topk_idx, weights, num_sms,
-                                               timeout_ns, a, T));
+  JAXEP_RETURN_IF_ERROR(CombineSendReducedArgs(op, ref, y, recv_rows, topk_idx, weights,
+                                               float32_partials, num_sms, timeout_ns, a, T));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
   a.info = info->typed_data();
   return LaunchStatus(op, LaunchLLCombineSendReduced(a, stream));
@@ -396,14 +401,14 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
                              ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
                              ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
                              ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
-                             int64_t timeout_ns, bool reduced) {
+                             int64_t timeout_ns, bool reduced, bool float32_partials) {
   const char* op = "ll_combine_recv";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {2}));
   LLCombineRecvArgs a;
   JAXEP_RETURN_IF_ERROR(CombineRecvArgs(op, ref, topk_idx, weights, expert_rank, out, rows,
-                                        num_sms, timeout_ns, reduced, a));
+                                        num_sms, timeout_ns, reduced, float32_partials, a));
   a.info = info.typed_data();
   return LaunchStatus(op, LaunchLLCombineRecv(a, stream));
 }
@@ -416,20 +421,22 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                          ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
                          ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
-                         int64_t timeout_ns, bool prereduce) {
-  const char* op = prereduce ? "ll_combine(prereduce=True)" : "ll_combine";
+                         int64_t timeout_ns, bool prereduce, bool float32_partials) {
+  const char* op = !prereduce          ? "ll_combine"
+                   : float32_partials ? "ll_combine(prereduce='float32')"
+                                      : "ll_combine(prereduce=True)";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   LLCombineRecvArgs r;
   JAXEP_RETURN_IF_ERROR(CombineRecvArgs(op, ref, topk_idx, weights, expert_rank, out, rows,
-                                        num_sms, timeout_ns, prereduce, r));
+                                        num_sms, timeout_ns, prereduce, float32_partials, r));
+  if (y.element_type() != out->element_type()) return Invalid(op, "out must match y's dtype");
   r.info = nullptr;
   int64_t T = 0;
   if (prereduce) {
     LLCombineSendReducedArgs s;
     JAXEP_RETURN_IF_ERROR(CombineSendReducedArgs(op, ref, y, recv_rows, topk_idx, weights,
-                                                 num_sms, timeout_ns, s, T));
-    if (y.element_type() != out->element_type()) return Invalid(op, "out must match y's dtype");
+                                                 float32_partials, num_sms, timeout_ns, s, T));
     s.info = nullptr;
     return LaunchStatus(op, LaunchLLCombineReduced(s, r, stream));
   }
@@ -440,7 +447,6 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
     return Invalid(op, "y has rows for T=" + Str(T) + " tokens per rank, topk_idx has T=" +
                            Str(r.num_tokens));
   }
-  if (y.element_type() != out->element_type()) return Invalid(op, "out must match y's dtype");
   JAXEP_RETURN_IF_ERROR(Shape(op, "recv_rows", recv_rows, {T * ref.num_ranks, ref.ll_topk}));
   s.info = nullptr;
   // This rank's own entries stay in y: the receive part reads them there (recv_rows).
@@ -550,7 +556,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendReducedFfi, jaxep::LLCombineSend
                                   .Ret<ffi::Buffer<ffi::S32>>()  // info [2]
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns"),
+                                  .Attr<int64_t>("timeout_ns")
+                                  .Attr<bool>("float32_partials"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineFfi, jaxep::LLCombineImpl,
@@ -570,7 +577,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineFfi, jaxep::LLCombineImpl,
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int32_t>("num_sms")
                                   .Attr<int64_t>("timeout_ns")
-                                  .Attr<bool>("prereduce"),
+                                  .Attr<bool>("prereduce")
+                                  .Attr<bool>("float32_partials"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
@@ -586,7 +594,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int32_t>("num_sms")
                                   .Attr<int64_t>("timeout_ns")
-                                  .Attr<bool>("reduced"),
+                                  .Attr<bool>("reduced")
+                                  .Attr<bool>("float32_partials"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 #endif  // JAXEP_WITH_CUDA

@@ -350,11 +350,13 @@ def ll_combine_send(comm, y, src_index, src_topk, counts):
                     src_index, src_topk, counts)
 
 
-def ll_combine_send_reduced(comm, y, recv_rows, topk_idx, weights):
+def ll_combine_send_reduced(comm, y, recv_rows, topk_idx, weights, prereduce=True):
     """Send phase of the pre-reduced combine: exchanges the top-k ``weights [T, K]``, then sends
-    per source token the float32 sum of its weighted rows of ``y`` held here, in y's dtype."""
+    per source token the float32 sum of its weighted rows of ``y`` held here, in y's dtype
+    (``prereduce=True``) or float32 (``"float32"``); a token's single row here as it is."""
     return _ll_call(comm, LL_COMBINE_SEND_REDUCED_TARGET, jax.ShapeDtypeStruct((2,), jnp.int32),
-                    y, recv_rows, topk_idx, weights.astype(jnp.float32))
+                    y, recv_rows, topk_idx, weights.astype(jnp.float32),
+                    float32_partials=prereduce == "float32")
 
 
 def _ll_combined_types(comm, topk_idx, dtype, want_rows):
@@ -364,13 +366,13 @@ def _ll_combined_types(comm, topk_idx, dtype, want_rows):
     return sds((t, h), dtype), sds((t, k, h), dtype) if want_rows else sds((0,), dtype)
 
 
-def ll_combine_recv(comm, info, topk_idx, weights, dtype, want_rows=False, reduced=False):
-    """Receive phase of combine: ``(out [T, H], rows [T, K, H] or None)``. ``reduced``: the
-    send pre-reduced per expert rank (no per-entry rows then)."""
+def ll_combine_recv(comm, info, topk_idx, weights, dtype, want_rows=False, prereduce=False):
+    """Receive phase of combine: ``(out [T, H], rows [T, K, H] or None)``. ``prereduce``: the
+    send's (False, True or ``"float32"``; no per-entry rows when pre-reduced)."""
     out, rows = _ll_call(comm, LL_COMBINE_RECV_TARGET,
                          _ll_combined_types(comm, topk_idx, dtype, want_rows), info,
                          topk_idx, weights.astype(jnp.float32), jnp.asarray(comm.expert_rank),
-                         reduced=bool(reduced))
+                         reduced=bool(prereduce), float32_partials=prereduce == "float32")
     return out, (rows if want_rows else None)
 
 
@@ -378,9 +380,11 @@ def ll_combine(comm, y, src_index, src_topk, counts, recv_rows, topk_idx, weight
                want_rows=False, prereduce=False):
     """Both phases of combine in one kernel (the send, then its receive in the same blocks):
     ``(out [T, H], rows [T, K, H] or None)``, as :func:`ll_combine_recv`. The handle's arrays
-    all pass; ``prereduce`` picks the send (and reads ``recv_rows``, else the other three)."""
+    all pass; ``prereduce`` (False, True or ``"float32"``) picks the send (pre-reduced, it reads
+    ``recv_rows``, else the other three)."""
     out, rows = _ll_call(comm, LL_COMBINE_TARGET,
                          _ll_combined_types(comm, topk_idx, y.dtype, want_rows), y, src_index,
                          src_topk, counts, recv_rows, topk_idx, weights.astype(jnp.float32),
-                         jnp.asarray(comm.expert_rank), prereduce=bool(prereduce))
+                         jnp.asarray(comm.expert_rank), prereduce=bool(prereduce),
+                         float32_partials=prereduce == "float32")
     return out, (rows if want_rows else None)

@@ -232,7 +232,9 @@ def ll_combine_recv(comm, back, topk_idx, topk_weights, prereduce=False):
     """Receive phase of combine: ``sum_k w[t, k] * back[rank(e_k), slot(e_k), t]`` in f32.
 
     ``prereduce``: as the pre-reduced CUDA combine, the entries of each expert rank are summed
-    first (f32) and that partial sum is rounded to ``back.dtype`` before the sum over ranks.
+    first (f32), then the partial sums over the ranks (f32); with True a partial of two or more
+    distinct experts is rounded to ``back.dtype`` first (a single expert's row is not: the
+    CUDA send sends it as it is); with ``"float32"`` none is.
     """
     idx, _ = sanitize(comm, topk_idx)
     dest = jnp.maximum(_lookup(comm.expert_rank, idx), 0)
@@ -244,10 +246,17 @@ def ll_combine_recv(comm, back, topk_idx, topk_weights, prereduce=False):
     terms = rows * w
     if not prereduce:
         return jnp.sum(terms, axis=1).astype(back.dtype)
-    at = (dest * (idx >= 0) + (idx < 0) * comm.num_ranks).reshape(w.shape)  # R: no rank
-    partials = [jnp.sum(jnp.where(at == r, terms, 0.0), axis=1).astype(back.dtype)
-                for r in range(comm.num_ranks)]
-    return sum(p.astype(jnp.float32) for p in partials).astype(back.dtype)
+    at = dest * (idx >= 0) + (idx < 0) * comm.num_ranks  # [T, K]; R: no rank
+    first = _first_occurrence(idx)
+    total = 0.0
+    for r in range(comm.num_ranks):
+        part = jnp.sum(jnp.where((at == r).reshape(w.shape), terms, 0.0), axis=1)
+        if prereduce is True:
+            several = jnp.sum(first & (at == r), axis=1) >= 2  # [T]
+            several = several.reshape(several.shape + (1,) * (part.ndim - 1))
+            part = jnp.where(several, part.astype(back.dtype).astype(jnp.float32), part)
+        total = total + part
+    return total.astype(back.dtype)
 
 
 def ll_recv_rows(src_index, src_topk, num_topk):

@@ -16,8 +16,8 @@ NaNs. The handle's padding entries are always -1.
 Two-phase forms: ``*_send`` issues the transfer and returns a pending pytree, ``*_recv`` waits
 and unpacks it; independent work placed between them may overlap the transfer. On the CUDA
 backend the send kernel writes the rows into the destinations' buffers and returns; nothing
-spins until the recv kernel (except in ``ll_combine_send(..., prereduce=True)``, whose kernel
-first waits for every rank's top-k weights). Over NVLink that kernel has finished the transfer when it returns,
+spins until the recv kernel (except in a pre-reduced ``ll_combine_send(..., prereduce=...)``,
+whose kernel first waits for every rank's top-k weights). Over NVLink that kernel has finished the transfer when it returns,
 so there is nothing left to overlap; ``ll_dispatch_send(..., copy_engine=True)`` leaves the
 transfer to the copy engines instead (see its docstring). XLA orders a recv after its send because the recv consumes the
 send's ``info`` array (a data dependency); it is free to place independent work before the send
@@ -33,8 +33,10 @@ is). Precisely: a send reuses the buffer of the send of its kind two calls back,
 send and its recv at most one other call of the kind may be issued, and an ``ll_dispatch`` /
 ``ll_combine`` (a send and its recv in one kernel on CUDA) counts as one.
 
-``ll_combine(..., prereduce=True)`` sums a token's rows on each expert rank first and sends one
-row per (token, expert rank): fewer bytes, one more rounding per rank (see :func:`ll_combine`).
+``ll_combine(..., prereduce="float32")`` sums a token's rows on each expert rank first, in
+float32, and sends one row per (token, expert rank): fewer bytes, the same float32 accumulation;
+``prereduce=True`` sends those partials in ``y``'s dtype: fewer bytes still, one more rounding
+per rank (see :func:`ll_combine`).
 
 Gradients (DESIGN.md §2): ``ll_dispatch``'s w.r.t. ``x`` is the sum of the cotangent rows of a
 token's copies (with ``fp8`` the quantisation counts as identity: the payload cotangent is
@@ -78,8 +80,8 @@ class LLHandle:
       counts: ``[E_l]`` int32, valid rows per local expert (as ``LLDispatched.counts``).
       recv_rows: ``[R*T, K]`` int32, the inverse map: for source token ``src_rank * T + t``
         and its top-k entry k, the row ``e_l * R*T + j`` of ``y`` that serves it here; -1 where
-        the expert is elsewhere, the entry is -1 or repeats an earlier listing (used by
-        ``ll_combine(..., prereduce=True)``).
+        the expert is elsewhere, the entry is -1 or repeats an earlier listing (used by the
+        pre-reduced ``ll_combine``).
     """
 
     src_index: jax.Array
@@ -147,7 +149,8 @@ class LLCombinePending:
       y: CUDA backend: the sent ``y`` (carries its gradient to the recv); None otherwise.
       handle: CUDA backend: the dispatch's :class:`LLHandle` (for the gradient); None otherwise.
       topk_idx: ``[T, K]`` int32; topk_weights: ``[T, K]`` float32.
-      prereduce: static: the send's option (see :func:`ll_combine`).
+      prereduce: static: the send's option, False, True or ``"float32"`` (see
+        :func:`ll_combine`).
     """
 
     rows: jax.Array | None
@@ -156,7 +159,7 @@ class LLCombinePending:
     handle: LLHandle | None
     topk_idx: jax.Array
     topk_weights: jax.Array
-    prereduce: bool = False
+    prereduce: bool | str = False
 
 
 def _on_cuda(comm) -> bool:
@@ -368,6 +371,16 @@ def _ll_recv_cuda_bwd(comm, fp8, ue8m0, zero_padding, x_dtype, res, g):
 _ll_recv_cuda.defvjp(_ll_recv_cuda_fwd, _ll_recv_cuda_bwd)
 
 
+def _prereduce(op, prereduce):
+    """The ``prereduce`` option, checked: False, True or ``"float32"``."""
+    if isinstance(prereduce, str):
+        if prereduce != "float32":
+            raise ValueError(f"jaxep.{op}: prereduce must be False, True or 'float32', "
+                             f"got {prereduce!r}")
+        return prereduce
+    return bool(prereduce)
+
+
 def _check_combine(comm, op, y, topk_idx, topk_weights, handle):
     _checks.ep_group(comm, op)
     if not isinstance(handle, LLHandle):
@@ -382,20 +395,21 @@ def _check_combine(comm, op, y, topk_idx, topk_weights, handle):
 
 
 def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
-                    prereduce: bool = False) -> LLCombinePending:
+                    prereduce: bool | str = False) -> LLCombinePending:
     """Send phase of :func:`ll_combine`: return each expert row to its source rank (with
     ``prereduce``, each rank's weighted sum per source token; see :func:`ll_combine`). With
     ``prereduce`` on the CUDA backend the send kernel first exchanges the top-k weights, so it
-    waits for every rank to reach this send."""
+    waits for every rank to reach this send: hence the default False here (the send never
+    waits for a peer), where :func:`ll_combine` defaults to ``"float32"``."""
     op = "ll_combine_send"
     _check_combine(comm, op, y, topk_idx, topk_weights, handle)
     idx = topk_idx.astype(jnp.int32)
-    prereduce = bool(prereduce)
+    prereduce = _prereduce(op, prereduce)
     if _on_cuda(comm):
         sg = jax.lax.stop_gradient
         if prereduce:
             info = _cuda.ll_combine_send_reduced(comm, sg(y), handle.recv_rows, idx,
-                                                 sg(topk_weights))
+                                                 sg(topk_weights), prereduce)
         else:
             info = _cuda.ll_combine_send(comm, sg(y), handle.src_index, handle.src_topk,
                                          handle.counts)
@@ -421,7 +435,8 @@ def ll_combine_recv(comm, pending: LLCombinePending):
                                 prereduce=pending.prereduce)
 
 
-def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *, prereduce: bool = False):
+def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
+               prereduce: bool | str = "float32"):
     """Weighted sum of a token's expert outputs (low-latency mode).
 
     Args:
@@ -431,15 +446,23 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *, prereduce: 
       topk_idx, topk_weights: ``[T, K]``: the ``topk_idx`` given to that dispatch, and the
         routing weights.
       handle: ``LLDispatched.handle``.
-      prereduce: each expert rank sums, in float32, the weighted rows of a token that its
-        experts hold, and sends that one row per (token, rank) in ``y.dtype``; the token's
-        rank adds those in float32. Sends (distinct experts) / (ranks they are on) times fewer
-        rows per token (at K=8, R=4 about 2.2x fewer bytes) at the price of one rounding to ``y.dtype`` per rank's partial sum (with bf16 a
-        few bf16 ulps of the largest partial). The CUDA send first exchanges the top-k weights
-        between ranks (``T*K`` floats). Same gradients. Default False: every row travels and
-        the whole sum is float32. The pre-reduced send waits inside its kernel until every
-        rank has started its send (the weight exchange), so skew between ranks lands in the
-        send rather than in the recv.
+      prereduce: where the sum starts. False: every entry's row travels to the token's rank,
+        which sums them in float32. ``"float32"`` (default) or True: each expert rank
+        sums, in float32, the weighted rows of a token that its experts hold and sends that one
+        partial per (token, rank); the token's rank adds the partials in float32. A rank that
+        holds a single expert of the token sends that row as it is (the token's rank weighs
+        it). ``"float32"`` sends a partial of two or more rows in float32: float32
+        accumulation throughout, as False (the additions associate differently, so the result
+        may differ in the last bit), with fewer bytes when a rank holds two or more of a
+        token's experts (bf16, K=8: about 2x fewer at R=2, 1.3x at R=4). True sends it in
+        ``y.dtype``: (distinct experts) / (ranks they are on) times fewer rows than False (at
+        K=8, R=4 about 2.2x fewer bytes), at the price of one rounding to ``y.dtype`` per such
+        partial (with bf16 a few bf16 ulps of the largest partial). With float32 ``y`` the two
+        are the same. The CUDA send first exchanges the top-k weights between ranks (``T*K``
+        floats) and waits inside its kernel for the ones it needs, so skew between ranks lands
+        in the send rather than in the recv (here, where both phases are one kernel that waits
+        for every rank anyway, that costs nothing; :func:`ll_combine_send` defaults to False).
+        Same gradients.
 
     Returns:
       ``[T, H]`` in ``y.dtype``: ``sum_k w[t, k] * y[expert_k][row(t, k)]`` accumulated in
@@ -458,8 +481,8 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *, prereduce: 
         return ll_combine_recv(comm, ll_combine_send(comm, y, topk_idx, topk_weights, handle,
                                                      prereduce=prereduce))
     _check_combine(comm, "ll_combine", y, topk_idx, topk_weights, handle)
-    return _ll_combine_one(comm, bool(prereduce), y, topk_weights, topk_idx.astype(jnp.int32),
-                           handle)
+    return _ll_combine_one(comm, _prereduce("ll_combine", prereduce), y, topk_weights,
+                           topk_idx.astype(jnp.int32), handle)
 
 
 def _combine_one(comm, prereduce, y, topk_weights, topk_idx, handle, want_rows):
@@ -476,7 +499,7 @@ def _ll_combine_one(comm, prereduce, y, topk_weights, topk_idx, handle):
 
 def _ll_combine_one_fwd(comm, prereduce, y, topk_weights, topk_idx, handle):
     if prereduce:  # no per-entry rows came back: the backward fetches them (a plain combine)
-        out, _ = _combine_one(comm, True, y, topk_weights, topk_idx, handle, False)
+        out, _ = _combine_one(comm, prereduce, y, topk_weights, topk_idx, handle, False)
         return out, (y, topk_weights, topk_idx, handle)
     out, rows = _combine_one(comm, False, y, topk_weights, topk_idx, handle, True)
     return out, (rows, topk_weights, topk_idx, handle)
@@ -494,12 +517,12 @@ _ll_combine_one.defvjp(_ll_combine_one_fwd, _ll_combine_one_bwd)
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ll_combine_cuda(comm, prereduce, y, topk_weights, info, topk_idx, handle):
     return _cuda.ll_combine_recv(comm, info, topk_idx, topk_weights, y.dtype,
-                                 reduced=prereduce)[0]
+                                 prereduce=prereduce)[0]
 
 
 def _ll_combine_cuda_fwd(comm, prereduce, y, topk_weights, info, topk_idx, handle):
     if prereduce:  # no per-entry rows came back: the backward fetches them (a plain combine)
-        out = _ll_combine_cuda(comm, True, y, topk_weights, info, topk_idx, handle)
+        out = _ll_combine_cuda(comm, prereduce, y, topk_weights, info, topk_idx, handle)
         return out, (y, topk_weights, info, topk_idx, handle)
     out, rows = _cuda.ll_combine_recv(comm, info, topk_idx, topk_weights, y.dtype, True)
     return out, (rows, topk_weights, info, topk_idx, handle)

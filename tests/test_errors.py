@@ -241,6 +241,14 @@ def test_ll_bad_handle_and_pending(comm):
     with pytest.raises(ValueError, match=r"tokens\) must be 4, got 2"):
         trace(comm, tokens_mismatch, X, IDX, W, Y)
 
+    def bad_prereduce(x, i, w, y):
+        return jaxep.ll_combine(comm, y, i, w, jaxep.ll_dispatch(comm, x, i).handle,
+                                prereduce="bfloat16")
+
+    with pytest.raises(ValueError, match=r"prereduce must be False, True or 'float32', "
+                                         r"got 'bfloat16'"):
+        trace(comm, bad_prereduce, X, IDX, W, Y)
+
 
 # ------------------------------------------------------------------------------------------
 # group binding: outside shard_map, wrong axis size, closed communicator, bad first argument

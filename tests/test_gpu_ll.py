@@ -3,7 +3,7 @@ GPUs, fresh random inputs per trial (marked ``gpu``; skipped without CUDA device
 
 Dispatch must match exactly (rows incl. zero padding, fp8 payload and scales, counts, handle,
 num_invalid); combine within one bf16 ulp (both accumulate in float32, in different orders), the
-pre-reduced combine (``prereduce=True``) against the pure-JAX backend's pre-reduced combine;
+pre-reduced combines (``prereduce=True`` and ``"float32"``) against the pure-JAX backend's;
 gradients against the pure-JAX backend's autodiff.
 """
 
@@ -68,12 +68,19 @@ def ll_fn(comm, fp8=False, round_scale=False, ue8m0=False, zero_padding=True, co
                "recv_rows": d.handle.recv_rows}
         if not fp8:
             if two_phase:
-                combine = lambda **kw: jaxep.ll_combine_recv(  # noqa: E731
-                    comm, jaxep.ll_combine_send(comm, y, idx, w, d.handle, **kw))
+                done = []  # each send after the previous recv: at most two may be outstanding
+
+                def combine(**kw):
+                    yy = jax.lax.optimization_barrier((y, done[-1]))[0] if done else y
+                    done.append(jaxep.ll_combine_recv(
+                        comm, jaxep.ll_combine_send(comm, yy, idx, w, d.handle, **kw)))
+                    return done[-1]
             else:
                 combine = lambda **kw: jaxep.ll_combine(comm, y, idx, w, d.handle, **kw)  # noqa: E731
-            out["out"] = combine()
+            out["out"] = combine(prereduce=False)
             out["out_pre"] = combine(prereduce=True)
+            out["out_pre32"] = combine(prereduce="float32")
+            out["out_default"] = combine()  # ll_combine: "float32"; ll_combine_send: False
         return out
 
     return ep_call(comm, f)
@@ -147,6 +154,13 @@ def check_case(num_ranks, case, trials, fp8=False, round_scale=False, ue8m0=Fals
             ulp = 2.0 ** -7 if dtype == jnp.bfloat16 else 2.0 ** -20
             np.testing.assert_allclose(g, w, rtol=ulp, atol=ulp * float(np.abs(w).max()),
                                        err_msg=f"combine prereduce: {msg}")
+            # float32 partials: float32 accumulation throughout, as the plain combine
+            g = np.asarray(got["out_pre32"], np.float32)
+            w = np.asarray(want["out_pre32"], np.float32)
+            np.testing.assert_allclose(g, w, rtol=2 ** -7, atol=1e-6,
+                                       err_msg=f"combine prereduce='float32': {msg}")
+            assert_bits(got["out_default"], got["out" if two_phase else "out_pre32"],
+                        f"combine default: {msg}")
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
@@ -313,7 +327,7 @@ def test_two_phase_with_work_between(num_ranks):
         c, m2 = jax.lax.optimization_barrier((c, m2))
         out = jaxep.ll_combine_recv(cuda, c)
         d1 = jaxep.ll_dispatch(cuda, x, idx, fp8=True)
-        out1 = jaxep.ll_combine(cuda, y, idx, w, d1.handle)
+        out1 = jaxep.ll_combine(cuda, y, idx, w, d1.handle, prereduce=False)
         # a one-kernel dispatch while a two-phase send is outstanding, then that send's recv
         p2 = jaxep.ll_dispatch_send(cuda, x * 2, idx, fp8=True)
         d2 = jaxep.ll_dispatch(cuda, jax.lax.optimization_barrier((p2, x * 2))[1], idx, fp8=True)
@@ -345,7 +359,8 @@ def _loss_fn(comm, fp8=False, prereduce=False):
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
 @pytest.mark.parametrize("dtype,prereduce", [(jnp.float32, False), (jnp.bfloat16, False),
-                                             (jnp.float32, True), (jnp.bfloat16, True)])
+                                             (jnp.float32, True), (jnp.bfloat16, True),
+                                             (jnp.bfloat16, "float32")])
 def test_grads_match_xla(num_ranks, dtype, prereduce):
     cuda, xla = comms(num_ranks, "small")
     rng = np.random.default_rng(13)

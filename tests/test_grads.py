@@ -244,7 +244,8 @@ def test_ll_dispatch_fp8_grad_is_straight_through():
     assert not np.any(gx[np.all(exp == 0, axis=1)])   # tokens sent nowhere: zero
 
 
-def test_ll_combine_grads():
+@pytest.mark.parametrize("prereduce", [False, True, "float32"])
+def test_ll_combine_grads(prereduce):
     comm = make_comm(max_tokens_per_rank=LL_T, placement="round_robin")
     rng, idx, w = routing(comm, 8)
     H, el = 128, comm.num_local_experts
@@ -258,13 +259,13 @@ def test_ll_combine_grads():
 
     def loss(x, idx, w, y, pout):
         d = jaxep.ll_dispatch(comm, x, idx)
-        return jnp.sum(jaxep.ll_combine(comm, y, idx, w, d.handle) * pout)
+        return jnp.sum(jaxep.ll_combine(comm, y, idx, w, d.handle, prereduce=prereduce) * pout)
 
     gw, gy = jax.jit(jax.grad(total(comm, loss), argnums=(2, 3)))(x, idx, w, y, pout)
     close(gy, np.concatenate(exp_gy), tol=1e-4)
     close(gw, exp_gw, tol=1e-4)
 
     f = ep_call(comm, lambda x, idx, w, y: jaxep.ll_combine(
-        comm, y, idx, w, jaxep.ll_dispatch(comm, x, idx).handle))
+        comm, y, idx, w, jaxep.ll_dispatch(comm, x, idx).handle, prereduce=prereduce))
     check_grads(lambda w, y: f(x, idx, w, y), (w, y), order=1, modes=["rev"], eps=1e-2,
                 atol=1e-2, rtol=1e-2)

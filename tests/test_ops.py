@@ -292,7 +292,10 @@ def ll_fn(num_ranks, cfg, fp8=False, round_scale=False, ue8m0=False):
                    recv_rows2=d2.handle.recv_rows)
         if not fp8:
             res["out3"] = jaxep.ll_combine(comm, y, idx, w, d.handle, prereduce=True)
-            res["out"] = jaxep.ll_combine(comm, y, idx, w, d.handle)
+            res["out4"] = jaxep.ll_combine_recv(comm, jaxep.ll_combine_send(
+                comm, y, idx, w, d.handle, prereduce="float32"))
+            res["out"] = jaxep.ll_combine(comm, y, idx, w, d.handle, prereduce=False)
+            res["out5"] = jaxep.ll_combine(comm, y, idx, w, d.handle)  # default: "float32"
             res["out2"] = jaxep.ll_combine_recv(
                 comm, jaxep.ll_combine_send(comm, y, idx, w, d2.handle))
         return res
@@ -359,6 +362,11 @@ def check_ll(num_ranks, cfg, kind, seed, tokens=None, dtype=jnp.bfloat16, fp8=Fa
         out3 = np.asarray(got["out3"])
         assert out3.dtype == x.dtype and out3.shape == (R * T, H)
         np.testing.assert_allclose(out3.astype(np.float32), exp, rtol=tol, atol=2 * tol)
+        # prereduce="float32": float32 partials, the same accumulation as the plain combine
+        out4 = np.asarray(got["out4"])
+        assert out4.dtype == x.dtype and out4.shape == (R * T, H)
+        np.testing.assert_allclose(out4.astype(np.float32), exp, rtol=tol, atol=tol)
+        assert_bits_equal(got["out5"], out4)
     return ref
 
 
