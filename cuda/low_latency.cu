@@ -267,12 +267,18 @@ __device__ __forceinline__ int PopcAll(const uint32_t* mask, int words) {
   return n;
 }
 
-// Every lane of the warp: true in the lowest lane of `group` whose `e` is valid and equal to
-// this lane's (the first listing of an expert among a token's top-k entries, with the entries
-// in increasing lanes of `group`).
+// Every lane of the warp: the lowest lane of `group` whose `e` is valid and equal to this
+// lane's (the first listing of an expert among a token's top-k entries, with the entries in
+// increasing lanes of `group`); an invalid lane's own lane if it is in `group`, else -1.
+__device__ __forceinline__ int FirstLane(int e, bool valid, unsigned group) {
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  return __ffs(__match_any_sync(kFull, valid ? e : -2 - lane) & group) - 1;
+}
+
+// Every lane of the warp: true in the first listing of a valid expert (see FirstLane).
 __device__ __forceinline__ bool FirstListing(int e, bool valid, unsigned group) {
-  const unsigned same = __match_any_sync(kFull, valid ? e : -2 - static_cast<int>(threadIdx.x & 31));
-  return valid && __ffs(same & group) - 1 == static_cast<int>(threadIdx.x & 31);
+  const int first = FirstLane(e, valid, group);  // every lane: the match is warp-wide
+  return valid && first == static_cast<int>(threadIdx.x & 31);
 }
 
 // ---- dispatch send ---------------------------------------------------------------------------
@@ -962,8 +968,7 @@ __device__ __forceinline__ void CombineRecv(const LLCombineRecvArgs& a, unsigned
     int e = lane < K ? a.topk_idx[static_cast<size_t>(t) * K + lane] : -1;
     const bool valid = lane < K && e >= 0 && e < E;
     const float wk = valid ? a.weights[static_cast<size_t>(t) * K + lane] : 0.f;
-    const unsigned same = __match_any_sync(kFull, valid ? e : -2 - lane);
-    const int first = __ffs(same) - 1;
+    const int first = FirstLane(e, valid, kFull);
     // The entry's row of y when its expert is here and the send left it in place, else -1.
     const int local = a.local_rows && lane < K
                           ? a.local_rows[(static_cast<size_t>(me) * Tn + t) * K + lane] : -1;

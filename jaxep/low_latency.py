@@ -470,8 +470,10 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
       per listing, with each listing's weight).
 
     Gradients: w.r.t. ``y`` the output cotangent dispatched and scaled by ``w[t, k]``; w.r.t.
-    ``topk_weights[t, k]`` the dot product of the output cotangent with that row (with
-    ``prereduce`` the CUDA backward fetches the rows again with a plain combine).
+    ``topk_weights[t, k]`` the dot product of the output cotangent with that row. The weights'
+    gradient needs every entry's row at the token's rank: pre-reduced (the default included),
+    the CUDA backward fetches the rows again with a per-entry combine; with
+    ``prereduce=False`` the forward keeps them (one combine fewer per training step).
 
     On the CUDA backend both phases run in one kernel, as in :func:`ll_dispatch` (cooperative
     launch, at most one block per SM; see there when to prefer the two-phase forms); same
