@@ -9,7 +9,8 @@
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
 STAGE=${1:-all}
-export PYTHONUNBUFFERED=1 NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0
+# PYTHONFAULTHANDLER: a crash (e.g. the profiler abort of session 9) prints the Python stacks
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0
 export CPLUS_INCLUDE_PATH=/usr/local/cuda/include/cccl${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m;
   python3 -c 'import jax, sys; print(sys.version); print("jax", jax.__version__, jax.devices())'

@@ -869,10 +869,10 @@ __device__ __forceinline__ void SumRowsTo(const T* y, int H, int row, float w, u
   }
 }
 
-// (See LaunchLLCombineSendReduced.) Per source token held here: the row itself, unweighted, to
-// the source's slot [token][this rank] when one of the token's experts is here; else the
-// float32 sum of weight * row over them, stored in y's dtype, or in float32 with
-// a.float32_partials.
+// (See LaunchLLCombineSendReduced.) Per source token held here, to the source's slot
+// [token][this rank]: the row itself, unweighted, when exactly one (distinct) expert of the
+// token is here; else the float32 sum of weight * row over them, stored in y's dtype, or in
+// float32 with a.float32_partials.
 // Every thread of a block (LLCombineSendReducedKernel, LLCombineReducedKernel); returns the
 // call's sequence number.
 template <typename T>

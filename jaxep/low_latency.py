@@ -13,25 +13,26 @@ E=256, R=4, T=128, H=7168 with fp8): use it with expert kernels that read only t
 ``counts[e]`` rows (grouped GEMMs masked by ``counts``); a dense matmul over padding could see
 NaNs. The handle's padding entries are always -1.
 
-Two-phase forms: ``*_send`` issues the transfer and returns a pending pytree, ``*_recv`` waits
-and unpacks it; independent work placed between them may overlap the transfer. On the CUDA
-backend the send kernel writes the rows into the destinations' buffers and returns; nothing
-spins until the recv kernel (except in a pre-reduced ``ll_combine_send(..., prereduce=...)``,
-whose kernel first waits for every rank's top-k weights). Over NVLink that kernel has finished the transfer when it returns,
-so there is nothing left to overlap; ``ll_dispatch_send(..., copy_engine=True)`` leaves the
-transfer to the copy engines instead (see its docstring). XLA orders a recv after its send because the recv consumes the
-send's ``info`` array (a data dependency); it is free to place independent work before the send
-or after the recv, so to pin ``send -> work -> recv`` make the work's inputs and the pending
-pytree pass through one ``jax.lax.optimization_barrier``, and the work's result and the pending
-through another (``benchmarks/bench_ll.py`` does this). Every send must be followed by exactly
-one recv (a recv acknowledges the buffer it read by adding to a counter, so a second recv of
-the same send would let a later send overwrite a buffer before it is read), and every rank must issue the sends in the same order (a recv finds its data by its
-send's call number, so recvs may come in any order); at most two sends of one kind (dispatch
-SM sends, dispatch copy-engine sends, combine) may be outstanding per communicator (a third
-waits for the first to be received, and times out with an error naming the phase if it never
-is). Precisely: a send reuses the buffer of the send of its kind two calls back, so between a
-send and its recv at most one other call of the kind may be issued, and an ``ll_dispatch`` /
-``ll_combine`` (a send and its recv in one kernel on CUDA) counts as one.
+Two-phase forms: ``*_send`` issues the transfer and returns a pending pytree, ``*_recv`` waits and
+unpacks it; independent work placed between them may overlap the transfer. On the CUDA backend the
+send kernel writes the rows into the destinations' buffers and returns; nothing spins until the
+recv kernel (except in a pre-reduced ``ll_combine_send(..., prereduce=...)``, whose kernel first
+waits for the ranks' top-k weights that it needs). Over NVLink that kernel has finished the
+transfer when it returns, so there is nothing left to overlap; ``ll_dispatch_send(...,
+copy_engine=True)`` leaves the transfer to the copy engines instead (see its docstring). XLA orders
+a recv after its send because the recv consumes the send's ``info`` array (a data dependency); it
+is free to place independent work before the send or after the recv, so to pin ``send -> work ->
+recv`` make the work's inputs and the pending pytree pass through one
+``jax.lax.optimization_barrier``, and the work's result and the pending through another
+(``benchmarks/bench_ll.py`` does this). Every send must be followed by exactly one recv (a recv
+acknowledges the buffer it read by adding to a counter, so a second recv of the same send would let
+a later send overwrite a buffer before it is read), and every rank must issue the sends in the same
+order (a recv finds its data by its send's call number, so recvs may come in any order); at most
+two sends of one kind (dispatch SM sends, dispatch copy-engine sends, combine) may be outstanding
+per communicator (a third waits for the first to be received, and times out with an error naming
+the phase if it never is). Precisely: a send reuses the buffer of the send of its kind two calls
+back, so between a send and its recv at most one other call of the kind may be issued, and an
+``ll_dispatch`` / ``ll_combine`` (a send and its recv in one kernel on CUDA) counts as one.
 
 ``ll_combine(..., prereduce="float32")`` sums a token's rows on each expert rank first, in
 float32, and sends one row per (token, expert rank): fewer bytes, the same float32 accumulation;
@@ -399,8 +400,9 @@ def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     """Send phase of :func:`ll_combine`: return each expert row to its source rank (with
     ``prereduce``, each rank's weighted sum per source token; see :func:`ll_combine`). With
     ``prereduce`` on the CUDA backend the send kernel first exchanges the top-k weights, so it
-    waits for every rank to reach this send: hence the default False here (the send never
-    waits for a peer), where :func:`ll_combine` defaults to ``"float32"``."""
+    waits for the ranks whose weights it needs (in practice every rank) to reach this send:
+    hence the default False here (the send never waits for a peer), where :func:`ll_combine`
+    defaults to ``"float32"``."""
     op = "ll_combine_send"
     _check_combine(comm, op, y, topk_idx, topk_weights, handle)
     idx = topk_idx.astype(jnp.int32)
@@ -447,22 +449,23 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
         routing weights.
       handle: ``LLDispatched.handle``.
       prereduce: where the sum starts. False: every entry's row travels to the token's rank,
-        which sums them in float32. ``"float32"`` (default) or True: each expert rank
-        sums, in float32, the weighted rows of a token that its experts hold and sends that one
-        partial per (token, rank); the token's rank adds the partials in float32. A rank that
-        holds a single expert of the token sends that row as it is (the token's rank weighs
-        it). ``"float32"`` sends a partial of two or more rows in float32: float32
-        accumulation throughout, as False (the additions associate differently, so the result
-        may differ in the last bit), with fewer bytes when a rank holds two or more of a
-        token's experts (bf16, K=8: about 2x fewer at R=2, 1.3x at R=4). True sends it in
-        ``y.dtype``: (distinct experts) / (ranks they are on) times fewer rows than False (at
-        K=8, R=4 about 2.2x fewer bytes), at the price of one rounding to ``y.dtype`` per such
-        partial (with bf16 a few bf16 ulps of the largest partial). With float32 ``y`` the two
-        are the same. The CUDA send first exchanges the top-k weights between ranks (``T*K``
-        floats) and waits inside its kernel for the ones it needs, so skew between ranks lands
-        in the send rather than in the recv (here, where both phases are one kernel that waits
-        for every rank anyway, that costs nothing; :func:`ll_combine_send` defaults to False).
-        Same gradients.
+        which sums them in float32. ``"float32"`` (default) or True: each expert rank sums, in
+        float32, the weighted rows of a token that its experts hold and sends that one partial
+        per (token, rank); the token's rank adds the partials in float32. A rank that holds a
+        single expert of the token sends that row as it is (the token's rank weighs it).
+        ``"float32"`` sends a partial of two or more rows in float32: float32 accumulation
+        throughout, as False (the additions associate differently, so the result may differ in
+        the last bit); with bf16 ``y`` a rank that holds three or more of a token's experts
+        sends fewer bytes than their rows, two the same (K=8: about 2x fewer bytes in all at
+        R=2, 1.3x at R=4). True sends it in ``y.dtype``: (distinct experts) / (ranks they are
+        on) times fewer rows than False (at K=8, R=4 about 2.2x fewer bytes), at the price of
+        one rounding to ``y.dtype`` per such partial (with bf16 a few bf16 ulps of the largest
+        partial). With float32 ``y`` the two are the same. The CUDA send first exchanges the
+        top-k weights between ranks (``T*K`` floats) and waits inside its kernel for the ones
+        it needs (those of every rank that has a token with two or more experts here: at K=8
+        nearly always all), so skew between ranks lands in the send rather than in the recv
+        (here, where both phases are one kernel that waits for every rank anyway, that costs
+        nothing; :func:`ll_combine_send` defaults to False). Same gradients.
 
     Returns:
       ``[T, H]`` in ``y.dtype``: ``sum_k w[t, k] * y[expert_k][row(t, k)]`` accumulated in
@@ -479,11 +482,12 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     launch, at most one block per SM; see there when to prefer the two-phase forms); same
     results as ``ll_combine_recv(ll_combine_send(...))``.
     """
+    prereduce = _prereduce("ll_combine", prereduce)
     if not _on_cuda(comm):
         return ll_combine_recv(comm, ll_combine_send(comm, y, topk_idx, topk_weights, handle,
                                                      prereduce=prereduce))
     _check_combine(comm, "ll_combine", y, topk_idx, topk_weights, handle)
-    return _ll_combine_one(comm, _prereduce("ll_combine", prereduce), y, topk_weights,
+    return _ll_combine_one(comm, prereduce, y, topk_weights,
                            topk_idx.astype(jnp.int32), handle)
 
 
