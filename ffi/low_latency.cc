@@ -460,40 +460,55 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
 }  // namespace jaxep
 
 namespace {
+// The context that every LL target binds first.
+auto LLBind() {
+  return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>();
+}
+
+// The attributes that every LL target has, after a binding's operands and results.
+template <typename Binding>
+auto WithLLAttrs(Binding b) {
+  return std::move(b)
+      .template Attr<int64_t>("comm_id")
+      .template Attr<int32_t>("num_sms")
+      .template Attr<int64_t>("timeout_ns");
+}
+
 // Both dispatch send targets bind the same operands and attributes.
 auto LLDispatchSendBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .Ctx<ffi::DeviceOrdinal>()
-      .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
-      .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
-      .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
-      .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
-      .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
-      .Ret<ffi::Buffer<ffi::S32>>()  // info [4]
-      .Attr<int64_t>("comm_id")
-      .Attr<int32_t>("num_sms")
-      .Attr<int64_t>("timeout_ns")
+  return WithLLAttrs(LLBind()
+                         .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
+                         .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+                         .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
+                         .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
+                         .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
+                         .Ret<ffi::Buffer<ffi::S32>>())  // info [4]
       .Attr<bool>("fp8")
       .Attr<bool>("round_scale")
       .Attr<bool>("copy_engine");  // true exactly for the copy-engine target
 }
 
 // The results of a dispatch receive (the recv target and the one-kernel target), then the
-// attributes every LL target has, after a binding's operands.
+// LL attributes, after a binding's operands.
 template <typename Binding>
 auto WithDispatchResults(Binding b) {
-  return std::move(b)
-      .template Ret<ffi::AnyBuffer>()              // x [E_l, R*T, H]
-      .template Ret<ffi::AnyBuffer>()              // scales (empty without fp8)
-      .template Ret<ffi::Buffer<ffi::S32>>()       // counts [E_l]
-      .template Ret<ffi::Buffer<ffi::S32>>()       // src_index [E_l, R*T]
-      .template Ret<ffi::Buffer<ffi::S32>>()       // src_topk [E_l, R*T]
-      .template Ret<ffi::Buffer<ffi::S32>>()       // recv_rows [R*T, K]
-      .template Ret<ffi::Buffer<ffi::S32>>()       // num_invalid []
-      .template Attr<int64_t>("comm_id")
-      .template Attr<int32_t>("num_sms")
-      .template Attr<int64_t>("timeout_ns");
+  return WithLLAttrs(std::move(b)
+                         .template Ret<ffi::AnyBuffer>()          // x [E_l, R*T, H]
+                         .template Ret<ffi::AnyBuffer>()          // scales (empty without fp8)
+                         .template Ret<ffi::Buffer<ffi::S32>>()   // counts [E_l]
+                         .template Ret<ffi::Buffer<ffi::S32>>()   // src_index [E_l, R*T]
+                         .template Ret<ffi::Buffer<ffi::S32>>()   // src_topk [E_l, R*T]
+                         .template Ret<ffi::Buffer<ffi::S32>>()   // recv_rows [R*T, K]
+                         .template Ret<ffi::Buffer<ffi::S32>>());  // num_invalid []
+}
+
+// The results of a combine receive (the recv target and the one-kernel target), then the LL
+// attributes, after a binding's operands.
+template <typename Binding>
+auto WithCombineResults(Binding b) {
+  return WithLLAttrs(std::move(b)
+                         .template Ret<ffi::AnyBuffer>()    // out [T, H]
+                         .template Ret<ffi::AnyBuffer>());  // rows [T, K, H] or empty
 }
 }  // namespace
 
@@ -507,10 +522,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchSendCeFfi, jaxep::LLDispatchSendImp
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi, jaxep::LLDispatchRecvImpl,
                               WithDispatchResults(
-                                  ffi::Ffi::Bind()
-                                      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                      .Ctx<ffi::DeviceOrdinal>()
-                                      .Arg<ffi::Buffer<ffi::S32>>())  // info [4] of the send
+                                  LLBind().Arg<ffi::Buffer<ffi::S32>>())  // info [4] of the send
                                   .Attr<bool>("ue8m0")
                                   .Attr<bool>("zero_padding")
                                   .Attr<bool>("weighted"),
@@ -518,9 +530,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi, jaxep::LLDispatchRecvImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchFfi, jaxep::LLDispatchImpl,
                               WithDispatchResults(
-                                  ffi::Ffi::Bind()
-                                      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                      .Ctx<ffi::DeviceOrdinal>()
+                                  LLBind()
                                       .Arg<ffi::AnyBuffer>()           // x [T, H] bf16 / f32
                                       .Arg<ffi::Buffer<ffi::S32>>()    // topk_idx [T, K]
                                       .Arg<ffi::Buffer<ffi::S32>>()    // expert_rank [E]
@@ -532,68 +542,44 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchFfi, jaxep::LLDispatchImpl,
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendFfi, jaxep::LLCombineSendImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // counts [E_l]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [2]
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns"),
+                              WithLLAttrs(LLBind()
+                                              .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
+                                              .Arg<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
+                                              .Arg<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
+                                              .Arg<ffi::Buffer<ffi::S32>>()  // counts [E_l]
+                                              .Ret<ffi::Buffer<ffi::S32>>()),  // info [2]
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendReducedFfi, jaxep::LLCombineSendReducedImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [2]
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns")
+                              WithLLAttrs(LLBind()
+                                              .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
+                                              .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
+                                              .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+                                              .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
+                                              .Ret<ffi::Buffer<ffi::S32>>())  // info [2]
                                   .Attr<bool>("float32_partials"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineFfi, jaxep::LLCombineImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // counts [E_l]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
-                                  .Ret<ffi::AnyBuffer>()         // out [T, H]
-                                  .Ret<ffi::AnyBuffer>()         // rows [T, K, H] or empty
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns")
+                              WithCombineResults(LLBind()
+                                                     .Arg<ffi::AnyBuffer>()  // y [E_l, R*T, H]
+                                                     .Arg<ffi::Buffer<ffi::S32>>()  // src_index
+                                                     .Arg<ffi::Buffer<ffi::S32>>()  // src_topk
+                                                     .Arg<ffi::Buffer<ffi::S32>>()  // counts [E_l]
+                                                     .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows
+                                                     .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx
+                                                     .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights
+                                                     .Arg<ffi::Buffer<ffi::S32>>())  // expert_rank
                                   .Attr<bool>("prereduce")
                                   .Attr<bool>("float32_partials"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // info [2] of the send
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
-                                  .Ret<ffi::AnyBuffer>()         // out [T, H]
-                                  .Ret<ffi::AnyBuffer>()         // rows [T, K, H] or empty
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns")
+                              WithCombineResults(LLBind()
+                                                     .Arg<ffi::Buffer<ffi::S32>>()  // info [2]
+                                                     .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx
+                                                     .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights
+                                                     .Arg<ffi::Buffer<ffi::S32>>())  // expert_rank
                                   .Attr<bool>("reduced")
                                   .Attr<bool>("float32_partials"),
                               {ffi::Traits::kCmdBufferCompatible});
