@@ -37,17 +37,17 @@
 // sends alternate between buffers 0 and 1, chosen on the device; with copy-engine buffers
 // (LLLayout::copy_engine), copy-engine sends alternate between 2 and 3, chosen by the host, which
 // enqueues every one of them (LLCopyEngines); their arrival is a flag (the call's number at the
-// buffer), copied after the bundle. A recv takes its buffer and call number from its send's
-// `info` (not from a counter of its own), so XLA may order the recvs of two outstanding sends
-// either way; but each send must have exactly one recv (acknowledgements add up: a second
-// recv of a send would release its buffer one call early). So at most two sends of one kind
-// (SM dispatch, copy-engine dispatch, combine) may be outstanding per communicator; a third
-// waits, and if the receiver never reads, times out with an error. More precisely, a send
-// reuses the buffer of the send of its kind two calls back, so between a send and its recv at
-// most one other send of the kind may be issued, a one-kernel op (ll_dispatch, ll_combine)
-// included: send A, ll_dispatch, ll_dispatch, recv A times out in the second ll_dispatch. Call numbers live on the device (advanced by the last block of a send to finish,
-// after every block has read them), so SM sends keep no host state and can be captured in CUDA
-// graphs. Nothing spins between the phases.
+// buffer), copied after the bundle. A recv takes its buffer and call number from its send's `info`
+// (not from a counter of its own), so XLA may order the recvs of two outstanding sends either way;
+// but each send must have exactly one recv (acknowledgements add up: a second recv of a send would
+// release its buffer one call early). So at most two sends of one kind (SM dispatch, copy-engine
+// dispatch, combine) may be outstanding per communicator; a third waits, and if the receiver never
+// reads, times out with an error. More precisely, a send reuses the buffer of the send of its kind
+// two calls back, so between a send and its recv at most one other send of the kind may be issued,
+// a one-kernel op (ll_dispatch, ll_combine) included: send A, ll_dispatch, ll_dispatch, recv A
+// times out in the second ll_dispatch. Call numbers live on the device (advanced by the last block
+// of a send to finish, after every block has read them), so SM sends keep no host state and can be
+// captured in CUDA graphs. Nothing spins between the phases.
 // Pre-reduced combine weights: rank m writes its weights into [parity p][m] of every rank d
 // after d has acknowledged call seq - 2 (the same wait as for the slots); d's ack of seq - 2
 // follows its recv of seq - 2, which follows its send of seq - 2, the only reader of that
@@ -175,14 +175,14 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
 cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace** workspaces);
 
 // Per-device state of copy-engine dispatch sends (host side; only with LLLayout::copy_engine).
-// The call's buffer is 2 + (calls & 1): the host picks it, since the copies' addresses are
-// fixed when they are enqueued. After the send kernel on the caller's stream, a copy-engine
-// send records `packed` there, makes `stream` wait for it and launches there a small CUDA graph:
-// per peer d, the bundle copy (outbox -> d's inbox) and then the flag copy
-// (dispatch_uses[buffer] -> d's dispatch_arrived). One graph launch costs the host a fraction
-// of 2 (R - 1) cudaMemcpyAsync calls; the graphs are instantiated on first use, per buffer and copy size. Nothing joins `stream` back:
-// the receiver's recv kernel waits for the flag. `mutex` serialises the sends of one device
-// (the buffer choice and the launch order must agree) and the reads of `calls`.
+// The call's buffer is 2 + (calls & 1): the host picks it, since the copies' addresses are fixed
+// when they are enqueued. After the send kernel on the caller's stream, a copy-engine send records
+// `packed` there, makes `stream` wait for it and launches there a small CUDA graph: per peer d,
+// the bundle copy (outbox -> d's inbox) and then the flag copy (dispatch_uses[buffer] -> d's
+// dispatch_arrived). One graph launch costs the host a fraction of 2 (R - 1) cudaMemcpyAsync
+// calls; the graphs are instantiated on first use, per buffer and copy size. Nothing joins
+// `stream` back: the receiver's recv kernel waits for the flag. `mutex` serialises the sends of
+// one device (the buffer choice and the launch order must agree) and the reads of `calls`.
 struct LLCopyGraph {
   size_t bytes = 0;
   cudaGraphExec_t exec = nullptr;
@@ -222,9 +222,10 @@ struct LLDispatchSendArgs {
   const float* weights;         // [T, K] or null: shipped so the receiver can scale rows
   const int32_t* expert_rank;   // [E]
   const int32_t* expert_slot;   // [E]
-  int32_t* info;                // [4] (or null): num_invalid, the call's number at its buffer (low, high
-                                //      32 bits: the buffer's k-th call), buffer; the
-                                //      recv reads it, which also orders it after this send
+  int32_t* info;                // [4] (or null): num_invalid, the call's number at its
+                                //      buffer (low, high 32 bits: the buffer's k-th call),
+                                //      buffer; the recv reads it, which also orders it after
+                                //      this send
   int num_sms;
   unsigned long long timeout_ns;
   int buffer;  // set by the launcher: -1 = SM send (buffer 0/1 chosen on the device), else the

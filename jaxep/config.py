@@ -47,9 +47,9 @@ class EPConfig:
       low_latency: allocate the CUDA low-latency buffers (``ll_*`` ops), per GPU about
         ``8 * max_tokens_per_rank * hidden * (R + max(num_topk, R))`` bytes (float32-sized row
         slots, two buffers per direction; ``Communicator.workspace_bytes`` says what was
-        allocated). ``None``
-        (default) allocates them when that is at most 512 MiB, i.e. for decoding-sized
-        ``max_tokens_per_rank``; ``False`` never (the ``ll_*`` ops then run the pure-JAX path).
+        allocated). ``None`` (default) allocates them when that is at most 512 MiB, i.e. for
+        decoding-sized ``max_tokens_per_rank``; ``False`` never (the ``ll_*`` ops then run the
+        pure-JAX path).
       ll_copy_engine: with the low-latency buffers, also allocate those of copy-engine sends
         (``ll_dispatch_send(..., copy_engine=True)``): two more receive buffers and two
         outboxes, ``16 * max_tokens_per_rank * hidden * R`` more bytes per GPU, counted in the

@@ -120,8 +120,8 @@ class LLDispatchPending:
       recv_topk: pure-JAX backend: ``[R(src), E_l, T]`` int32, the source's top-k entry of
         each cell, -1 for empty cells; None on the CUDA backend.
       info: CUDA backend: ``[4]`` int32 written by the send kernel (num_invalid, the call's
-        number at its buffer low/high, buffer); the recv consumes it, which orders it after the send. None on the
-        pure-JAX backend.
+        number at its buffer low/high, buffer); the recv consumes it, which orders it after the
+        send. None on the pure-JAX backend.
       x: CUDA backend: the sent ``x`` (carries the gradient to the recv); None otherwise.
       topk_idx: ``[T, K]`` int32, the sender's ids (sanitised on the pure-JAX backend).
       num_invalid: int32 scalar.
