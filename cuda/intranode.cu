@@ -32,6 +32,42 @@ __device__ __forceinline__ const void* LoadPublished(const Workspace* peer, int 
       __ldcg(reinterpret_cast<const unsigned long long*>(&peer->published[i])));
 }
 
+// Input `i` of peer `s` for this call: in its stage when the peer is another process, else the
+// XLA buffer it published.
+__device__ __forceinline__ const char* PeerInput(const Workspace* ws, const StageLayout& stage,
+                                                 int s, int i) {
+  const char* base = ws->stage[s];
+  return base ? base + stage.off[i] : static_cast<const char*>(LoadPublished(ws->peers[s], i));
+}
+
+// Copies this call's inputs into this rank's stage (one process per GPU), all blocks
+// grid-striding over 16-byte words; a misaligned or ragged input falls back to bytes.
+struct StageCopy {
+  char* dst;
+  const char* src[kMaxPublished];
+  int64_t off[kMaxPublished], bytes[kMaxPublished];
+};
+
+__global__ void StageKernel(StageCopy c) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int i = 0; i < kMaxPublished; ++i) {
+    if (!c.src[i] || c.bytes[i] == 0) continue;
+    const char* src = c.src[i];
+    char* dst = c.dst + c.off[i];
+    const int64_t n = c.bytes[i];
+    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+      const int64_t words = n >> 4;
+      const int4* s = reinterpret_cast<const int4*>(src);
+      int4* d = reinterpret_cast<int4*>(dst);
+      for (int64_t j = first; j < words; j += stride) d[j] = s[j];
+      for (int64_t j = (words << 4) + first; j < n; j += stride) dst[j] = src[j];
+    } else {
+      for (int64_t j = first; j < n; j += stride) dst[j] = src[j];
+    }
+  }
+}
+
 // All threads of one block: make this device's prior writes visible system-wide, announce
 // arrival to every peer, and wait (bounded) until every peer has announced the same barrier.
 __device__ void BlockBarrier(Workspace* ws, int phase, unsigned long long timeout_ns) {
@@ -255,7 +291,7 @@ __global__ void __launch_bounds__(kCopyThreads, 1) DispatchGatherKernel(Dispatch
   __shared__ int s_incoming[kMaxRanks];
   if (threadIdx.x < num_ranks * kMaxPublished) {
     const int s = threadIdx.x / kMaxPublished, i = threadIdx.x % kMaxPublished;
-    s_src[s][i] = static_cast<const char*>(LoadPublished(ws->peers[s], i));
+    s_src[s][i] = PeerInput(ws, a.stage_layout, s, i);
   }
   if (threadIdx.x < num_ranks) s_incoming[threadIdx.x] = __ldcg(&ws->peers[threadIdx.x]->counts[me]);
   __syncthreads();
@@ -314,9 +350,7 @@ __global__ void __launch_bounds__(kCopyThreads, 1) GatherRowsKernel(DispatchRows
   Workspace* ws = a.ws;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __shared__ const char* s_src[kMaxRanks];
-  if (threadIdx.x < ws->num_ranks) {
-    s_src[threadIdx.x] = static_cast<const char*>(LoadPublished(ws->peers[threadIdx.x], 0));
-  }
+  if (threadIdx.x < ws->num_ranks) s_src[threadIdx.x] = PeerInput(ws, a.stage_layout, threadIdx.x, 0);
   __syncthreads();
   // Rows are grouped by source rank: start near source me+1's rows (see DispatchGatherKernel).
   const int start = static_cast<int>(static_cast<long long>(a.capacity) *
@@ -377,7 +411,7 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __shared__ const T* s_y[kMaxRanks];
   if (threadIdx.x < num_ranks) {
-    s_y[threadIdx.x] = static_cast<const T*>(LoadPublished(ws->peers[threadIdx.x], 0));
+    s_y[threadIdx.x] = reinterpret_cast<const T*>(PeerInput(ws, a.stage_layout, threadIdx.x, 0));
   }
   __syncthreads();
   const int row = a.row_elems;
@@ -429,6 +463,20 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
 
 int NumBlocks(int requested) { return requested > 0 ? requested : DeviceSmCount(); }
 
+// Process-per-GPU: the copy of a call's inputs into this rank's stage, before the barrier
+// that lets the peers read them.
+void LaunchStage(char* stage, const StageLayout& layout, const void* const* srcs,
+                 const int64_t* bytes, int n, cudaStream_t stream) {
+  StageCopy c{};
+  c.dst = stage;
+  for (int i = 0; i < n; ++i) {
+    c.src[i] = static_cast<const char*>(srcs[i]);
+    c.off[i] = layout.off[i];
+    c.bytes[i] = srcs[i] ? bytes[i] : 0;
+  }
+  StageKernel<<<DeviceSmCount(), kCopyThreads, 0, stream>>>(c);
+}
+
 }  // namespace
 
 int DeviceSmCount() {
@@ -445,6 +493,12 @@ size_t WorkspaceBytes(int num_ranks, int max_tokens) {
 }
 
 cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
+  if (a.stage) {
+    const void* srcs[] = {a.x, a.scales, a.topk_idx, a.topk_weights};
+    const int64_t T = a.num_tokens, K = a.num_topk;
+    const int64_t bytes[] = {T * a.x_row_bytes, T * a.s_row_bytes, T * K * 4, T * K * 4};
+    LaunchStage(a.stage, a.stage_layout, srcs, bytes, 4, stream);
+  }
   DispatchPrepareKernel<<<1, kPrepThreads, sizeof(int32_t) * a.num_experts, stream>>>(a);
   DispatchGatherKernel<<<NumBlocks(a.num_sms), kCopyThreads, 0, stream>>>(a);
   BarrierKernel<<<1, 32, 0, stream>>>(a.ws, kDispatchEnd, a.timeout_ns);
@@ -452,6 +506,11 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
+  if (a.stage) {
+    const void* srcs[] = {a.y};
+    const int64_t bytes[] = {a.stage_layout.bytes};
+    LaunchStage(a.stage, a.stage_layout, srcs, bytes, 1, stream);
+  }
   PublishKernel<<<1, 32, 0, stream>>>(a.ws, a.y, kCombineStart, a.timeout_ns);
   const int blocks = a.num_sms > 0 ? a.num_sms : kCombineDefaultBlocks;
   if (a.dtype == 0) {
@@ -464,6 +523,11 @@ cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t LaunchDispatchRows(const DispatchRowsArgs& a, cudaStream_t stream) {
+  if (a.stage) {
+    const void* srcs[] = {a.rows};
+    const int64_t bytes[] = {a.stage_layout.bytes};
+    LaunchStage(a.stage, a.stage_layout, srcs, bytes, 1, stream);
+  }
   PublishKernel<<<1, 32, 0, stream>>>(a.ws, a.rows, kRowsStart, a.timeout_ns);
   GatherRowsKernel<<<NumBlocks(a.num_sms), kCopyThreads, 0, stream>>>(a);
   BarrierKernel<<<1, 32, 0, stream>>>(a.ws, kRowsEnd, a.timeout_ns);
@@ -484,6 +548,7 @@ cudaError_t LoadModule() {  // touch every kernel so the module is loaded now, n
       reinterpret_cast<const void*>(&GatherRowsKernel),
       reinterpret_cast<const void*>(&CombineReduceKernel<__nv_bfloat16>),
       reinterpret_cast<const void*>(&CombineReduceKernel<float>),
+      reinterpret_cast<const void*>(&StageKernel),
   };
   for (const void* k : kernels) {
     if (cudaError_t e = cudaFuncGetAttributes(&attr, k); e != cudaSuccess) return e;
@@ -541,6 +606,81 @@ cudaError_t CreateWorkspaces(int num_ranks, const int* devices, int max_tokens,
     }
   }
   if (err != cudaSuccess) DestroyWorkspaces(num_ranks, devices, workspaces, host_errors);
+  cudaSetDevice(previous);
+  return err;
+}
+
+namespace {
+int64_t Align256(int64_t n) { return (n + 255) & ~int64_t{255}; }
+}  // namespace
+
+StageLayout DispatchStageLayout(int64_t tokens, int64_t x_row_bytes, int64_t s_row_bytes,
+                                int64_t num_topk) {
+  StageLayout l{};
+  const int64_t sizes[kMaxPublished] = {tokens * x_row_bytes, tokens * s_row_bytes,
+                                        tokens * num_topk * 4, tokens * num_topk * 4};
+  for (int i = 0; i < kMaxPublished; ++i) {
+    l.off[i] = l.bytes;
+    l.bytes += Align256(sizes[i]);
+  }
+  return l;
+}
+
+StageLayout RowsStageLayout(int64_t rows, int64_t row_bytes) {
+  StageLayout l{};
+  l.bytes = rows * row_bytes;
+  return l;
+}
+
+size_t StageBytes(int max_tokens, int capacity, int num_topk, int hidden) {
+  const int64_t groups = (hidden + 127) / 128;
+  const int64_t dispatch = DispatchStageLayout(max_tokens, 4 * int64_t{hidden}, 4 * groups,
+                                               num_topk).bytes;
+  const int64_t rows = RowsStageLayout(capacity > max_tokens ? capacity : max_tokens,
+                                       4 * int64_t{hidden}).bytes;
+  return static_cast<size_t>(Align256(dispatch > rows ? dispatch : rows));
+}
+
+cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_tokens,
+                                 Workspace* const* peers, const char* const* stages,
+                                 ErrorRecord** host_error) {
+  if (num_ranks < 1 || num_ranks > kMaxRanks || rank < 0 || rank >= num_ranks ||
+      max_tokens < 1) {
+    return cudaErrorInvalidValue;
+  }
+  int previous = 0;
+  cudaGetDevice(&previous);
+  *host_error = nullptr;
+  ErrorRecord* device_error = nullptr;
+  Workspace* mine = peers[rank];
+  cudaError_t err = cudaSetDevice(device);
+  if (err == cudaSuccess) err = cudaMemset(mine, 0, WorkspaceBytes(num_ranks, max_tokens));
+  if (err == cudaSuccess) {
+    err = cudaHostAlloc(host_error, sizeof(ErrorRecord),
+                        cudaHostAllocMapped | cudaHostAllocPortable);
+  }
+  if (err == cudaSuccess) {
+    **host_error = ErrorRecord{};
+    err = cudaHostGetDevicePointer(&device_error, *host_error, 0);
+  }
+  if (err == cudaSuccess) err = LoadModule();
+  if (err == cudaSuccess) {
+    Workspace header{};
+    for (int p = 0; p < num_ranks; ++p) {
+      header.peers[p] = peers[p];
+      header.stage[p] = stages[p];
+    }
+    header.error = device_error;
+    header.rank = rank;
+    header.num_ranks = num_ranks;
+    header.max_tokens = max_tokens;
+    err = cudaMemcpy(mine, &header, sizeof(header), cudaMemcpyHostToDevice);
+  }
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  if (err != cudaSuccess && *host_error) {
+    cudaFreeHost(*host_error);
+    *host_error = nullptr;
+  }
   cudaSetDevice(previous);
   return err;
 }

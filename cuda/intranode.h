@@ -50,7 +50,10 @@ struct Workspace {
   alignas(16) const void* published[kMaxPublished];  // this call's buffer addresses
   int32_t counts[kMaxRanks];  // this call: my tokens destined to each rank
   // Constant after setup.
-  Workspace* peers[kMaxRanks];  // peers[rank] (peers[me] == this)
+  Workspace* peers[kMaxRanks];  // peers[rank] (peers[me] == this), in this process's addresses
+  // One process per GPU: peer p's stage buffer mapped here (nvshmem_ptr); null in one process,
+  // where the kernels read the peers' XLA buffers through `published` instead.
+  const char* stage[kMaxRanks];
   ErrorRecord* error;           // device alias of the host-mapped record
   int32_t rank;
   int32_t num_ranks;
@@ -75,6 +78,29 @@ cudaError_t CreateWorkspaces(int num_ranks, const int* devices, int max_tokens,
 cudaError_t DestroyWorkspaces(int num_ranks, const int* devices, Workspace** workspaces,
                               ErrorRecord** host_errors);
 
+// ---- one process per GPU (docs/design.md, "Process-per-GPU transport") --------------------
+// A peer process cannot address this process's XLA buffers, so each call first copies its inputs
+// into the sender's stage buffer (symmetric memory: every peer maps it) and the receivers pull
+// from there. The offsets of a call's inputs in the stage depend only on the call's shapes, which
+// are the same on every rank, so each receiver computes them itself.
+struct StageLayout {
+  int64_t off[kMaxPublished];  // where published input i starts (256-byte aligned)
+  int64_t bytes;               // end of the last one
+};
+StageLayout DispatchStageLayout(int64_t tokens, int64_t x_row_bytes, int64_t s_row_bytes,
+                                int64_t num_topk);
+StageLayout RowsStageLayout(int64_t rows, int64_t row_bytes);
+// Bytes of a stage that holds any call of a communicator: dispatch of float32 rows (or fp8 rows
+// with their scales), combine of `capacity` float32 rows, dispatch along a handle.
+size_t StageBytes(int max_tokens, int capacity, int num_topk, int hidden);
+
+// Initialises this process's rank of an EP group spanning processes: `peers[p]` is rank p's
+// Workspace mapped into this process (peers[rank] is this process's own, zeroed here), `stages[p]`
+// rank p's stage. Maps an ErrorRecord into host memory, loads the kernels and synchronises.
+cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_tokens,
+                                 Workspace* const* peers, const char* const* stages,
+                                 ErrorRecord** host_error);
+
 // ---- normal-mode dispatch ----------------------------------------------------------------
 struct DispatchArgs {
   Workspace* ws;
@@ -96,6 +122,8 @@ struct DispatchArgs {
   int32_t* meta;                 // [3]: num_tokens, num_dropped, num_invalid
   int num_sms;
   unsigned long long timeout_ns;
+  char* stage;                   // this rank's stage (one process per GPU), else null
+  StageLayout stage_layout;      // of x, scales, topk_idx, topk_weights
 };
 cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream);
 
@@ -109,6 +137,8 @@ struct CombineArgs {
   void* out;                  // [T, row]
   int num_sms;
   unsigned long long timeout_ns;
+  char* stage;                // this rank's stage (one process per GPU), else null
+  StageLayout stage_layout;   // of y
 };
 cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream);
 
@@ -121,6 +151,8 @@ struct DispatchRowsArgs {
   void* out;                  // [C, row_bytes]
   int num_sms;
   unsigned long long timeout_ns;
+  char* stage;                // this rank's stage (one process per GPU), else null
+  StageLayout stage_layout;   // of rows
 };
 cudaError_t LaunchDispatchRows(const DispatchRowsArgs& a, cudaStream_t stream);
 

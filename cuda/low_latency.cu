@@ -1146,13 +1146,37 @@ size_t LLRecvSharedBytes(int num_ranks, int num_local_experts) {
   return 4 * (static_cast<size_t>(num_local_experts) * num_ranks + num_local_experts);
 }
 
+namespace {
+
+// The constant header of rank `rank`'s workspace: sizes, layout and the peers' addresses as
+// this rank sees them.
+LLWorkspace LLHeader(int rank, int num_ranks, int max_tokens, int num_topk, int num_local_experts,
+                     int hidden, const LLLayout& layout, ErrorRecord* error,
+                     LLWorkspace* const* peers) {
+  LLWorkspace h{};
+  for (int p = 0; p < num_ranks; ++p) h.peers[p] = peers[p];
+  h.error = error;
+  h.rank = rank;
+  h.num_ranks = num_ranks;
+  h.max_tokens = max_tokens;
+  h.num_topk = num_topk;
+  h.num_local_experts = num_local_experts;
+  h.hidden = hidden;
+  h.layout = layout;
+  return h;
+}
+
+bool LLSizesValid(int num_ranks, int max_tokens, int num_topk, int hidden) {
+  return num_ranks >= 1 && num_ranks <= kMaxRanks && max_tokens >= 1 && num_topk >= 1 &&
+         num_topk <= kLLMaxTopk && hidden % 16 == 0;
+}
+
+}  // namespace
+
 cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens, int num_topk,
                                int num_local_experts, int hidden, bool copy_engine,
                                ErrorRecord* const* errors, LLWorkspace** workspaces) {
-  if (num_ranks < 1 || num_ranks > kMaxRanks || max_tokens < 1 || num_topk < 1 ||
-      num_topk > kLLMaxTopk || hidden % 16) {
-    return cudaErrorInvalidValue;
-  }
+  if (!LLSizesValid(num_ranks, max_tokens, num_topk, hidden)) return cudaErrorInvalidValue;
   int previous = 0;
   cudaGetDevice(&previous);
   for (int r = 0; r < num_ranks; ++r) workspaces[r] = nullptr;
@@ -1167,21 +1191,36 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
     err = LoadLLModule();
   }
   for (int r = 0; r < num_ranks && err == cudaSuccess; ++r) {
-    LLWorkspace h{};
-    for (int p = 0; p < num_ranks; ++p) h.peers[p] = workspaces[p];
-    h.error = errors[r];
-    h.rank = r;
-    h.num_ranks = num_ranks;
-    h.max_tokens = max_tokens;
-    h.num_topk = num_topk;
-    h.num_local_experts = num_local_experts;
-    h.hidden = hidden;
-    h.layout = l;
+    const LLWorkspace h = LLHeader(r, num_ranks, max_tokens, num_topk, num_local_experts, hidden,
+                                   l, errors[r], workspaces);
     if ((err = cudaSetDevice(devices[r])) == cudaSuccess) {
       err = cudaMemcpy(workspaces[r], &h, sizeof(h), cudaMemcpyHostToDevice);
     }
   }
   if (err != cudaSuccess) DestroyLLWorkspaces(num_ranks, devices, workspaces);
+  cudaSetDevice(previous);
+  return err;
+}
+
+cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_tokens,
+                                   int num_topk, int num_local_experts, int hidden,
+                                   ErrorRecord* error, LLWorkspace* const* peers) {
+  if (!LLSizesValid(num_ranks, max_tokens, num_topk, hidden) || rank < 0 || rank >= num_ranks) {
+    return cudaErrorInvalidValue;
+  }
+  int previous = 0;
+  cudaGetDevice(&previous);
+  const LLLayout l =
+      ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden, false);
+  cudaError_t err = cudaSetDevice(device);
+  if (err == cudaSuccess) err = cudaMemset(peers[rank], 0, static_cast<size_t>(l.total_bytes));
+  if (err == cudaSuccess) err = LoadLLModule();
+  if (err == cudaSuccess) {
+    const LLWorkspace h = LLHeader(rank, num_ranks, max_tokens, num_topk, num_local_experts,
+                                   hidden, l, error, peers);
+    err = cudaMemcpy(peers[rank], &h, sizeof(h), cudaMemcpyHostToDevice);
+  }
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
   cudaSetDevice(previous);
   return err;
 }

@@ -173,6 +173,13 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
                                int num_local_experts, int hidden, bool copy_engine,
                                ErrorRecord* const* errors, LLWorkspace** workspaces);
 cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace** workspaces);
+// One process per GPU: initialises this process's rank of the group in symmetric memory that
+// the caller allocated (LLWorkspaceBytes without copy-engine buffers; peers[p] is rank p's
+// workspace mapped here, peers[rank] this process's own, zeroed here). `error` is the device
+// alias of the rank's host-mapped record. Loads the kernels and synchronises.
+cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_tokens,
+                                   int num_topk, int num_local_experts, int hidden,
+                                   ErrorRecord* error, LLWorkspace* const* peers);
 
 // Per-device state of copy-engine dispatch sends (host side; only with LLLayout::copy_engine).
 // The call's buffer is 2 + (calls & 1): the host picks it, since the copies' addresses are fixed

@@ -108,6 +108,11 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   a.meta = meta->typed_data();
   a.num_sms = num_sms;
   a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  if (ref.stage) {
+    a.stage = ref.stage;
+    a.stage_layout = DispatchStageLayout(T, a.x_row_bytes, a.s_row_bytes, K);
+    JAXEP_RETURN_IF_ERROR(CheckStage(op, a.stage_layout, ref));
+  }
   return LaunchStatus(op, LaunchDispatch(a, stream));
 }
 
@@ -144,6 +149,11 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.out = out->untyped_data();
   a.num_sms = num_sms;
   a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  if (ref.stage) {
+    a.stage = ref.stage;
+    a.stage_layout = RowsStageLayout(C, static_cast<int64_t>(y.size_bytes()) / (C ? C : 1));
+    JAXEP_RETURN_IF_ERROR(CheckStage(op, a.stage_layout, ref));
+  }
   return LaunchStatus(op, LaunchCombine(a, stream));
 }
 
@@ -174,6 +184,11 @@ ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   a.out = out->untyped_data();
   a.num_sms = num_sms;
   a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  if (ref.stage) {
+    a.stage = ref.stage;
+    a.stage_layout = RowsStageLayout(T, a.row_bytes);
+    JAXEP_RETURN_IF_ERROR(CheckStage(op, a.stage_layout, ref));
+  }
   return LaunchStatus(op, LaunchDispatchRows(a, stream));
 }
 

@@ -33,6 +33,14 @@ inline ffi::Error CheckTokens(const char* op, int64_t tokens, const WorkspaceRef
                          std::to_string(ref.max_tokens));
 }
 
+// One process per GPU: a call's inputs must fit the stage sized for the communicator.
+inline ffi::Error CheckStage(const char* op, const StageLayout& layout, const WorkspaceRef& ref) {
+  if (static_cast<size_t>(layout.bytes) <= ref.stage_bytes) return ffi::Error::Success();
+  return Invalid(op, "the call's inputs take " + std::to_string(layout.bytes) +
+                         " bytes of the process-per-GPU stage, which holds " +
+                         std::to_string(ref.stage_bytes));
+}
+
 inline ffi::Error LaunchStatus(const char* op, cudaError_t err) {
   if (err == cudaSuccess) return ffi::Error::Success();
   return ffi::Error::Internal(std::string("jaxep_") + op + "_ffi: launch failed: " +

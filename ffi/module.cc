@@ -4,6 +4,7 @@
 //                      jax.ffi.register_ffi_target(name, capsule, platform="CUDA");
 //                      empty without CUDA.
 //   intranode_create(groups, max_tokens) -> (id, bytes per device)  (CUDA builds)
+//   process_region_bytes(...), process_create(...) -> (id, bytes)  (one process per GPU)
 //   intranode_release(id), intranode_error(id) -> str ("" when none)
 //   ll_copy_engine_sends(id, device) -> copy-engine dispatch sends enqueued so far
 //   ll_workspace_bytes(...), ll_shared_bytes(...): sizes of the low-latency buffers / kernels
@@ -81,6 +82,33 @@ NB_MODULE(_jaxep_ext, m) {
       "Allocate the intranode workspaces of a new communicator (groups[g][r] = device ordinal "
       "of rank r of EP group g), with the low-latency buffers when `low_latency` (and those of "
       "copy-engine sends when `copy_engine`); returns (id, bytes allocated per device).");
+  m.def(
+      "process_region_bytes",
+      [](int num_ranks, int max_tokens, int capacity, bool low_latency, int num_topk,
+         int num_local_experts, int hidden) {
+        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, false};
+        return jaxep::ProcessRegionLayout(num_ranks, max_tokens, capacity, ll).total;
+      },
+      nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("capacity"), nb::arg("low_latency"),
+      nb::arg("num_topk"), nb::arg("num_local_experts"), nb::arg("hidden"),
+      "Bytes of one rank's symmetric region (one process per GPU): the same on every rank.");
+  m.def(
+      "process_create",
+      [](int device, int rank, const std::vector<uint64_t>& bases, int max_tokens, int capacity,
+         bool low_latency, int num_topk, int num_local_experts, int hidden) {
+        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, false};
+        std::vector<uintptr_t> b(bases.begin(), bases.end());
+        int64_t id = 0;
+        std::string err = jaxep::RegisterProcessRank(device, rank, b, max_tokens, capacity, ll, &id);
+        if (!err.empty()) throw std::runtime_error(err);
+        return nb::make_tuple(
+            id, jaxep::ProcessRegionLayout(static_cast<int>(b.size()), max_tokens, capacity, ll).total);
+      },
+      nb::arg("device"), nb::arg("rank"), nb::arg("bases"), nb::arg("max_tokens"),
+      nb::arg("capacity"), nb::arg("low_latency"), nb::arg("num_topk"),
+      nb::arg("num_local_experts"), nb::arg("hidden"),
+      "Register this process's rank of an EP group spanning processes (one GPU each): bases[p] "
+      "is rank p's symmetric region as this process addresses it; returns (id, bytes per rank).");
   m.def(
       "ll_workspace_bytes",
       [](int num_ranks, int max_tokens, int num_topk, int num_local_experts, int hidden,

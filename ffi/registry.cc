@@ -13,7 +13,12 @@ namespace jaxep {
 namespace {
 
 struct Group {
-  std::vector<int> devices;
+  std::vector<int> devices;  // this process's devices of the group
+  std::vector<int> ranks;    // their ranks (0..n-1 in one process)
+  int num_ranks = 0;
+  bool external = false;     // one process per GPU: the memory is the caller's symmetric region
+  char* stage = nullptr;     // with `external`: this rank's stage
+  size_t stage_bytes = 0;
   std::vector<Workspace*> ws;
   std::vector<ErrorRecord*> errors;
   int max_tokens = 0;
@@ -58,6 +63,10 @@ const char* PhaseName(int phase) {
 }
 
 void Free(Group& g) {
+  if (g.external) {  // only the host-mapped error records are ours
+    for (ErrorRecord* e : g.errors) cudaFreeHost(e);
+    return;
+  }
   if (g.ll_ce) DestroyLLCopyEngines(static_cast<int>(g.devices.size()), g.devices.data(), g.ll_ce.get());
   if (!g.ll.empty()) {
     DestroyLLWorkspaces(static_cast<int>(g.devices.size()), g.devices.data(), g.ll.data());
@@ -79,8 +88,14 @@ std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, in
       return "an EP group must have 1.." + std::to_string(kMaxRanks) + " GPUs of this process, got " +
              std::to_string(n);
     }
-    Group g{devices, std::vector<Workspace*>(n), std::vector<ErrorRecord*>(n), max_tokens, {},
-            ll};
+    Group g;
+    g.devices = devices;
+    for (int r = 0; r < n; ++r) g.ranks.push_back(r);
+    g.num_ranks = n;
+    g.ws.assign(n, nullptr);
+    g.errors.assign(n, nullptr);
+    g.max_tokens = max_tokens;
+    g.ll_cfg = ll;
     cudaError_t err =
         CreateWorkspaces(n, g.devices.data(), max_tokens, g.ws.data(), g.errors.data());
     if (err != cudaSuccess) {
@@ -130,6 +145,80 @@ std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, in
   return "";
 }
 
+ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, const LLConfig& ll) {
+  auto up = [](size_t n) { return (n + 4095) & ~size_t{4095}; };
+  ProcessRegion p;
+  p.workspace_off = 0;
+  p.stage_off = up(WorkspaceBytes(num_ranks, max_tokens));
+  p.stage_bytes = StageBytes(max_tokens, capacity, ll.num_topk, ll.hidden);
+  p.ll_off = up(p.stage_off + p.stage_bytes);
+  p.total = p.ll_off;
+  if (ll.enabled) {
+    p.total += up(LLWorkspaceBytes(num_ranks, max_tokens, ll.num_topk, ll.num_local_experts,
+                                   ll.hidden, false));
+  }
+  return p;
+}
+
+std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_t>& bases,
+                                int max_tokens, int capacity, const LLConfig& ll, int64_t* id) {
+  const int n = static_cast<int>(bases.size());
+  if (n < 1 || n > kMaxRanks || rank < 0 || rank >= n) {
+    return "an EP group across processes must have 1.." + std::to_string(kMaxRanks) +
+           " ranks with this process's rank among them, got rank " + std::to_string(rank) +
+           " of " + std::to_string(n);
+  }
+  if (ll.copy_engine) return "copy-engine low-latency sends are not available across processes";
+  const ProcessRegion region = ProcessRegionLayout(n, max_tokens, capacity, ll);
+  Workspace* peers[kMaxRanks] = {};
+  const char* stages[kMaxRanks] = {};
+  LLWorkspace* ll_peers[kMaxRanks] = {};
+  for (int p = 0; p < n; ++p) {
+    char* base = reinterpret_cast<char*>(bases[p]);
+    if (!base) return "rank " + std::to_string(p) + "'s region is not addressable from rank " +
+                      std::to_string(rank);
+    peers[p] = reinterpret_cast<Workspace*>(base + region.workspace_off);
+    stages[p] = base + region.stage_off;
+    ll_peers[p] = reinterpret_cast<LLWorkspace*>(base + region.ll_off);
+  }
+  std::lock_guard<std::mutex> lock(Mutex());
+  Group g;
+  g.devices = {device};
+  g.ranks = {rank};
+  g.num_ranks = n;
+  g.external = true;
+  g.max_tokens = max_tokens;
+  g.ll_cfg = ll;
+  g.ws = {peers[rank]};
+  g.stage = const_cast<char*>(stages[rank]);
+  g.stage_bytes = region.stage_bytes;
+  g.errors = {nullptr};
+  cudaError_t err = InitProcessWorkspace(device, rank, n, max_tokens, peers, stages, &g.errors[0]);
+  if (err != cudaSuccess) {
+    return std::string("initialising the process-per-GPU workspace failed: ") +
+           cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
+  }
+  if (ll.enabled) {
+    ErrorRecord* device_error = nullptr;
+    err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_error), g.errors[0], 0);
+    if (err == cudaSuccess) {
+      err = InitProcessLLWorkspace(device, rank, n, max_tokens, ll.num_topk, ll.num_local_experts,
+                                   ll.hidden, device_error, ll_peers);
+    }
+    if (err != cudaSuccess) {
+      Free(g);
+      return std::string("initialising the process-per-GPU low-latency buffers failed: ") +
+             cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
+    }
+    g.ll = {ll_peers[rank]};
+  }
+  *id = Table().next_id++;
+  std::vector<Group> groups;
+  groups.push_back(std::move(g));
+  Table().live[*id] = std::move(groups);
+  return "";
+}
+
 void ReleaseCommunicator(int64_t id) {
   std::lock_guard<std::mutex> lock(Mutex());
   auto it = Table().live.find(id);
@@ -145,11 +234,11 @@ WorkspaceRef FindWorkspace(int64_t id, int device) {
   for (auto& g : it->second) {
     for (size_t r = 0; r < g.devices.size(); ++r) {
       if (g.devices[r] == device) {
-        const int n = static_cast<int>(g.devices.size());
-        return {g.ws[r], g.errors[r], static_cast<int>(r), n, g.max_tokens,
+        const int n = g.num_ranks;
+        return {g.ws[r], g.errors[r], g.ranks[r], n, g.max_tokens,
                 g.ll.empty() ? nullptr : g.ll[r],
                 LLShape{n, g.ll_cfg.num_local_experts, g.ll_cfg.hidden}, g.ll_cfg.num_topk,
-                g.ll_ce ? &g.ll_ce[r] : nullptr};
+                g.ll_ce ? &g.ll_ce[r] : nullptr, g.stage, g.stage_bytes};
       }
     }
   }

@@ -23,9 +23,12 @@ struct WorkspaceRef {
   LLShape ll_shape{};
   int ll_topk = 0;
   LLCopyEngines* ll_ce = nullptr;  // this device's copy-engine send state, when allocated
+  char* stage = nullptr;  // one process per GPU: this rank's stage (inputs copied for the peers)
+  size_t stage_bytes = 0;
 };
 
-// Sizes of a communicator's low-latency buffers (allocated when `enabled`).
+// Sizes of a communicator's low-latency buffers (allocated when `enabled`); K, E_l and H are
+// the communicator's and are set also without them (they size the process-per-GPU stage).
 struct LLConfig {
   bool enabled = false;
   int num_topk = 0, num_local_experts = 0, hidden = 0;
@@ -37,6 +40,20 @@ struct LLConfig {
 // Returns an empty string on success, else what failed.
 std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, int max_tokens,
                                  const LLConfig& ll, int64_t* id, size_t* bytes_per_device);
+// One process per GPU: the layout of a rank's symmetric region (the same on every rank):
+// the normal-mode Workspace, its stage, then the low-latency buffers when enabled.
+struct ProcessRegion {
+  size_t workspace_off = 0, stage_off = 0, stage_bytes = 0, ll_off = 0, total = 0;
+};
+ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, const LLConfig& ll);
+
+// One process per GPU: registers this process's rank `rank` of an EP group of bases.size()
+// processes, on `device`, under a new id. bases[p] is rank p's symmetric region (laid out by
+// ProcessRegionLayout) as this process addresses it (nvshmem_ptr; bases[rank] its own). Zeroes
+// this rank's region: the caller must keep the peers from writing into it until this returned
+// on every rank. The region is the caller's (never freed here). Returns "" or what failed.
+std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_t>& bases,
+                                int max_tokens, int capacity, const LLConfig& ll, int64_t* id);
 // Retires communicator `id`: handlers no longer find its workspaces (their calls fail with a
 // clear error). The memory stays allocated until the process exits, because a program captured
 // in a CUDA graph replays its kernels without calling the handler again: freeing would let such

@@ -188,6 +188,26 @@ def intranode_create(groups, max_tokens: int, low_latency: bool = False, num_top
     return int(comm_id), int(nbytes)
 
 
+def process_region_bytes(num_ranks, max_tokens, capacity, low_latency, num_topk,
+                         num_local_experts, hidden) -> int:
+    """Bytes of one rank's symmetric region (one process per GPU); the same on every rank."""
+    _require()
+    return int(_ext.process_region_bytes(int(num_ranks), int(max_tokens), int(capacity),
+                                         bool(low_latency), int(num_topk),
+                                         int(num_local_experts), int(hidden)))
+
+
+def process_create(device, rank, bases, max_tokens, capacity, low_latency, num_topk,
+                   num_local_experts, hidden) -> tuple[int, int]:
+    """Registers this process's rank of an EP group spanning processes, in the symmetric regions
+    ``bases`` (rank p's as this process addresses it): ``(id, bytes per rank)``."""
+    _require()
+    comm_id, nbytes = _ext.process_create(int(device), int(rank), [int(b) for b in bases],
+                                          int(max_tokens), int(capacity), bool(low_latency),
+                                          int(num_topk), int(num_local_experts), int(hidden))
+    return int(comm_id), int(nbytes)
+
+
 def intranode_release(comm_id: int) -> None:
     """Retire a communicator's workspaces: later calls fail with a clear error. The memory (a few
     KB per device) stays allocated until the process exits, so a compiled program replayed from

@@ -15,8 +15,8 @@ BACKENDS = ("auto", "cuda", "xla")
 
 # Which public ops have a CUDA kernel today. Ops not listed run the pure-JAX implementation even
 # with backend="cuda" (``Communicator.implementation`` says which one runs; the README's status
-# table says the same). Normal-mode dispatch/combine need the intranode transport: every device
-# of the mesh addressable by this process, EP groups of at most 8 GPUs, K <= 32, E <= 8192.
+# table says the same). Normal-mode dispatch/combine need a transport (``choose_transport``),
+# EP groups of at most 8 GPUs, K <= 32, E <= 8192.
 CUDA_OPS = frozenset({"dispatch_layout"})
 INTRANODE_OPS = frozenset({"dispatch", "combine"})
 # The low-latency ops need the intranode transport plus the low-latency buffers
@@ -64,21 +64,67 @@ class Communicator:
         self.backend = _resolve_backend(backend, mesh)
         self.comm_id = None  # the CUDA registry's id of this communicator's workspaces
         self.workspace_bytes = 0  # per device, allocated outside XLA's allocator
+        # "process" (the EP group inside one process), "nvshmem" (one process per GPU) or None
+        # (the pure-JAX path runs the communication).
+        self.transport = None
+        self.transport_reason = "backend='xla'" if self.backend == "xla" else ""
         self._intranode = False
         self._low_latency = False
+        self._closed = False
         if self.backend == "cuda":
             _cuda.register()
-            if self._intranode_supported():
-                ll = self._ll_wanted()
-                self.comm_id, self.workspace_bytes = _cuda.intranode_create(
-                    self.ep_groups(), cfg.max_tokens_per_rank,
-                    low_latency=ll, num_topk=cfg.num_topk,
-                    num_local_experts=self.num_local_experts, hidden=cfg.hidden,
-                    copy_engine=ll and cfg.ll_copy_engine)
-                self._intranode = True
-                self._low_latency = ll
-                self._release = weakref.finalize(self, _cuda.intranode_release, self.comm_id)
-        self._closed = False
+            self._create_transport(explicit=backend == "cuda")
+
+    def _create_transport(self, explicit: bool) -> None:
+        cfg = self.cfg
+        groups = self._ep_group_devices()
+        transport, reason = choose_transport(
+            [[d.process_index for d in g] for g in groups],
+            [d.process_index for d in self.mesh.devices.flat], jax.process_count())
+        self.transport_reason = reason
+        if transport is None:
+            if explicit:
+                raise ValueError(f"backend='cuda': {reason}")
+            return
+        if not self._kernels_supported():
+            self.transport_reason = (f"EP group of R={self.num_ranks} ranks, K={cfg.num_topk}, "
+                                     f"E={cfg.num_experts}: beyond the CUDA kernels' limits "
+                                     f"(R <= {_cuda.MAX_RANKS}, K <= {_cuda.MAX_TOPK}, "
+                                     f"E <= {_cuda.MAX_EXPERTS})")
+            return
+        me = jax.process_index()
+        if transport == "process":
+            ll = self._ll_wanted(cfg.ll_copy_engine)
+            mine = [[d.local_hardware_id for d in g] for g in groups
+                    if g[0].process_index == me]
+            self.comm_id, self.workspace_bytes = _cuda.intranode_create(
+                mine, cfg.max_tokens_per_rank, low_latency=ll, num_topk=cfg.num_topk,
+                num_local_experts=self.num_local_experts, hidden=cfg.hidden,
+                copy_engine=ll and cfg.ll_copy_engine)
+        else:
+            if cfg.ll_copy_engine:
+                raise ValueError("EPConfig.ll_copy_engine: copy-engine low-latency sends are "
+                                 "not available with one process per GPU; leave it False")
+            from jaxep import _nvshmem
+
+            group = next(g for g in groups if any(d.process_index == me for d in g))
+            rank = next(i for i, d in enumerate(group) if d.process_index == me)
+            ll = self._ll_wanted(False)
+            made = _nvshmem.create_region(
+                self, rank, group[rank].local_hardware_id, [d.process_index for d in group],
+                cfg.recv_capacity or self.num_ranks * cfg.max_tokens_per_rank, ll)
+            if made is None:
+                reason = ("a peer of the EP group is not load/store reachable (another host): "
+                          "the internode transport is not available yet")
+                self.transport_reason = reason
+                if explicit:
+                    raise ValueError(f"backend='cuda': {reason}")
+                return
+            self.comm_id, self.workspace_bytes = made
+        self.transport = transport
+        self._intranode = True
+        self._low_latency = ll
+        self._release = weakref.finalize(self, _cuda.intranode_release, self.comm_id)
 
     # -- placement ---------------------------------------------------------------------------
     def local_expert_ids(self, rank: int) -> np.ndarray:
@@ -87,22 +133,26 @@ class Communicator:
             raise ValueError(f"rank must be in [0, {self.num_ranks}), got {rank}")
         return self.global_expert[rank].copy()
 
-    def ep_groups(self) -> list[list[int]]:
-        """Device ordinals of each EP group, in rank order (one group per combination of the
-        mesh's other axes)."""
+    def _ep_group_devices(self) -> list[list]:
+        """The devices of each EP group, in rank order (one group per combination of the mesh's
+        other axes)."""
         names = list(self.mesh.axis_names)
         ep = [names.index(a) for a in self.cfg.axis_names]
         rest = [i for i in range(len(names)) if i not in ep]
         devices = np.transpose(self.mesh.devices, rest + ep).reshape(-1, self.num_ranks)
-        return [[d.local_hardware_id for d in group] for group in devices]
+        return [list(group) for group in devices]
 
-    def _intranode_supported(self) -> bool:
+    def ep_groups(self) -> list[list[int]]:
+        """Device ordinals of this process's EP groups, in rank order."""
         me = jax.process_index()
-        return (self.num_ranks <= _cuda.MAX_RANKS and self.cfg.num_topk <= _cuda.MAX_TOPK
-                and self.cfg.num_experts <= _cuda.MAX_EXPERTS
-                and all(d.process_index == me for d in self.mesh.devices.flat))
+        return [[d.local_hardware_id for d in g] for g in self._ep_group_devices()
+                if g[0].process_index == me and all(d.process_index == me for d in g)]
 
-    def _ll_wanted(self) -> bool:
+    def _kernels_supported(self) -> bool:
+        return (self.num_ranks <= _cuda.MAX_RANKS and self.cfg.num_topk <= _cuda.MAX_TOPK
+                and self.cfg.num_experts <= _cuda.MAX_EXPERTS)
+
+    def _ll_wanted(self, copy_engine: bool) -> bool:
         """Whether to allocate the low-latency buffers (see ``EPConfig.low_latency``)."""
         cfg = self.cfg
         if cfg.low_latency is False or not _cuda.ll_supported(
@@ -112,7 +162,7 @@ class Communicator:
         if cfg.low_latency:
             return True
         nbytes = _cuda.ll_workspace_bytes(self.num_ranks, cfg.max_tokens_per_rank, cfg.num_topk,
-                                          self.num_local_experts, cfg.hidden, cfg.ll_copy_engine)
+                                          self.num_local_experts, cfg.hidden, copy_engine)
         return nbytes <= LL_AUTO_MAX_BYTES
 
     def implementation(self, op: str) -> str:
@@ -164,6 +214,40 @@ class Communicator:
     def __repr__(self) -> str:
         return (f"Communicator(R={self.num_ranks}, E={self.cfg.num_experts}, "
                 f"axis={self.cfg.axis_name!r}, backend={self.backend!r})")
+
+
+def choose_transport(group_processes, mesh_processes, num_processes):
+    """Which transport serves EP groups whose devices belong to these processes (the rule of
+    docs/design.md, "Process models"): ``(transport or None, reason)``.
+
+    Args:
+      group_processes: per EP group, the process index of each rank's device.
+      mesh_processes: the process index of every device of the mesh.
+      num_processes: processes in the job (``jax.process_count()``).
+
+    ``"process"`` when every EP group lies inside one process (its GPUs reach each other by
+    peer access; on a multi-host mesh each process serves its own groups); ``"nvshmem"`` when
+    the groups span processes that each drive exactly one GPU of the mesh and the mesh spans
+    every process (NVSHMEM's symmetric allocation is collective over all of them); otherwise
+    None: the pure-JAX path, since an NVSHMEM PE is one process bound to one GPU.
+    """
+    if all(len(set(g)) == 1 for g in group_processes):
+        return "process", "every EP group lies inside one process"
+    per_process = {}
+    for p in mesh_processes:
+        per_process[p] = per_process.get(p, 0) + 1
+    several = sorted(p for p, n in per_process.items() if n > 1)
+    if several:
+        p = several[0]
+        return None, (f"an EP group spans processes, and process {p} drives "
+                      f"{per_process[p]} GPUs of the mesh: the kernels reach GPUs of other "
+                      "processes through NVSHMEM, whose PE is one process bound to one GPU; "
+                      "launch one process per GPU (or keep each EP group inside one process)")
+    if len(per_process) != num_processes:
+        return None, (f"the mesh spans {len(per_process)} of the job's {num_processes} "
+                      "processes: one process per GPU needs every process in the mesh "
+                      "(NVSHMEM's symmetric allocation is collective)")
+    return "nvshmem", "EP groups span processes that drive one GPU each"
 
 
 def _placement_tables(cfg: EPConfig, num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
