@@ -18,7 +18,17 @@ taken outside it gives the right gradients for replicated and sharded weights al
 
     python examples/train_moe.py                      # 8 virtual CPU devices, ~1 minute
     python examples/train_moe.py --placement round_robin --experts 32 --topk 4
-    python examples/train_moe.py --backend cuda       # every GPU of this host
+    python examples/train_moe.py --backend cuda       # every GPU of this host, one process
+
+One process per GPU (how JAX runs on clusters; jaxep then moves data through NVSHMEM):
+
+    srun --ntasks-per-node=8 --gpus-per-task=1 python examples/train_moe.py --distributed
+    mpirun -np 8 python examples/train_moe.py --distributed     # (OpenMPI)
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python examples/train_moe.py \
+        --coordinator 127.0.0.1:12345 --num-processes 4 --process-id $i & done; wait
+
+``--distributed`` calls ``jax.distributed.initialize()``, which reads SLURM's or OpenMPI's
+environment; the three explicit flags serve a plain launcher.
 
 Exits non-zero if the loss did not fall clearly, so it doubles as a smoke test.
 """
@@ -49,7 +59,21 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--aux-weight", type=float, default=1e-2, help="load-balancing loss weight")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distributed", action="store_true",
+                   help="jax.distributed.initialize() from SLURM / OpenMPI (one process per GPU)")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (plain launcher)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     return p.parse_args(argv)
+
+
+def init_distributed(args):
+    """Joins the multi-process job when asked to (before any other jax call)."""
+    if args.coordinator or args.num_processes or args.process_id is not None:
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
 
 
 if __name__ == "__main__":
@@ -57,7 +81,9 @@ if __name__ == "__main__":
     # Virtual CPU devices must be requested before jax is imported; the flag only affects the
     # CPU platform, so it is harmless where jax picks GPUs.
     flags = os.environ.get("XLA_FLAGS", "")
-    if ARGS.platform in (None, "cpu") and "xla_force_host_platform_device_count" not in flags:
+    multi = ARGS.distributed or ARGS.coordinator or ARGS.num_processes
+    if (ARGS.platform in (None, "cpu") and not multi
+            and "xla_force_host_platform_device_count" not in flags):
         count = f"--xla_force_host_platform_device_count={ARGS.devices or 8}"
         os.environ["XLA_FLAGS"] = f"{flags} {count}".strip()
 
@@ -180,9 +206,10 @@ def make_loss(comm, args, entropy, specs):
 
 
 def main(args):
+    init_distributed(args)
     platform = args.platform or jax.default_backend()
     devices = jax.devices(platform)
-    n = args.devices or (8 if platform == "cpu" else len(devices))
+    n = args.devices or (8 if platform == "cpu" and jax.process_count() == 1 else len(devices))
     if n > len(devices):
         sys.exit(f"asked for {n} devices, {platform} has {len(devices)}")
     if args.tokens_per_rank % args.seq_len:
@@ -191,16 +218,19 @@ def main(args):
     cfg = jaxep.EPConfig(num_experts=args.experts, num_topk=args.topk, hidden=args.hidden,
                          max_tokens_per_rank=args.tokens_per_rank, placement=args.placement)
     comm = jaxep.Communicator(mesh, cfg, backend=args.backend)
-    print(f"{comm} on {n} {platform} devices: {comm.num_local_experts} experts per rank, "
+    print(f"{comm} on {n} {platform} devices of {jax.process_count()} process(es): "
+          f"{comm.num_local_experts} experts per rank, "
           f"{args.tokens_per_rank} tokens per rank, dispatch via "
           f"{comm.implementation('dispatch')}")
 
     log_probs, entropy = markov_chain(args.vocab, 4, args.seed)
     batch = n * args.tokens_per_rank // args.seq_len
     key_init, key_eval, key_train = jax.random.split(jax.random.key(args.seed), 3)
-    params = init_params(key_init, comm, args)
-    specs = param_specs(params)
-    params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+    # Made by jitted functions with output shardings: that also works when the mesh spans
+    # processes (no host array is transferred to another process's devices).
+    specs = param_specs(jax.eval_shape(lambda k: init_params(k, comm, args), key_init))
+    params = jax.jit(lambda k: init_params(k, comm, args),
+                     out_shardings={k: NamedSharding(mesh, s) for k, s in specs.items()})(key_init)
     loss_fn = make_loss(comm, args, entropy, specs)
     opt = optax.adam(args.lr)
     opt_state = opt.init(params)
@@ -215,10 +245,10 @@ def main(args):
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
-    eval_tokens = jax.device_put(sample_sequences(key_eval, log_probs, batch, args.seq_len + 1),
-                                 data_sharding)
-    evaluate = jax.jit(lambda p: loss_fn(p, eval_tokens)[1])
-    first = evaluate(params)
+    eval_tokens = jax.jit(lambda: sample_sequences(key_eval, log_probs, batch, args.seq_len + 1),
+                          out_shardings=data_sharding)()
+    evaluate = jax.jit(lambda p, tokens: loss_fn(p, tokens)[1])
+    first = evaluate(params, eval_tokens)
     print(f"initial eval loss {first[0]:.4f} (uniform guess {math.log(args.vocab):.4f}, "
           f"chain entropy {first[2]:.4f})")
 
@@ -229,7 +259,7 @@ def main(args):
             if step % 10 == 0 or step == args.steps - 1:
                 bar.set_postfix(loss=f"{float(metrics[0]):.3f}", aux=f"{float(metrics[1]):.3f}")
     secs = time.perf_counter() - t0
-    last = evaluate(params)
+    last = evaluate(params, eval_tokens)
     print(f"{args.steps} steps in {secs:.1f} s (compilation included), "
           f"{args.steps * batch * args.seq_len / secs:,.0f} tokens/s")
     initial, final, floor = float(first[0]), float(last[0]), float(first[2])

@@ -39,6 +39,16 @@ class Communicator:
 
     The communicator is used by the ops *inside* ``jax.shard_map`` over ``mesh``; it holds no
     per-call state. ``close()`` (or leaving a ``with`` block) releases backend resources.
+
+    Process models (``transport``, decided per EP group by :func:`choose_transport`):
+    ``"process"`` when each EP group lies inside one process (peer access between its GPUs);
+    ``"nvshmem"`` when the groups span processes that drive one GPU each (``jax.distributed``,
+    one process per GPU): then creating a Communicator is a collective step, every process must
+    create the same ones in the same order (checked: a difference or an absent process is an
+    error within ``cfg.timeout_s``), and it needs nvshmem4py (``pip install 'jaxep[cuda]'``);
+    None when the pure-JAX path communicates (``transport_reason`` says why). Under
+    ``backend="cuda"`` a mesh no transport serves (EP across processes that drive several GPUs
+    each) is a ``ValueError``; under ``"auto"`` it runs the pure-JAX path.
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, cfg: EPConfig, backend: str = "auto"):
@@ -213,7 +223,8 @@ class Communicator:
 
     def __repr__(self) -> str:
         return (f"Communicator(R={self.num_ranks}, E={self.cfg.num_experts}, "
-                f"axis={self.cfg.axis_name!r}, backend={self.backend!r})")
+                f"axis={self.cfg.axis_name!r}, backend={self.backend!r}, "
+                f"transport={self.transport!r})")
 
 
 def choose_transport(group_processes, mesh_processes, num_processes):

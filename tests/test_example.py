@@ -37,3 +37,35 @@ def test_train_moe_loss_falls():
     report = f"exit code {proc.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
     assert proc.returncode == 0, report
     assert "loss fell" in out, report
+
+
+@pytest.mark.multiprocess
+def test_train_moe_two_processes():
+    """The example launched as two ``jax.distributed`` processes (the plain-launcher flags), one
+    CPU device each: the same script runs one process per device."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(EXAMPLE), "--platform", "cpu", "--steps", "20",
+           "--tokens-per-rank", "64", "--hidden", "32", "--experts", "8", "--topk", "3",
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=_env(), cwd=str(REPO),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=TIMEOUT_S))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in procs:  # only the processes this test started
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        report = (f"process {i}: exit code {p.returncode}\n--- stdout ---\n{_text(out)}\n"
+                  f"--- stderr ---\n{_text(err)}")
+        assert p.returncode == 0, report
+        assert "of 2 process(es)" in _text(out) and "loss fell" in _text(out), report

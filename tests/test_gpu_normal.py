@@ -32,7 +32,7 @@ pytestmark = [
     pytest.mark.skipif(not _cuda.available(), reason="jaxep extension built without CUDA"),
 ]
 
-RANKS = [2, 4]
+RANKS = [1, 2, 4]  # R=1: one GPU, one process (runs on single-GPU machines)
 BACKENDS = ("cuda", "xla")
 F32 = np.float32
 
