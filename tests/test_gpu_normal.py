@@ -655,8 +655,9 @@ def test_two_cuda_communicators_interleaved(num_ranks):
     check_errors(ca, cb)
     for (ctx, _, exp, _, _), got in zip(jobs, results):
         _check_call(got, exp, ctx)
-    assert any(int(np.asarray(e["num_dropped"]).sum()) for _, _, e, _, cfg in jobs
-               if cfg is CALLS_CFG_B)
+    # B's capacity (32 rows) drops rows once several ranks send; one rank sends at most T=32
+    assert num_ranks == 1 or any(int(np.asarray(e["num_dropped"]).sum())
+                                 for _, _, e, _, cfg in jobs if cfg is CALLS_CFG_B)
     # the xla backend in the same process, same mesh, after the cuda calls
     ctx, _, exp, args, cfg = jobs[-1]
     _check_call(jax.device_get(_calls_fn(num_ranks, cfg, "xla")(*args)), exp, ctx + " (xla)")
