@@ -5,7 +5,8 @@
 # nvshmem4py is not in the image: carry its wheel in .whl/ (device README: `pip download
 # --no-deps nvshmem4py-cu13==0.4.1 ...`); it is installed to /tmp/site here.
 # Usage (repo root):  bash benchmarks/device_multiprocess.sh [sp|mp|all]
-# Env: SP_BUDGET, MP_BUDGET (s), SP_ARGS, MP_ARGS (pytest words), OUT (logs; default device_out)
+# Env: SP_BUDGET, MP_BUDGET (s), SP_ARGS, MP_ARGS (pytest words), MP_K (a -k expression),
+# OUT (logs; default device_out)
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
 STAGE=${1:-all}
@@ -32,7 +33,7 @@ if [ "$STAGE" != mp ]; then
 fi
 if [ "$STAGE" != sp ]; then
   timeout ${MP_BUDGET:-400} python3 -m pytest tests/test_multiprocess_gpu.py -v -rs \
-    --timeout=300 ${MP_ARGS:-} 2>&1 | tee "$OUT/pytest_mp.log" | tail -40
+    --timeout=500 ${MP_ARGS:-} ${MP_K:+-k "$MP_K"} 2>&1 | tee "$OUT/pytest_mp.log" | tail -40
   rc_mp=${PIPESTATUS[0]}
 fi
 echo "single-process GPU tests rc=$rc_sp, multi-process GPU tests rc=$rc_mp"

@@ -5,7 +5,7 @@
 //                      empty without CUDA.
 //   intranode_create(groups, max_tokens) -> (id, bytes per device)  (CUDA builds)
 //   process_region_bytes(...), process_create(...) -> (id, bytes)  (one process per GPU)
-//   intranode_release(id), intranode_error(id) -> str ("" when none)
+//   intranode_release(id), intranode_error(id) -> str ("" when none), first_error() -> (id, str)
 //   ll_copy_engine_sends(id, device) -> copy-engine dispatch sends enqueued so far
 //   ll_workspace_bytes(...), ll_shared_bytes(...): sizes of the low-latency buffers / kernels
 #include <nanobind/nanobind.h>
@@ -131,6 +131,14 @@ NB_MODULE(_jaxep_ext, m) {
   m.def(
       "intranode_error", [](int64_t id) { return jaxep::DescribeError(id); },
       "A recorded kernel failure of communicator `id` (e.g. a barrier timeout), or ''.");
+  m.def(
+      "first_error",
+      []() {
+        int64_t id = 0;
+        std::string msg = jaxep::FirstError(&id);
+        return nb::make_tuple(id, msg);
+      },
+      "(id, message) of the first recorded kernel failure of any live communicator, or (0, '').");
   m.def(
       "ll_copy_engine_sends",
       [](int64_t id, int device) -> int64_t {

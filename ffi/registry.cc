@@ -253,6 +253,21 @@ std::string DescribeError(const ErrorRecord& e) {
          "mismatched calls across ranks";
 }
 
+std::string FirstError(int64_t* id) {
+  std::lock_guard<std::mutex> lock(Mutex());
+  for (const auto& [comm, groups] : Table().live) {
+    for (const auto& g : groups) {
+      for (const ErrorRecord* e : g.errors) {
+        if (std::string s = DescribeError(*e); !s.empty()) {
+          *id = comm;
+          return s;
+        }
+      }
+    }
+  }
+  return "";
+}
+
 std::string DescribeError(int64_t id) {
   std::lock_guard<std::mutex> lock(Mutex());
   auto it = Table().live.find(id);

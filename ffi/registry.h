@@ -64,6 +64,8 @@ WorkspaceRef FindWorkspace(int64_t id, int device);
 // A recorded kernel failure (barrier timeout) of communicator `id`, as text; empty if none.
 std::string DescribeError(int64_t id);
 std::string DescribeError(const ErrorRecord& e);
+// The first recorded kernel failure of any live communicator (*id set to it), or "".
+std::string FirstError(int64_t* id);
 
 }  // namespace jaxep
 

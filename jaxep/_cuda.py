@@ -221,6 +221,15 @@ def intranode_error(comm_id: int) -> str:
     return _ext.intranode_error(comm_id) if available() else ""
 
 
+def first_error() -> tuple[int, str]:
+    """(communicator id, message) of the first recorded kernel failure of any live
+    communicator of this process, or (0, '')."""
+    if not available():
+        return 0, ""
+    comm_id, msg = _ext.first_error()
+    return int(comm_id), str(msg)
+
+
 def ll_copy_engine_sends(comm) -> list[int]:
     """Per device of ``comm``'s mesh: copy-engine dispatch sends enqueued so far (-1: no buffers)."""
     return [int(_ext.ll_copy_engine_sends(comm.comm_id, d)) for g in comm.ep_groups() for d in g]

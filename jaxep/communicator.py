@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+import threading
+import time
 import weakref
 
 import jax
@@ -24,6 +28,7 @@ INTRANODE_OPS = frozenset({"dispatch", "combine"})
 LL_OPS = frozenset({"ll_dispatch", "ll_combine"})
 LL_AUTO_MAX_BYTES = 512 << 20
 ALL_OPS = ("dispatch_layout", "dispatch", "combine", "ll_dispatch", "ll_combine")
+FAILURE_EXIT_CODE = 75  # the process's exit status when jaxep ends it (EPConfig.failure_exit_s)
 
 
 class Communicator:
@@ -135,6 +140,7 @@ class Communicator:
         self._intranode = True
         self._low_latency = ll
         self._release = weakref.finalize(self, _cuda.intranode_release, self.comm_id)
+        _FailureWatch.add(self.comm_id, cfg.failure_exit_s)
 
     # -- placement ---------------------------------------------------------------------------
     def local_expert_ids(self, rank: int) -> np.ndarray:
@@ -225,6 +231,46 @@ class Communicator:
         return (f"Communicator(R={self.num_ranks}, E={self.cfg.num_experts}, "
                 f"axis={self.cfg.axis_name!r}, backend={self.backend!r}, "
                 f"transport={self.transport!r})")
+
+
+class _FailureWatch:
+    """One daemon thread per process, started with the first CUDA communicator, that polls the
+    kernels' host-mapped failure records (``_cuda.first_error``). A kernel that gives up on a
+    peer traps, which loses the process's CUDA context; JAX may then block forever on the lost
+    work. So the watch prints the failure as soon as it is recorded and ends the process after
+    the failing communicator's ``EPConfig.failure_exit_s``, unless the program exits first."""
+
+    _lock = threading.Lock()
+    _grace: dict = {}  # communicator id -> failure_exit_s
+    _thread = None
+
+    @classmethod
+    def add(cls, comm_id: int, failure_exit_s) -> None:
+        with cls._lock:
+            cls._grace[comm_id] = failure_exit_s
+            if cls._thread is None:
+                cls._thread = threading.Thread(target=cls._run, name="jaxep-failure-watch",
+                                               daemon=True)
+                cls._thread.start()
+
+    @classmethod
+    def _run(cls) -> None:
+        while True:
+            time.sleep(0.05)
+            comm_id, msg = _cuda.first_error()
+            if msg:
+                break
+        with cls._lock:
+            grace = cls._grace.get(comm_id)
+        tail = ("" if grace is None else
+                f"; this process's CUDA context is lost: jaxep ends the process in {grace:g} s "
+                f"(EPConfig.failure_exit_s) unless it exits first")
+        print(f"{msg}{tail}", file=sys.stderr, flush=True)
+        if grace is not None:
+            time.sleep(grace)
+            print(f"jaxep: ending the process (exit status {FAILURE_EXIT_CODE}) after: {msg}",
+                  file=sys.stderr, flush=True)
+            os._exit(FAILURE_EXIT_CODE)
 
 
 def choose_transport(group_processes, mesh_processes, num_processes):

@@ -44,6 +44,12 @@ class EPConfig:
         4xH200).
       timeout_s: a peer that does not arrive within this many seconds fails the call instead of
         hanging it (CUDA backend).
+      failure_exit_s: after a kernel of this communicator records such a failure, jaxep prints
+        it to stderr at once and ends the process (exit status
+        ``jaxep.communicator.FAILURE_EXIT_CODE``) this many seconds later, unless it has exited
+        by then: the failed kernel traps, which loses the process's CUDA context, and JAX may
+        then wait forever for the lost work (seen in a process-per-GPU rank). ``None`` keeps the
+        process running (CUDA backend).
       low_latency: allocate the CUDA low-latency buffers (``ll_*`` ops), per GPU about
         ``8 * max_tokens_per_rank * hidden * (R + max(num_topk, R))`` bytes (float32-sized row
         slots, two buffers per direction; ``Communicator.workspace_bytes`` says what was
@@ -65,6 +71,7 @@ class EPConfig:
     recv_capacity: int | None = None
     num_sms: int | None = None
     timeout_s: float = 60.0
+    failure_exit_s: float | None = 10.0
     low_latency: bool | None = None
     ll_copy_engine: bool = False
 
@@ -92,6 +99,14 @@ class EPConfig:
             raise TypeError(f"EPConfig.timeout_s must be a number, got {self.timeout_s!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"EPConfig.timeout_s must be positive, got {self.timeout_s}")
+        if self.failure_exit_s is not None:
+            if (isinstance(self.failure_exit_s, bool)
+                    or not isinstance(self.failure_exit_s, (int, float))):
+                raise TypeError(f"EPConfig.failure_exit_s must be None or a number, got "
+                                f"{self.failure_exit_s!r}")
+            if not 0 <= self.failure_exit_s < float("inf"):
+                raise ValueError(f"EPConfig.failure_exit_s must be None or finite and >= 0, got "
+                                 f"{self.failure_exit_s}")
         if self.low_latency is not None and not isinstance(self.low_latency, bool):
             raise TypeError(f"EPConfig.low_latency must be None, True or False, got "
                             f"{self.low_latency!r}")
