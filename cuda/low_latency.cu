@@ -30,6 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
+#include "device_guard.h"
 #include "sync.cuh"
 
 namespace jaxep {
@@ -217,9 +218,8 @@ __device__ __forceinline__ void SignalPeers(const LLWorkspace* ws, Counter count
 // that it may rewrite the buffer. An acknowledgement orders reads only, and after the
 // __syncthreads every read whose value the block uses has returned it (the values feed stores,
 // shuffles or branches before it; a speculative load whose value is never used, such as the
-// row of a token that was not sent, cannot matter), so a plain relaxed add does:
-// no system-scope fence, which cost the recv 1.9-2.6 us per block (phase stamps,
-// benchmarks/RESULTS.md, eighth session) while it waited for the block's output writes.
+// row of a token that was not sent, cannot matter), so a plain relaxed add does: no
+// system-scope fence, which would make the block wait for its output writes first.
 template <typename Counter>
 __device__ __forceinline__ void AcknowledgePeers(const LLWorkspace* ws, Counter counter) {
   __syncthreads();
@@ -729,8 +729,8 @@ __device__ __forceinline__ void FinishCombineSend(LLWorkspace* ws, unsigned long
 
 // Each valid row goes back to its source's [token][k] slot. The row is moved in kBulkPart
 // pieces by the TMA unit (global -> this warp's shared buffer -> the peer's slot), driven by
-// lane 0 of a warp per piece: over NVLink this writes faster than SM stores (kernel 30.5-31.8
-// against 32.7-37.5 us at R = 2, T = 128; benchmarks/RESULTS.md, fifth session).
+// lane 0 of a warp per piece: over NVLink this writes faster than SM stores
+// (benchmarks/RESULTS.md).
 // Every thread of a block (LLCombineSendKernel, LLCombineKernel); returns the call's sequence
 // number. smem: LLCombineSendSharedBytes, 128-byte aligned.
 template <typename T>
@@ -1177,8 +1177,7 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
                                int num_local_experts, int hidden, bool copy_engine,
                                ErrorRecord* const* errors, LLWorkspace** workspaces) {
   if (!LLSizesValid(num_ranks, max_tokens, num_topk, hidden)) return cudaErrorInvalidValue;
-  int previous = 0;
-  cudaGetDevice(&previous);
+  const DeviceGuard restore_device;
   for (int r = 0; r < num_ranks; ++r) workspaces[r] = nullptr;
   const LLLayout l =
       ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden, copy_engine);
@@ -1198,7 +1197,6 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
     }
   }
   if (err != cudaSuccess) DestroyLLWorkspaces(num_ranks, devices, workspaces);
-  cudaSetDevice(previous);
   return err;
 }
 
@@ -1208,8 +1206,7 @@ cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_
   if (!LLSizesValid(num_ranks, max_tokens, num_topk, hidden) || rank < 0 || rank >= num_ranks) {
     return cudaErrorInvalidValue;
   }
-  int previous = 0;
-  cudaGetDevice(&previous);
+  const DeviceGuard restore_device;
   const LLLayout l =
       ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden, false);
   cudaError_t err = cudaSetDevice(device);
@@ -1221,13 +1218,11 @@ cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_
     err = cudaMemcpy(peers[rank], &h, sizeof(h), cudaMemcpyHostToDevice);
   }
   if (err == cudaSuccess) err = cudaDeviceSynchronize();
-  cudaSetDevice(previous);
   return err;
 }
 
 cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace** workspaces) {
-  int previous = 0;
-  cudaGetDevice(&previous);
+  const DeviceGuard restore_device;
   cudaError_t first = cudaSuccess;
   for (int r = 0; r < num_ranks; ++r) {
     if (!workspaces[r] || cudaSetDevice(devices[r]) != cudaSuccess) continue;
@@ -1236,15 +1231,13 @@ cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace**
     workspaces[r] = nullptr;
     if (first == cudaSuccess) first = e;
   }
-  cudaSetDevice(previous);
   return first;
 }
 
 cudaError_t CreateLLCopyEngines(int num_ranks, const int* devices, LLWorkspace* const* workspaces,
                                 const LLLayout& layout, LLCopyEngines* engines) {
   if (!layout.copy_engine) return cudaErrorInvalidValue;
-  int previous = 0;
-  cudaGetDevice(&previous);
+  const DeviceGuard restore_device;
   cudaError_t err = cudaSuccess;
   for (int r = 0; r < num_ranks && err == cudaSuccess; ++r) {
     LLCopyEngines& c = engines[r];
@@ -1257,13 +1250,11 @@ cudaError_t CreateLLCopyEngines(int num_ranks, const int* devices, LLWorkspace* 
     err = cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking);
   }
   if (err != cudaSuccess) DestroyLLCopyEngines(num_ranks, devices, engines);
-  cudaSetDevice(previous);
   return err;
 }
 
 void DestroyLLCopyEngines(int num_ranks, const int* devices, LLCopyEngines* engines) {
-  int previous = 0;
-  cudaGetDevice(&previous);
+  const DeviceGuard restore_device;
   for (int r = 0; r < num_ranks; ++r) {
     LLCopyEngines& c = engines[r];
     std::lock_guard<std::mutex> lock(c.mutex);
@@ -1280,7 +1271,6 @@ void DestroyLLCopyEngines(int num_ranks, const int* devices, LLCopyEngines* engi
     c.stream = nullptr;
     c.packed = nullptr;
   }
-  cudaSetDevice(previous);
 }
 
 unsigned long long LLCopyEngineSends(LLCopyEngines& engines) {
