@@ -11,6 +11,7 @@
 
 #include <cuda_bf16.h>
 
+#include "device_guard.h"
 #include "sync.cuh"
 
 namespace jaxep {
@@ -19,8 +20,8 @@ namespace {
 constexpr int kPrepThreads = 1024;
 constexpr int kCopyThreads = 1024;
 constexpr int kCopyWarps = kCopyThreads / 32;
-// Combine's default SM count: pulling with more SMs only adds NVLink contention (4xH200,
-// T=4096, H=7168: 526-530 us at 24-32 SMs, 553 us at all 132; benchmarks/RESULTS.md).
+// Combine's default SM count: pulling with more SMs only adds NVLink contention
+// (benchmarks/RESULTS.md).
 constexpr int kCombineDefaultBlocks = 32;
 
 __device__ __forceinline__ int32_t* PosTable(Workspace* ws) {
@@ -556,13 +557,28 @@ cudaError_t LoadModule() {  // touch every kernel so the module is loaded now, n
   return cudaSuccess;
 }
 
+// The constant header of rank `rank`'s workspace: the peers' workspaces (and, one process per
+// GPU, their stages; null in one process) as this rank addresses them, its error record.
+Workspace WorkspaceHeader(int rank, int num_ranks, int max_tokens, ErrorRecord* error,
+                          Workspace* const* peers, const char* const* stages) {
+  Workspace h{};
+  for (int p = 0; p < num_ranks; ++p) {
+    h.peers[p] = peers[p];
+    h.stage[p] = stages ? stages[p] : nullptr;
+  }
+  h.error = error;
+  h.rank = rank;
+  h.num_ranks = num_ranks;
+  h.max_tokens = max_tokens;
+  return h;
+}
+
 }  // namespace
 
 cudaError_t CreateWorkspaces(int num_ranks, const int* devices, int max_tokens,
                              Workspace** workspaces, ErrorRecord** host_errors) {
   if (num_ranks < 1 || num_ranks > kMaxRanks || max_tokens < 1) return cudaErrorInvalidValue;
-  int previous = 0;
-  cudaGetDevice(&previous);
+  const DeviceGuard restore_device;
   ErrorRecord* device_errors[kMaxRanks] = {};
   for (int r = 0; r < num_ranks; ++r) workspaces[r] = nullptr, host_errors[r] = nullptr;
   const size_t bytes = WorkspaceBytes(num_ranks, max_tokens);
@@ -595,18 +611,13 @@ cudaError_t CreateWorkspaces(int num_ranks, const int* devices, int max_tokens,
     if (err == cudaSuccess) err = LoadModule();
   }
   for (int r = 0; r < num_ranks && err == cudaSuccess; ++r) {
-    Workspace header{};
-    for (int p = 0; p < num_ranks; ++p) header.peers[p] = workspaces[p];
-    header.error = device_errors[r];
-    header.rank = r;
-    header.num_ranks = num_ranks;
-    header.max_tokens = max_tokens;
+    const Workspace header =
+        WorkspaceHeader(r, num_ranks, max_tokens, device_errors[r], workspaces, nullptr);
     if ((err = cudaSetDevice(devices[r])) == cudaSuccess) {
       err = cudaMemcpy(workspaces[r], &header, sizeof(header), cudaMemcpyHostToDevice);
     }
   }
   if (err != cudaSuccess) DestroyWorkspaces(num_ranks, devices, workspaces, host_errors);
-  cudaSetDevice(previous);
   return err;
 }
 
@@ -648,8 +659,7 @@ cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_to
       max_tokens < 1) {
     return cudaErrorInvalidValue;
   }
-  int previous = 0;
-  cudaGetDevice(&previous);
+  const DeviceGuard restore_device;
   *host_error = nullptr;
   ErrorRecord* device_error = nullptr;
   Workspace* mine = peers[rank];
@@ -665,15 +675,8 @@ cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_to
   }
   if (err == cudaSuccess) err = LoadModule();
   if (err == cudaSuccess) {
-    Workspace header{};
-    for (int p = 0; p < num_ranks; ++p) {
-      header.peers[p] = peers[p];
-      header.stage[p] = stages[p];
-    }
-    header.error = device_error;
-    header.rank = rank;
-    header.num_ranks = num_ranks;
-    header.max_tokens = max_tokens;
+    const Workspace header =
+        WorkspaceHeader(rank, num_ranks, max_tokens, device_error, peers, stages);
     err = cudaMemcpy(mine, &header, sizeof(header), cudaMemcpyHostToDevice);
   }
   if (err == cudaSuccess) err = cudaDeviceSynchronize();
@@ -681,14 +684,12 @@ cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_to
     cudaFreeHost(*host_error);
     *host_error = nullptr;
   }
-  cudaSetDevice(previous);
   return err;
 }
 
 cudaError_t DestroyWorkspaces(int num_ranks, const int* devices, Workspace** workspaces,
                               ErrorRecord** host_errors) {
-  int previous = 0;
-  cudaGetDevice(&previous);
+  const DeviceGuard restore_device;
   cudaError_t first = cudaSuccess;
   for (int r = 0; r < num_ranks; ++r) {
     if (cudaSetDevice(devices[r]) != cudaSuccess) continue;
@@ -699,7 +700,6 @@ cudaError_t DestroyWorkspaces(int num_ranks, const int* devices, Workspace** wor
     host_errors[r] = nullptr;
     if (first == cudaSuccess) first = e;
   }
-  cudaSetDevice(previous);
   return first;
 }
 

@@ -1,5 +1,7 @@
 // Low-latency (decoding) transport: one process driving several GPUs of one host over NVLink.
-// Kernels + host launchers only; no XLA headers here (see ffi/low_latency.cc).
+// Kernels + host launchers only; no XLA headers here (see ffi/ll_dispatch.cc, ffi/ll_combine.cc).
+// Sources: the kernels in ll_dispatch_kernels.cu and ll_combine_kernels.cu (shared device
+// helpers: ll_common.cuh), the workspaces in ll_setup.cu, copy-engine sends in ll_copy_engines.cu.
 //
 // Design (push, two phases, static buffers). Every device owns an LLWorkspace (cudaMalloc,
 // outside XLA's allocator) that its peers write through peer access:
@@ -59,7 +61,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <mutex>
 
 #include <cuda_runtime.h>  // __host__ __device__
 
@@ -78,7 +79,7 @@ enum LLPhase : int32_t {
   kLLCombineWeights = 15,  // pre-reduced combine send: waiting for a source's top-k weights
 };
 
-// A call's shares at one completion counter add up to this (see SignalPeers in low_latency.cu):
+// A call's shares at one completion counter add up to this (see SignalPeers in ll_common.cuh):
 // more than any grid has blocks (the launchers cap grids at kLLMaxBlocks), and 2^44 calls fit
 // in the 64-bit counters.
 inline constexpr unsigned long long kLLCallTotal = 1ull << 20;
@@ -181,36 +182,8 @@ cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_
                                    int num_topk, int num_local_experts, int hidden,
                                    ErrorRecord* error, LLWorkspace* const* peers);
 
-// Per-device state of copy-engine dispatch sends (host side; only with LLLayout::copy_engine).
-// The call's buffer is 2 + (calls & 1): the host picks it, since the copies' addresses are fixed
-// when they are enqueued. After the send kernel on the caller's stream, a copy-engine send records
-// `packed` there, makes `stream` wait for it and launches there a small CUDA graph: per peer d,
-// the bundle copy (outbox -> d's inbox) and then the flag copy (dispatch_uses[buffer] -> d's
-// dispatch_arrived). One graph launch costs the host a fraction of 2 (R - 1) cudaMemcpyAsync
-// calls; the graphs are instantiated on first use, per buffer and copy size. Nothing joins
-// `stream` back: the receiver's recv kernel waits for the flag. `mutex` serialises the sends of
-// one device (the buffer choice and the launch order must agree) and the reads of `calls`.
-struct LLCopyGraph {
-  size_t bytes = 0;
-  cudaGraphExec_t exec = nullptr;
-};
-inline constexpr int kLLCopyGraphsPerBuffer = 4;  // copy sizes cached per buffer
-struct LLCopyEngines {
-  std::mutex mutex;
-  cudaStream_t stream = nullptr;
-  cudaEvent_t packed = nullptr;
-  LLCopyGraph graphs[2][kLLCopyGraphsPerBuffer];  // [buffer - 2][slot]
-  int next_slot[2] = {};                         // round-robin replacement
-  LLWorkspace* peers[kMaxRanks] = {};  // device pointers of every rank's workspace
-  LLLayout layout{};
-  int rank = -1, num_ranks = 0;
-  unsigned long long calls = 0;  // copy-engine sends so far
-};
-// engines[r] must be freshly constructed; the workspaces must have copy-engine buffers.
-cudaError_t CreateLLCopyEngines(int num_ranks, const int* devices, LLWorkspace* const* workspaces,
-                                const LLLayout& layout, LLCopyEngines* engines);
-void DestroyLLCopyEngines(int num_ranks, const int* devices, LLCopyEngines* engines);
-unsigned long long LLCopyEngineSends(LLCopyEngines& engines);
+// Per-device state of copy-engine dispatch sends: host-side only, see ll_copy_engines.h.
+struct LLCopyEngines;
 
 // Host-side copy of a workspace's sizes, for launch configuration.
 struct LLShape {

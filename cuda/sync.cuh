@@ -1,6 +1,7 @@
 // Device-side synchronisation primitives shared by the transport kernels (intranode.cu,
-// low_latency.cu): system-scope release/acquire flags and bounded waits that report a missing
-// peer in the host-mapped ErrorRecord, then trap (never an infinite hang).
+// ll_dispatch_kernels.cu, ll_combine_kernels.cu): system-scope release/acquire flags and bounded
+// waits that report a missing peer in the host-mapped ErrorRecord, then trap (never an infinite
+// hang).
 #pragma once
 
 #include <cstdio>

@@ -11,10 +11,10 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchLayoutFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepCombineFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchRowsFfi);
-// Low-latency mode (cuda/low_latency.cu): "jaxep_ll_dispatch_send_ffi",
-// "jaxep_ll_dispatch_send_ce_ffi", "jaxep_ll_dispatch_recv_ffi", "jaxep_ll_dispatch_ffi",
-// "jaxep_ll_combine_send_ffi",
-// "jaxep_ll_combine_send_reduced_ffi", "jaxep_ll_combine_recv_ffi", "jaxep_ll_combine_ffi".
+// Low-latency mode (cuda/low_latency.h): ffi/ll_dispatch.cc defines "jaxep_ll_dispatch_send_ffi",
+// "jaxep_ll_dispatch_send_ce_ffi", "jaxep_ll_dispatch_recv_ffi", "jaxep_ll_dispatch_ffi";
+// ffi/ll_combine.cc "jaxep_ll_combine_send_ffi", "jaxep_ll_combine_send_reduced_ffi",
+// "jaxep_ll_combine_recv_ffi", "jaxep_ll_combine_ffi".
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLDispatchSendFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLDispatchSendCeFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi);

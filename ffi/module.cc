@@ -16,6 +16,9 @@
 
 #include "handlers.h"
 #include "registry.h"
+#ifdef JAXEP_WITH_CUDA
+#include "ll_copy_engines.h"  // LLCopyEngineSends
+#endif
 
 namespace nb = nanobind;
 

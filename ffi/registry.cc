@@ -9,6 +9,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "ll_copy_engines.h"
+
 namespace jaxep {
 namespace {
 

@@ -1,0 +1,68 @@
+// Shared by the low-latency FFI handlers (ll_dispatch.cc, ll_combine.cc): finding a
+// communicator's low-latency buffers, the launch-argument fields every LL kernel has, element
+// sizes, and the binding parts every LL target has.
+#pragma once
+#ifdef JAXEP_WITH_CUDA
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include <cuda_runtime_api.h>
+
+#include "checks.h"
+#include "lookup.h"
+#include "low_latency.h"
+#include "registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxep {
+
+inline std::string Str(int64_t v) { return std::to_string(v); }
+
+inline ffi::Error LookupLL(const char* op, int64_t comm_id, int32_t device, WorkspaceRef& ref) {
+  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, ref));
+  if (!ref.ll) {
+    return Invalid(op, "communicator " + Str(comm_id) + " has no low-latency buffers "
+                       "(EPConfig.low_latency=False, or too large for the automatic choice)");
+  }
+  return ffi::Error::Success();
+}
+
+// A launch-argument struct of an LL kernel with the fields every one of them has filled in.
+template <typename Args>
+Args LLArgs(const WorkspaceRef& ref, int32_t num_sms, int64_t timeout_ns) {
+  Args a{};
+  a.ws = ref.ll;
+  a.shape = ref.ll_shape;
+  a.num_sms = num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  return a;
+}
+
+inline int ElemBytes(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F8E4M3FN: return 1;
+    case ffi::DataType::BF16: return 2;
+    case ffi::DataType::F32: return 4;
+    default: return 0;
+  }
+}
+
+// The context that every LL target binds first.
+inline auto LLBind() {
+  return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>();
+}
+
+// The attributes that every LL target has, after a binding's operands and results.
+template <typename Binding>
+auto WithLLAttrs(Binding b) {
+  return std::move(b)
+      .template Attr<int64_t>("comm_id")
+      .template Attr<int32_t>("num_sms")
+      .template Attr<int64_t>("timeout_ns");
+}
+
+}  // namespace jaxep
+
+#endif  // JAXEP_WITH_CUDA
