@@ -1,16 +1,7 @@
-// Intranode normal-mode transport: one process driving several GPUs of one host over NVLink.
+// Normal-mode transport: the GPUs of an EP group (one process, or one per GPU) over NVLink.
 // Kernels + host launchers only; no XLA headers here (see ffi/intranode.cc).
 //
-// Design (pull): every device owns a small Workspace (cudaMalloc, outside XLA's allocator) that
-// its peers can read and write through peer access. A call publishes the addresses of its XLA
-// input buffers in the Workspace, meets its peers at a barrier, then each *receiver* reads the
-// rows it needs straight from the senders' buffers over NVLink and writes its own outputs
-// locally, then meets its peers again so no sender lets XLA reuse an input that is still being
-// read. Sequence numbers live on the device (Workspace::seq, advanced by the kernels), so the
-// host keeps no per-call state and the launches can be captured in CUDA graphs.
-//
-// Row order (DESIGN.md §2): valid rows first, by source rank, then source token. Rows past the
-// receive capacity are dropped deterministically.
+// Pull design, barriers, row order: docs/design.md, "Normal mode: pull" and "Process models".
 #pragma once
 
 #include <cstdint>

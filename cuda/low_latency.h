@@ -1,62 +1,10 @@
-// Low-latency (decoding) transport: one process driving several GPUs of one host over NVLink.
+// Low-latency (decoding) transport: the GPUs of an EP group (one process, or one per GPU).
 // Kernels + host launchers only; no XLA headers here (see ffi/ll_dispatch.cc, ffi/ll_combine.cc).
 // Sources: the kernels in ll_dispatch_kernels.cu and ll_combine_kernels.cu (shared device
 // helpers: ll_common.cuh), the workspaces in ll_setup.cu, copy-engine sends in ll_copy_engines.cu.
 //
-// Design (push, two phases, static buffers). Every device owns an LLWorkspace (cudaMalloc,
-// outside XLA's allocator) that its peers write through peer access:
-//   * dispatch: the *send* kernel quantises (optionally) and writes each token once per
-//     destination rank (deduplicated across that rank's experts: the receiver fans it out) into
-//     the destination's receive *bundle* of this source: per-expert counts, then per-token
-//     metadata (-1 if the token did not go there; else the token, and for each top-k entry the
-//     local expert and the row within it), then the rows, row t for token t (not compacted:
-//     a sender warp needs only its own token's routing, and a receiver warp knows its token
-//     without a prefix) (LLBundleUsedBytes), so one call from one rank to another is one
-//     contiguous range; then it signals every destination and returns. The *recv* kernel
-//     waits for every source's signals, then unpacks the rows into the expert-major
-//     [E_l, R*T, H] output.
-//   * combine: the *send* kernel copies each expert output row (bulk TMA copies through shared
-//     memory) into its source's slot [parity][token][k] and signals; the *recv* kernel
-//     waits, then reduces per token with the top-k weights in float32. Pre-reduced combine
-//     (LaunchLLCombineSendReduced): the expert rank sums a token's rows itself and sends one
-//     row per (token, expert rank) to slot [parity][token][rank].
-//   * one kernel (LaunchLLDispatch, LaunchLLCombine, LaunchLLCombineReduced: ll_dispatch and
-//     ll_combine): the same send, then the same recv, in each block of one launch; a block's
-//     receive starts once every source has signalled, without a second launch. Its blocks wait
-//     for one another through the peers, so the grid is at most one block per SM and the launch
-//     is cooperative (every block placed at once, or the launch fails). Same buffers, counters
-//     and call numbers as the two-phase forms, with which they mix (a one-kernel op counts as a
-//     send of its kind, received at once: see the reuse protocol).
-// Completion: every block of a kernel that writes a peer's buffer adds its share to a counter
-// at that peer with release semantics once its part is done (a block that has read a buffer
-// acknowledges it the same way, with a relaxed add: see AcknowledgePeers); the shares of one
-// grid add up to kLLCallTotal, whatever the grid size, so the k-th call to use a counter is
-// complete there when it reaches k * kLLCallTotal. No block waits for another: no last-block
-// ticket, no all-thread fence, one release per block and peer, side by side.
-// Reuse protocol: a receiver acknowledges a call (the `read` counters) once it has read it; a
-// sender waits, before writing a buffer, until every destination has acknowledged every earlier
-// call that wrote it. Combine alternates between two parities (the call two back). Dispatch SM
-// sends alternate between buffers 0 and 1, chosen on the device; with copy-engine buffers
-// (LLLayout::copy_engine), copy-engine sends alternate between 2 and 3, chosen by the host, which
-// enqueues every one of them (LLCopyEngines); their arrival is a flag (the call's number at the
-// buffer), copied after the bundle. A recv takes its buffer and call number from its send's `info`
-// (not from a counter of its own), so XLA may order the recvs of two outstanding sends either way;
-// but each send must have exactly one recv (acknowledgements add up: a second recv of a send would
-// release its buffer one call early). So at most two sends of one kind (SM dispatch, copy-engine
-// dispatch, combine) may be outstanding per communicator; a third waits, and if the receiver never
-// reads, times out with an error. More precisely, a send reuses the buffer of the send of its kind
-// two calls back, so between a send and its recv at most one other send of the kind may be issued,
-// a one-kernel op (ll_dispatch, ll_combine) included: send A, ll_dispatch, ll_dispatch, recv A
-// times out in the second ll_dispatch. Call numbers live on the device (advanced by the last block
-// of a send to finish, after every block has read them), so SM sends keep no host state and can be
-// captured in CUDA graphs. Nothing spins between the phases.
-// Pre-reduced combine weights: rank m writes its weights into [parity p][m] of every rank d
-// after d has acknowledged call seq - 2 (the same wait as for the slots); d's ack of seq - 2
-// follows its recv of seq - 2, which follows its send of seq - 2, the only reader of that
-// region. Each weight is an 8-byte word tagged with the call, so no fence or flag follows the
-// pushes: a warp waits only for the words it reads. In a send, every block pushes its share
-// of the weights before it waits for any, and the grid is at most one block per SM, launched
-// cooperatively, so every block of every rank runs (and pushes) while the others wait.
+// Push design, completion counters, the buffer-reuse protocol and the pre-reduced weights:
+// docs/design.md, "Low-latency mode: push, two phases, static buffers".
 #pragma once
 
 #include <cstddef>

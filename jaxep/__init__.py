@@ -7,7 +7,7 @@ Use inside ``jax.shard_map`` over a mesh axis of expert parallelism::
     d = jaxep.dispatch(comm, x, topk_idx, topk_weights)   # rows for this rank's experts
     out = jaxep.combine(comm, expert_out, d.handle)       # [T, H]
 
-See DESIGN.md for the exact semantics shared by every backend.
+See docs/design.md and the ops' docstrings for the exact semantics shared by every backend.
 """
 
 from jaxep import _cuda

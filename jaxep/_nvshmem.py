@@ -34,7 +34,7 @@ NVSHMEM_VERSION = "3.4.5"
 _KEY = "jaxep/nvshmem"
 
 
-class _Session:
+class _NvshmemState:
     """This process's NVSHMEM state: initialised once, its regions kept for the process's life."""
 
     def __init__(self):
@@ -43,7 +43,7 @@ class _Session:
         self.next_comm = 0  # communicators created so far (same order on every process)
 
 
-_SESSION = _Session()
+_STATE = _NvshmemState()
 
 
 def _nvshmem():
@@ -92,7 +92,7 @@ def _all_gather_str(client, prefix: str, value: str, timeout_s: float, what: str
 def ensure_initialized(device_ordinal: int, timeout_s: float) -> None:
     """Initialises NVSHMEM in this process (once; later calls return at once), with PE = the
     ``jax.distributed`` process index, bound to CUDA device ``device_ordinal``."""
-    if _SESSION.initialized:
+    if _STATE.initialized:
         return
     nvshmem = _nvshmem()
     version = str(nvshmem.get_version().libnvshmem_version)
@@ -127,7 +127,7 @@ def ensure_initialized(device_ordinal: int, timeout_s: float) -> None:
     except Exception as e:
         raise RuntimeError(f"jaxep: NVSHMEM initialisation failed in process {me} of {n} "
                            f"(device {device_ordinal}): {e}") from e
-    _SESSION.initialized = True
+    _STATE.initialized = True
 
 
 def _fingerprint(comm, transport_info: dict) -> dict:
@@ -158,8 +158,8 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
     nvshmem = _nvshmem()
     client = _client()
     me = jax.process_index()
-    seq = _SESSION.next_comm
-    _SESSION.next_comm += 1
+    seq = _STATE.next_comm
+    _STATE.next_comm += 1
     prefix = f"{_KEY}/comm{seq}"
 
     # 1. Every process creates the same communicator: the symmetric allocation below is
@@ -179,7 +179,7 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
                                             low_latency, cfg.num_topk, comm.num_local_experts,
                                             cfg.hidden))
     region = nvshmem.buffer(nbytes)
-    _SESSION.regions.append(region)
+    _STATE.regions.append(region)
     bases = []
     for pe in group_processes:
         if pe == me:

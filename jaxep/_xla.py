@@ -1,7 +1,7 @@
 """Pure-JAX backend: ``lax.all_to_all`` over static worst-case ``[R, T, ...]`` buffers.
 
 Runs on any XLA platform and is differentiable by plain autodiff. It defines the semantics the
-CUDA kernels must match (DESIGN.md §2) and serves as their test oracle. Every function here runs
+CUDA kernels must match (docs/design.md, "Semantics contract") and serves as their test oracle. Every function here runs
 per rank inside ``jax.shard_map``; ``comm`` supplies the static placement and sizes.
 
 Normal mode sends each token once per destination rank; low-latency mode keeps one row per

@@ -40,8 +40,8 @@ class EPConfig:
         which never drops. Smaller values drop the excess deterministically (counted in
         ``Dispatched.num_dropped``).
       num_sms: SM budget of the communication kernels (CUDA backend): one block of 1024 threads
-        per SM. ``None`` = tuned default (dispatch: every SM; combine: 32, measured fastest on
-        4xH200).
+        per SM. ``None`` = tuned default (dispatch: every SM; combine: 32, as more SMs only add
+        NVLink contention; benchmarks/RESULTS.md).
       timeout_s: a peer that does not arrive within this many seconds fails the call instead of
         hanging it (CUDA backend).
       failure_exit_s: after a kernel of this communicator records such a failure, jaxep prints

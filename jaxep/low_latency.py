@@ -14,32 +14,26 @@ E=256, R=4, T=128, H=7168 with fp8): use it with expert kernels that read only t
 NaNs. The handle's padding entries are always -1.
 
 Two-phase forms: ``*_send`` issues the transfer and returns a pending pytree, ``*_recv`` waits and
-unpacks it; independent work placed between them may overlap the transfer. On the CUDA backend the
-send kernel writes the rows into the destinations' buffers and returns; nothing spins until the
-recv kernel (except in a pre-reduced ``ll_combine_send(..., prereduce=...)``, whose kernel first
-waits for the ranks' top-k weights that it needs). Over NVLink that kernel has finished the
-transfer when it returns, so there is nothing left to overlap; ``ll_dispatch_send(...,
-copy_engine=True)`` leaves the transfer to the copy engines instead (see its docstring). XLA orders
-a recv after its send because the recv consumes the send's ``info`` array (a data dependency); it
-is free to place independent work before the send or after the recv, so to pin ``send -> work ->
-recv`` make the work's inputs and the pending pytree pass through one
-``jax.lax.optimization_barrier``, and the work's result and the pending through another
-(``benchmarks/bench_ll.py`` does this). Every send must be followed by exactly one recv (a recv
-acknowledges the buffer it read by adding to a counter, so a second recv of the same send would let
-a later send overwrite a buffer before it is read), and every rank must issue the sends in the same
-order (a recv finds its data by its send's call number, so recvs may come in any order); at most
-two sends of one kind (dispatch SM sends, dispatch copy-engine sends, combine) may be outstanding
-per communicator (a third waits for the first to be received, and times out with an error naming
-the phase if it never is). Precisely: a send reuses the buffer of the send of its kind two calls
-back, so between a send and its recv at most one other call of the kind may be issued, and an
-``ll_dispatch`` / ``ll_combine`` (a send and its recv in one kernel on CUDA) counts as one.
+unpacks it; independent work placed between them may overlap the transfer (on CUDA the SM send
+has finished its NVLink writes when it returns; ``ll_dispatch_send(..., copy_engine=True)``
+leaves them to the copy engines). XLA orders a recv after its send through the ``info`` array
+it consumes and is free to move independent work; to pin ``send -> work -> recv``, pass the
+work's inputs and the pending pytree through one ``jax.lax.optimization_barrier`` and its
+result and the pending through another (``benchmarks/bench_ll.py`` does this).
+
+.. warning:: Every send must be followed by exactly one recv, and every rank must issue its
+   sends in the same order. At most two sends of one kind (dispatch, copy-engine dispatch,
+   combine) may be outstanding: between a send and its recv at most one other call of its kind
+   may be issued, and an ``ll_dispatch`` / ``ll_combine`` counts as one. A third send waits for
+   the first to be received and times out with an error naming the phase if it never is. Why:
+   docs/design.md, "Low-latency mode".
 
 ``ll_combine(..., prereduce="float32")`` sums a token's rows on each expert rank first, in
 float32, and sends one row per (token, expert rank): fewer bytes, the same float32 accumulation;
 ``prereduce=True`` sends those partials in ``y``'s dtype: fewer bytes still, one more rounding
 per rank (see :func:`ll_combine`).
 
-Gradients (DESIGN.md §2): ``ll_dispatch``'s w.r.t. ``x`` is the sum of the cotangent rows of a
+Gradients: ``ll_dispatch``'s w.r.t. ``x`` is the sum of the cotangent rows of a
 token's copies (with ``fp8`` the quantisation counts as identity: the payload cotangent is
 divided by the row's scale first; JAX types that cotangent as e4m3, so it arrives rounded to
 e4m3 -- train with ``fp8=False``); ``ll_combine``'s w.r.t. ``y`` is the output cotangent
@@ -199,11 +193,9 @@ def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool 
     places before the recv (see the module docstring). The send is then a custom call that XLA
     keeps out of its command buffers (CUDA graphs), since the host enqueues the copies of every
     call; if it is captured anyway, it runs as the SM send. Results are identical either way.
-    Measured on 2xH200 at T=128 (fp8, ``zero_padding=False``; benchmarks/RESULTS.md): the
-    copies run beside a 45 us matmul, but end to end it is no faster than the SM send (the
-    pair alone 38-51 us against 30-31 us; with the matmul between, 80-91 us against 78-81 us),
-    as enqueueing the copies costs the host more than the SM send spends on NVLink. Prefer the
-    default unless measured otherwise.
+    The copies do run beside other work, but enqueueing them costs the host more than the SM
+    send spends on NVLink, so end to end it has not been faster (benchmarks/RESULTS.md).
+    Prefer the default unless measured otherwise. One process only.
     """
     op = "ll_dispatch_send"
     idx = _check_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)

@@ -1,4 +1,4 @@
-"""Independent NumPy oracle for jaxep's documented semantics (DESIGN.md §2).
+"""Independent NumPy oracle for jaxep's documented semantics (docs/design.md, "Semantics contract").
 
 Written from the docstrings only, with plain Python loops over ranks and tokens: it shares no
 code with the implementation. Every function takes *global* arrays (all ranks' data stacked:

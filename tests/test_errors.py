@@ -1,4 +1,4 @@
-"""Trace-time errors (DESIGN.md §2 "Bad input"): ValueError / TypeError naming what was
+"""Trace-time errors (the docstrings; docs/design.md): ValueError / TypeError naming what was
 expected and what was given. Everything is traced with ``jax.eval_shape``; nothing compiles."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Gradients of every op against the oracle's analytic gradients (DESIGN.md §2 "Gradients"),
+"""Gradients of every op against the oracle's analytic gradients (docs/design.md "Semantics contract" and the op docstrings),
 finite differences (``jax.test_util.check_grads``) and, for dispatch / combine, plain autodiff
 through the raw pure-JAX backend (the reference for the custom VJPs)."""
 
