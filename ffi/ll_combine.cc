@@ -152,8 +152,7 @@ ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::An
                                     ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::S32> info,
                                     int64_t comm_id, int32_t num_sms, int64_t timeout_ns,
                                     bool float32_partials) {
-  const char* op = float32_partials ? "ll_combine_send(prereduce='float32')"
-                                    : "ll_combine_send(prereduce=True)";
+  const char* op = "ll_combine_send_reduced";  // the target's name; float32_partials is an attr
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   LLCombineSendReducedArgs a;
@@ -190,9 +189,7 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                          ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
                          int64_t timeout_ns, bool prereduce, bool float32_partials) {
-  const char* op = !prereduce          ? "ll_combine"
-                   : float32_partials ? "ll_combine(prereduce='float32')"
-                                      : "ll_combine(prereduce=True)";
+  const char* op = "ll_combine";  // the target's name (prereduce is an attribute)
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   LLCombineRecvArgs r;

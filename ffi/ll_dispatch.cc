@@ -94,7 +94,7 @@ ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
                               ffi::Buffer<ffi::S32> expert_rank, ffi::Buffer<ffi::S32> expert_slot,
                               ffi::ResultBuffer<ffi::S32> info, int64_t comm_id, int32_t num_sms,
                               int64_t timeout_ns, bool fp8, bool round_scale, bool copy_engine) {
-  const char* op = copy_engine ? "ll_dispatch_send (copy engine)" : "ll_dispatch_send";
+  const char* op = copy_engine ? "ll_dispatch_send_ce" : "ll_dispatch_send";  // target names
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   LLDispatchSendArgs a;

@@ -15,6 +15,9 @@
 #include <stdexcept>
 
 #include "handlers.h"
+#ifdef JAXEP_WITH_CUDA
+#include "layout.h"
+#endif
 #include "registry.h"
 #ifdef JAXEP_WITH_CUDA
 #include "ll_copy_engines.h"  // LLCopyEngineSends
@@ -68,6 +71,19 @@ NB_MODULE(_jaxep_ext, m) {
       "Mapping of FFI target name -> handler capsule (platform CUDA); empty without CUDA.");
 
 #ifdef JAXEP_WITH_CUDA
+  m.def(
+      "limits",
+      []() {
+        nb::dict d;
+        d["max_ranks"] = jaxep::kMaxRanks;
+        d["max_topk"] = jaxep::kMaxTopkIntranode;
+        d["max_experts"] = jaxep::kMaxExpertsIntranode;
+        d["layout_max_ranks"] = jaxep::kLayoutMaxRanks;
+        d["layout_max_experts"] = jaxep::kLayoutMaxExperts;
+        d["ll_max_topk"] = jaxep::kLLMaxTopk;
+        return d;
+      },
+      "The kernels' compile-time limits (EP group size, K, E, ...), by name.");
   m.def(
       "intranode_create",
       [](const std::vector<std::vector<int>>& groups, int max_tokens, bool low_latency,

@@ -168,11 +168,13 @@ def dispatch_layout(topk_idx, expert_rank, num_ranks: int, num_experts: int, axe
 DISPATCH_TARGET = "jaxep_dispatch_ffi"
 COMBINE_TARGET = "jaxep_combine_ffi"
 DISPATCH_ROWS_TARGET = "jaxep_dispatch_rows_ffi"
-LAYOUT_MAX_RANKS = 64  # kLayoutMaxRanks in cuda/layout.h
-LAYOUT_MAX_EXPERTS = 8192  # kLayoutMaxExperts
-MAX_RANKS = 8  # kMaxRanks in cuda/intranode.h
-MAX_TOPK = 32  # kMaxTopkIntranode
-MAX_EXPERTS = 8192  # kMaxExpertsIntranode
+# The kernels' limits, from the extension (0 without the CUDA build: nothing runs there).
+_LIMITS = dict(_ext.limits()) if available() else {}
+LAYOUT_MAX_RANKS = int(_LIMITS.get("layout_max_ranks", 0))
+LAYOUT_MAX_EXPERTS = int(_LIMITS.get("layout_max_experts", 0))
+MAX_RANKS = int(_LIMITS.get("max_ranks", 0))
+MAX_TOPK = int(_LIMITS.get("max_topk", 0))
+MAX_EXPERTS = int(_LIMITS.get("max_experts", 0))
 
 
 def intranode_create(groups, max_tokens: int, low_latency: bool = False, num_topk: int = 0,
@@ -286,7 +288,7 @@ LL_COMBINE_SEND_TARGET = "jaxep_ll_combine_send_ffi"
 LL_COMBINE_SEND_REDUCED_TARGET = "jaxep_ll_combine_send_reduced_ffi"
 LL_COMBINE_RECV_TARGET = "jaxep_ll_combine_recv_ffi"
 LL_COMBINE_TARGET = "jaxep_ll_combine_ffi"  # both phases in one kernel
-LL_MAX_TOPK = 32  # kLLMaxTopk in cuda/low_latency.h
+LL_MAX_TOPK = int(_LIMITS.get("ll_max_topk", 0))
 
 
 def ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden,
