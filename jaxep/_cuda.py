@@ -1,4 +1,4 @@
-"""CUDA backend: ``jax.ffi.ffi_call`` wrappers for the compiled XLA FFI targets.
+"""CUDA kernels: ``jax.ffi.ffi_call`` wrappers for the compiled XLA FFI targets.
 
 The kernels live in ``cuda/`` and their XLA FFI handlers in ``ffi/``; both are compiled into the
 optional extension module ``jaxep._jaxep_ext``. That module exposes ``has_cuda()`` and
@@ -12,8 +12,10 @@ optional extension module ``jaxep._jaxep_ext``. That module exposes ``has_cuda()
 * wraps each target in a function meant to be called per device inside ``jax.shard_map``, i.e.
   on the local shard, e.g. ``dispatch_layout``.
 
-Naming chain (grep-able): FFI target ``jaxep_<op>_ffi`` -> handler ``Jaxep<Op>Ffi`` in ``ffi/`` ->
-``Launch<Op>`` in ``cuda/``.
+These are raw kernels: the CUDA backend's ops, with their custom VJPs, are in
+``jaxep._cuda_ops``. Naming chain (grep-able; the full table is in docs/design.md, "Naming
+chain"): public op -> ``jaxep._cuda_ops.<op>`` -> function here -> FFI target
+``jaxep_<op>_ffi`` -> handler ``Jaxep<Op>Ffi`` in ``ffi/`` -> ``Launch<Op>`` in ``cuda/``.
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ MAX_TOPK = int(_LIMITS.get("max_topk", 0))
 MAX_EXPERTS = int(_LIMITS.get("max_experts", 0))
 
 
-def intranode_create(groups, max_tokens: int, low_latency: bool = False, num_topk: int = 0,
+def intranode_create(groups, max_tokens: int, *, low_latency: bool = False, num_topk: int = 0,
                      num_local_experts: int = 0, hidden: int = 0,
                      copy_engine: bool = False) -> tuple[int, int]:
     """Allocate the workspaces of a communicator (and its low-latency buffers when
@@ -190,7 +192,7 @@ def intranode_create(groups, max_tokens: int, low_latency: bool = False, num_top
     return int(comm_id), int(nbytes)
 
 
-def process_region_bytes(num_ranks, max_tokens, capacity, low_latency, num_topk,
+def process_region_bytes(num_ranks, max_tokens, capacity, *, low_latency, num_topk,
                          num_local_experts, hidden) -> int:
     """Bytes of one rank's symmetric region (one process per GPU); the same on every rank."""
     _require()
@@ -199,7 +201,7 @@ def process_region_bytes(num_ranks, max_tokens, capacity, low_latency, num_topk,
                                          int(num_local_experts), int(hidden)))
 
 
-def process_create(device, rank, bases, max_tokens, capacity, low_latency, num_topk,
+def process_create(device, rank, bases, max_tokens, capacity, *, low_latency, num_topk,
                    num_local_experts, hidden) -> tuple[int, int]:
     """Registers this process's rank of an EP group spanning processes, in the symmetric regions
     ``bases`` (rank p's as this process addresses it): ``(id, bytes per rank)``."""
@@ -291,7 +293,7 @@ LL_COMBINE_TARGET = "jaxep_ll_combine_ffi"  # both phases in one kernel
 LL_MAX_TOPK = int(_LIMITS.get("ll_max_topk", 0))
 
 
-def ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden,
+def ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden, *,
                        copy_engine=False) -> int:
     """Bytes per device of the low-latency buffers for these sizes."""
     return int(_ext.ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden,
@@ -307,7 +309,7 @@ def ll_supported(num_ranks, max_tokens, num_topk, num_experts, hidden) -> bool:
 
 
 def _ll_call(comm, target, out_types, *args, **attrs):
-    # The kernels are never differentiated directly (jaxep.low_latency gives custom VJPs);
+    # The kernels are never differentiated directly (jaxep._cuda_ops gives custom VJPs);
     # stop_gradient keeps integer handles out of JAX's JVP of ffi_call.
     args = tuple(jax.lax.stop_gradient(a) for a in args)
     return _ffi(target, out_types, args, comm.cfg.axis_names, comm_id=np.int64(comm.comm_id),
@@ -381,7 +383,7 @@ def ll_combine_send(comm, y, src_index, src_topk, counts):
                     src_index, src_topk, counts)
 
 
-def ll_combine_send_reduced(comm, y, recv_rows, topk_idx, weights, prereduce=True):
+def ll_combine_send_reduced(comm, y, recv_rows, topk_idx, weights, *, prereduce=True):
     """Send phase of the pre-reduced combine: exchanges the top-k ``weights [T, K]``, then sends
     per source token the float32 sum of its weighted rows of ``y`` held here, in y's dtype
     (``prereduce=True``) or float32 (``"float32"``); a token's single row here as it is."""
@@ -397,7 +399,7 @@ def _ll_combined_types(comm, topk_idx, dtype, want_rows):
     return sds((t, h), dtype), sds((t, k, h), dtype) if want_rows else sds((0,), dtype)
 
 
-def ll_combine_recv(comm, info, topk_idx, weights, dtype, want_rows=False, prereduce=False):
+def ll_combine_recv(comm, info, topk_idx, weights, dtype, *, want_rows=False, prereduce=False):
     """Receive phase of combine: ``(out [T, H], rows [T, K, H] or None)``. ``prereduce``: the
     send's (False, True or ``"float32"``; no per-entry rows when pre-reduced)."""
     out, rows = _ll_call(comm, LL_COMBINE_RECV_TARGET,
@@ -407,7 +409,7 @@ def ll_combine_recv(comm, info, topk_idx, weights, dtype, want_rows=False, prere
     return out, (rows if want_rows else None)
 
 
-def ll_combine(comm, y, src_index, src_topk, counts, recv_rows, topk_idx, weights,
+def ll_combine(comm, y, src_index, src_topk, counts, recv_rows, topk_idx, weights, *,
                want_rows=False, prereduce=False):
     """Both phases of combine in one kernel (the send, then its receive in the same blocks):
     ``(out [T, H], rows [T, K, H] or None)``, as :func:`ll_combine_recv`. The handle's arrays

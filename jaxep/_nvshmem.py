@@ -176,8 +176,9 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
 
     # 2. The region, and the peers' regions as this process addresses them.
     nbytes = int(_cuda.process_region_bytes(comm.num_ranks, cfg.max_tokens_per_rank, capacity,
-                                            low_latency, cfg.num_topk, comm.num_local_experts,
-                                            cfg.hidden))
+                                            low_latency=low_latency, num_topk=cfg.num_topk,
+                                            num_local_experts=comm.num_local_experts,
+                                            hidden=cfg.hidden))
     region = nvshmem.buffer(nbytes)
     _STATE.regions.append(region)
     bases = []
@@ -199,8 +200,10 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
     # 3. Register (zeroes this rank's region), then wait until every rank has, so no peer
     #    writes into a region before it is initialised.
     comm_id, nbytes = _cuda.process_create(device, rank, bases, cfg.max_tokens_per_rank,
-                                           capacity, low_latency, cfg.num_topk,
-                                           comm.num_local_experts, cfg.hidden)
+                                           capacity, low_latency=low_latency,
+                                           num_topk=cfg.num_topk,
+                                           num_local_experts=comm.num_local_experts,
+                                           hidden=cfg.hidden)
     _all_gather_str(client, f"{prefix}/ready", "1", timeout_s,
                     f"initialise communicator #{seq}")
     return comm_id, nbytes

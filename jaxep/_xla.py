@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+
+def zero_cotangent(x):
+    """The zero cotangent of ``x`` (float0 for integer arrays), for custom VJPs."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)  # keeps the per-rank (manual) axis type inside shard_map
+    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 def _axis(comm):
@@ -164,6 +172,16 @@ def dispatch(comm, x, topk_idx, topk_weights, capacity):
     return dict(x=recv_x, topk_idx=recv_idx, topk_weights=recv_w, num_tokens=kept,
                 tokens_per_expert=per_expert, num_dropped=total - kept,
                 num_invalid=num_invalid, src_index=src_index, send_slot=send_slot)
+
+
+DISPATCHED_FIELDS = ("x", "topk_idx", "topk_weights", "num_tokens", "tokens_per_expert",
+                     "num_dropped", "num_invalid", "src_index", "send_slot")
+
+
+def dispatched_fields(out: dict) -> tuple:
+    """A dispatch's dict as the tuple of :class:`jaxep.Dispatched`'s fields in order (the
+    handle's two arrays last), as the backends' ``dispatch`` return it."""
+    return tuple(out[f] for f in DISPATCHED_FIELDS)
 
 
 # ---------------------------------------------------------------------------------------------

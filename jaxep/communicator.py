@@ -178,7 +178,8 @@ class Communicator:
         if cfg.low_latency:
             return True
         nbytes = _cuda.ll_workspace_bytes(self.num_ranks, cfg.max_tokens_per_rank, cfg.num_topk,
-                                          self.num_local_experts, cfg.hidden, copy_engine)
+                                          self.num_local_experts, cfg.hidden,
+                                          copy_engine=copy_engine)
         return nbytes <= LL_AUTO_MAX_BYTES
 
     def implementation(self, op: str) -> str:

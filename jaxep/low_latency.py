@@ -39,20 +39,18 @@ divided by the row's scale first; JAX types that cotangent as e4m3, so it arrive
 e4m3 -- train with ``fp8=False``); ``ll_combine``'s w.r.t. ``y`` is the output cotangent
 dispatched and scaled by ``w[t, k]``, w.r.t. ``topk_weights[t, k]`` the dot product of the
 output cotangent with that row. The CUDA backend implements them as custom VJPs on its own
-kernels; the pure-JAX backend by autodiff.
+kernels (``jaxep._cuda_ops``); the pure-JAX backend (``jaxep._xla_ops``) by autodiff.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from jaxep import _checks, _cuda, _xla, fp8 as _fp8
-from jaxep._checks import FLOAT_DTYPES
-from jaxep.normal import _pytree, _zero_cotangent
+from jaxep import _backends, _checks
+from jaxep.normal import _pytree
 
 
 def _pytree_with_meta(*meta):
@@ -157,29 +155,9 @@ class LLCombinePending:
     prereduce: bool | str = False
 
 
-def _on_cuda(comm) -> bool:
-    return comm.implementation("ll_dispatch") == "cuda"
-
-
-def _check_x(comm, op, x, fp8):
-    _checks.ep_group(comm, op)
-    _checks.array(op, "x", x, 2, FLOAT_DTYPES)
-    _checks.hidden(comm, op, "x", x.shape[1])
-    _checks.tokens(comm, op, x.shape[0])
-    if fp8:
-        _checks.fp8_hidden(op, x.shape[1])
-
-
-def _check_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0):
-    """Validates a dispatch's operands and options; returns ``topk_idx`` as int32."""
-    _check_x(comm, op, x, fp8)
-    _checks.topk(comm, op, topk_idx, x.shape[0])
-    if (round_scale or ue8m0) and not fp8:
-        raise ValueError(f"jaxep.{op}: round_scale/ue8m0 need fp8=True")
-    if ue8m0 and not round_scale:
-        raise ValueError(f"jaxep.{op}: ue8m0=True needs round_scale=True (UE8M0 holds only "
-                         f"powers of two)")
-    return topk_idx.astype(jnp.int32)
+def _dispatched(out) -> LLDispatched:
+    x, counts, src_index, src_topk, recv_rows, num_invalid = out
+    return LLDispatched(x, counts, num_invalid, LLHandle(src_index, src_topk, counts, recv_rows))
 
 
 def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = False,
@@ -198,24 +176,12 @@ def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool 
     Prefer the default unless measured otherwise. One process only.
     """
     op = "ll_dispatch_send"
-    idx = _check_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
-    if _on_cuda(comm):
-        if copy_engine and not comm.cfg.ll_copy_engine:
-            raise ValueError(f"jaxep.{op}: copy_engine=True needs the copy-engine buffers "
-                             f"(EPConfig.ll_copy_engine=True)")
-        info = _cuda.ll_dispatch_send(comm, jax.lax.stop_gradient(x), idx, fp8=fp8,
-                                      round_scale=round_scale, copy_engine=copy_engine)
-        return LLDispatchPending(None, None, info, x, idx, info[0], fp8, ue8m0)
-    idx, num_invalid = _xla.sanitize(comm, idx)
-    copy_topk = _xla.ll_copy_topk(comm, idx)
-    if fp8:
-        payload, scales = _fp8.quantize_fp8(x, round_scale=round_scale, ue8m0=ue8m0)
-        recv_p, recv_topk = _xla.ll_send(comm, payload, copy_topk)
-        recv_s, _ = _xla.ll_send(comm, scales, copy_topk)
-        rows = (recv_p, recv_s)
-    else:
-        rows, recv_topk = _xla.ll_send(comm, x, copy_topk)
-    return LLDispatchPending(rows, recv_topk, None, None, idx, num_invalid, fp8, ue8m0)
+    _checks.ll_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
+    _checks.copy_engine(comm, op, copy_engine)
+    impl = _backends.lookup(comm, op)
+    fields = impl(comm, x, topk_idx.astype(jnp.int32), fp8=fp8, round_scale=round_scale,
+                  ue8m0=ue8m0, copy_engine=copy_engine)
+    return LLDispatchPending(*fields, fp8, ue8m0)
 
 
 def ll_dispatch_recv(comm, pending: LLDispatchPending, *, zero_padding: bool = True
@@ -226,27 +192,9 @@ def ll_dispatch_recv(comm, pending: LLDispatchPending, *, zero_padding: bool = T
     backend; see the module docstring).
     """
     op = "ll_dispatch_recv"
-    _checks.ep_group(comm, op)
-    if not isinstance(pending, LLDispatchPending):
-        raise TypeError(f"jaxep.{op}: expected the LLDispatchPending of ll_dispatch_send, "
-                        f"got {type(pending).__name__}")
-    if pending.info is not None:
-        if not _on_cuda(comm):
-            raise ValueError(f"jaxep.{op}: this pending transfer was sent by the CUDA backend of "
-                             f"another communicator")
-        out = _ll_recv_cuda(comm, pending.fp8, pending.ue8m0, bool(zero_padding),
-                            pending.x.dtype, pending.x, pending.info, pending.topk_idx)
-        x, counts, src_index, src_topk, recv_rows, num_invalid = out
-        return LLDispatched(x, counts, num_invalid,
-                            LLHandle(src_index, src_topk, counts, recv_rows))
-    src_index, _, counts = _xla.ll_layout(comm, pending.recv_topk >= 0)
-    unpack = lambda a: _xla.ll_unpack(a, src_index)  # noqa: E731
-    rows = pending.rows
-    x = tuple(unpack(a) for a in rows) if isinstance(rows, tuple) else unpack(rows)
-    src_topk = jnp.where(src_index >= 0, unpack(pending.recv_topk), -1)
-    recv_rows = _xla.ll_recv_rows(src_index, src_topk, comm.cfg.num_topk)
-    return LLDispatched(x, counts, pending.num_invalid,
-                        LLHandle(src_index, src_topk, counts, recv_rows))
+    _checks.pending(comm, op, pending, LLDispatchPending, "ll_dispatch")
+    impl = _backends.lookup(comm, op, pending)
+    return _dispatched(impl(comm, pending, zero_padding=zero_padding))
 
 
 def ll_dispatch(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = False,
@@ -277,114 +225,11 @@ def ll_dispatch(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = Fal
     ``ll_dispatch_recv(ll_dispatch_send(...))``, with which it may be mixed (see the module
     docstring for how many may be outstanding).
     """
-    if not _on_cuda(comm):
-        pending = ll_dispatch_send(comm, x, topk_idx, fp8=fp8, round_scale=round_scale,
-                                   ue8m0=ue8m0)
-        return ll_dispatch_recv(comm, pending, zero_padding=zero_padding)
-    idx = _check_dispatch(comm, "ll_dispatch", x, topk_idx, fp8, round_scale, ue8m0)
-    out = _ll_dispatch_cuda(comm, bool(fp8), bool(round_scale), bool(ue8m0),
-                            bool(zero_padding), x.dtype, x, idx)
-    x_out, counts, src_index, src_topk, recv_rows, num_invalid = out
-    return LLDispatched(x_out, counts, num_invalid,
-                        LLHandle(src_index, src_topk, counts, recv_rows))
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
-def _ll_dispatch_cuda(comm, fp8, round_scale, ue8m0, zero_padding, x_dtype, x, topk_idx):
-    return _ll_dispatch_cuda_fwd(comm, fp8, round_scale, ue8m0, zero_padding, x_dtype, x,
-                                 topk_idx)[0]
-
-
-def _ll_dispatch_cuda_fwd(comm, fp8, round_scale, ue8m0, zero_padding, x_dtype, x, topk_idx):
-    payload, scales, counts, src_index, src_topk, recv_rows, num_invalid = _cuda.ll_dispatch(
-        comm, x, topk_idx, fp8=fp8, round_scale=round_scale, ue8m0=ue8m0,
-        zero_padding=zero_padding)
-    out = ((payload, scales) if fp8 else payload, counts, src_index, src_topk, recv_rows,
-           num_invalid)
-    return out, (src_index, src_topk, counts, scales, topk_idx)
-
-
-def _ll_dispatch_cuda_bwd(comm, fp8, round_scale, ue8m0, zero_padding, x_dtype, res, g):
-    src_index, src_topk, counts, scales, topk_idx = res
-    gx = _dispatch_bwd(comm, fp8, ue8m0, x_dtype, src_index, src_topk, counts, scales,
-                       topk_idx, g)
-    return gx, _zero_cotangent(topk_idx)
-
-
-_ll_dispatch_cuda.defvjp(_ll_dispatch_cuda_fwd, _ll_dispatch_cuda_bwd)
-
-
-def _dispatch_bwd(comm, fp8, ue8m0, x_dtype, src_index, src_topk, counts, scales, topk_idx, g):
-    """Gradient of a CUDA dispatch w.r.t. ``x``: the cotangent rows of a token's copies summed
-    (a plain combine with weight 1 per first listing); with ``fp8`` each payload cotangent
-    divided by its row's scale first (the quantisation counts as identity)."""
-    if fp8:
-        gp = g[0][0]
-        h = gp.shape[-1]
-        if ue8m0:
-            scales = _fp8._unpack_ue8m0(scales, h // _fp8.BLOCK)
-        rows = gp.astype(jnp.float32).reshape(*gp.shape[:-1], -1, _fp8.BLOCK) / scales[..., None]
-        rows = rows.reshape(gp.shape).astype(x_dtype)
-    else:
-        rows = g[0]
-    sent = _cuda.ll_combine_send(comm, rows, src_index, src_topk, counts)
-    gx, _ = _cuda.ll_combine_recv(comm, sent, topk_idx,
-                                  _first_weights(topk_idx, comm.cfg.num_experts), rows.dtype)
-    return gx.astype(x_dtype)
-
-
-def _first_weights(topk_idx, num_experts):
-    """``[T, K]`` float32: 1 at the first listing of each valid expert, else 0."""
-    idx = jnp.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx, -1)
-    return _xla._first_occurrence(idx).astype(jnp.float32)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _ll_recv_cuda(comm, fp8, ue8m0, zero_padding, x_dtype, x, info, topk_idx):
-    return _ll_recv_cuda_fwd(comm, fp8, ue8m0, zero_padding, x_dtype, x, info, topk_idx)[0]
-
-
-def _ll_recv_cuda_fwd(comm, fp8, ue8m0, zero_padding, x_dtype, x, info, topk_idx):
-    del x  # only carries the gradient
-    payload, scales, counts, src_index, src_topk, recv_rows, num_invalid = _cuda.ll_dispatch_recv(
-        comm, info, topk_idx.shape[0], x_dtype, fp8=fp8, ue8m0=ue8m0,
-        zero_padding=zero_padding)
-    out = ((payload, scales) if fp8 else payload, counts, src_index, src_topk, recv_rows,
-           num_invalid)
-    return out, (src_index, src_topk, counts, scales, info, topk_idx)
-
-
-def _ll_recv_cuda_bwd(comm, fp8, ue8m0, zero_padding, x_dtype, res, g):
-    src_index, src_topk, counts, scales, info, topk_idx = res
-    gx = _dispatch_bwd(comm, fp8, ue8m0, x_dtype, src_index, src_topk, counts, scales,
-                       topk_idx, g)
-    return gx, _zero_cotangent(info), _zero_cotangent(topk_idx)
-
-
-_ll_recv_cuda.defvjp(_ll_recv_cuda_fwd, _ll_recv_cuda_bwd)
-
-
-def _prereduce(op, prereduce):
-    """The ``prereduce`` option, checked: False, True or ``"float32"``."""
-    if isinstance(prereduce, str):
-        if prereduce != "float32":
-            raise ValueError(f"jaxep.{op}: prereduce must be False, True or 'float32', "
-                             f"got {prereduce!r}")
-        return prereduce
-    return bool(prereduce)
-
-
-def _check_combine(comm, op, y, topk_idx, topk_weights, handle):
-    _checks.ep_group(comm, op)
-    if not isinstance(handle, LLHandle):
-        raise TypeError(f"jaxep.{op}: handle must be an LLHandle (LLDispatched.handle), "
-                        f"got {type(handle).__name__}")
-    rt = handle.src_index.shape[1]
-    t = rt // comm.num_ranks
-    _checks.topk(comm, op, topk_idx, t, topk_weights)
-    _checks.array(op, "y", y, 3, FLOAT_DTYPES)
-    want = (comm.num_local_experts, rt, comm.cfg.hidden)
-    _checks.dim(op, "y shape [E_l, R*T, H]", want, tuple(y.shape))
+    op = "ll_dispatch"
+    _checks.ll_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
+    impl = _backends.lookup(comm, op)
+    return _dispatched(impl(comm, x, topk_idx.astype(jnp.int32), fp8=fp8,
+                            round_scale=round_scale, ue8m0=ue8m0, zero_padding=zero_padding))
 
 
 def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
@@ -396,37 +241,19 @@ def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     hence the default False here (the send never waits for a peer), where :func:`ll_combine`
     defaults to ``"float32"``."""
     op = "ll_combine_send"
-    _check_combine(comm, op, y, topk_idx, topk_weights, handle)
-    idx = topk_idx.astype(jnp.int32)
-    prereduce = _prereduce(op, prereduce)
-    if _on_cuda(comm):
-        sg = jax.lax.stop_gradient
-        if prereduce:
-            info = _cuda.ll_combine_send_reduced(comm, sg(y), handle.recv_rows, idx,
-                                                 sg(topk_weights), prereduce)
-        else:
-            info = _cuda.ll_combine_send(comm, sg(y), handle.src_index, handle.src_topk,
-                                         handle.counts)
-        return LLCombinePending(None, info, y, handle, idx, topk_weights, prereduce)
-    rows = _xla.ll_combine_send(comm, y, handle.src_index)
-    return LLCombinePending(rows, None, None, None, idx, topk_weights, prereduce)
+    _checks.ll_combine(comm, op, y, topk_idx, topk_weights, handle, LLHandle)
+    prereduce = _checks.prereduce(op, prereduce)
+    impl = _backends.lookup(comm, op)
+    fields = impl(comm, y, topk_idx.astype(jnp.int32), topk_weights, handle,
+                  prereduce=prereduce)
+    return LLCombinePending(*fields, prereduce)
 
 
 def ll_combine_recv(comm, pending: LLCombinePending):
     """Receive phase of :func:`ll_combine`: wait and reduce with the top-k weights."""
     op = "ll_combine_recv"
-    _checks.ep_group(comm, op)
-    if not isinstance(pending, LLCombinePending):
-        raise TypeError(f"jaxep.{op}: expected the LLCombinePending of ll_combine_send, "
-                        f"got {type(pending).__name__}")
-    if pending.info is not None:
-        if not _on_cuda(comm):
-            raise ValueError(f"jaxep.{op}: this pending transfer was sent by the CUDA backend of "
-                             f"another communicator")
-        return _ll_combine_cuda(comm, pending.prereduce, pending.y, pending.topk_weights,
-                                pending.info, pending.topk_idx, pending.handle)
-    return _xla.ll_combine_recv(comm, pending.rows, pending.topk_idx, pending.topk_weights,
-                                prereduce=pending.prereduce)
+    _checks.pending(comm, op, pending, LLCombinePending, "ll_combine")
+    return _backends.lookup(comm, op, pending)(comm, pending)
 
 
 def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
@@ -474,79 +301,8 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     launch, at most one block per SM; see there when to prefer the two-phase forms); same
     results as ``ll_combine_recv(ll_combine_send(...))``.
     """
-    prereduce = _prereduce("ll_combine", prereduce)
-    if not _on_cuda(comm):
-        return ll_combine_recv(comm, ll_combine_send(comm, y, topk_idx, topk_weights, handle,
-                                                     prereduce=prereduce))
-    _check_combine(comm, "ll_combine", y, topk_idx, topk_weights, handle)
-    return _ll_combine_one(comm, prereduce, y, topk_weights,
-                           topk_idx.astype(jnp.int32), handle)
-
-
-def _combine_one(comm, prereduce, y, topk_weights, topk_idx, handle, want_rows):
-    return _cuda.ll_combine(comm, y, handle.src_index, handle.src_topk, handle.counts,
-                            handle.recv_rows, topk_idx, topk_weights, want_rows=want_rows,
-                            prereduce=prereduce)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ll_combine_one(comm, prereduce, y, topk_weights, topk_idx, handle):
-    """``ll_combine`` on CUDA: one kernel (the send, then the receive in the same blocks)."""
-    return _combine_one(comm, prereduce, y, topk_weights, topk_idx, handle, False)[0]
-
-
-def _ll_combine_one_fwd(comm, prereduce, y, topk_weights, topk_idx, handle):
-    if prereduce:  # no per-entry rows came back: the backward fetches them (a plain combine)
-        out, _ = _combine_one(comm, prereduce, y, topk_weights, topk_idx, handle, False)
-        return out, (y, topk_weights, topk_idx, handle)
-    out, rows = _combine_one(comm, False, y, topk_weights, topk_idx, handle, True)
-    return out, (rows, topk_weights, topk_idx, handle)
-
-
-def _ll_combine_one_bwd(comm, prereduce, res, g):
-    rows, topk_weights, topk_idx, handle = res
-    gy, gw = _combine_bwd(comm, prereduce, rows, topk_weights, topk_idx, handle, g)
-    return gy, gw, _zero_cotangent(topk_idx), jax.tree.map(_zero_cotangent, handle)
-
-
-_ll_combine_one.defvjp(_ll_combine_one_fwd, _ll_combine_one_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ll_combine_cuda(comm, prereduce, y, topk_weights, info, topk_idx, handle):
-    return _cuda.ll_combine_recv(comm, info, topk_idx, topk_weights, y.dtype,
-                                 prereduce=prereduce)[0]
-
-
-def _ll_combine_cuda_fwd(comm, prereduce, y, topk_weights, info, topk_idx, handle):
-    if prereduce:  # no per-entry rows came back: the backward fetches them (a plain combine)
-        out = _ll_combine_cuda(comm, prereduce, y, topk_weights, info, topk_idx, handle)
-        return out, (y, topk_weights, info, topk_idx, handle)
-    out, rows = _cuda.ll_combine_recv(comm, info, topk_idx, topk_weights, y.dtype, True)
-    return out, (rows, topk_weights, info, topk_idx, handle)
-
-
-def _ll_combine_cuda_bwd(comm, prereduce, res, g):
-    rows, topk_weights, info, topk_idx, handle = res
-    gy, gw = _combine_bwd(comm, prereduce, rows, topk_weights, topk_idx, handle, g)
-    return (gy, gw, _zero_cotangent(info), _zero_cotangent(topk_idx),
-            jax.tree.map(_zero_cotangent, handle))
-
-
-def _combine_bwd(comm, prereduce, rows, topk_weights, topk_idx, handle, g):
-    """Gradients of a CUDA combine w.r.t. ``y`` (the output cotangent dispatched, each row
-    scaled by its weight) and ``topk_weights`` (the cotangent's dot product with each entry's
-    row; ``rows`` are those rows, or with ``prereduce`` ``y``, whose rows are fetched again)."""
-    if prereduce:  # rows is y here
-        # The refetch depends on forward values only: tie it to g, or XLA may hoist the sends
-        # of several layers ahead of their recvs (at most two may be outstanding).
-        rows, g = jax.lax.optimization_barrier((rows, g))
-        sent = _cuda.ll_combine_send(comm, rows, handle.src_index, handle.src_topk, handle.counts)
-        _, rows = _cuda.ll_combine_recv(comm, sent, topk_idx, topk_weights, rows.dtype, True)
-    gw = jnp.einsum("tkh,th->tk", rows.astype(jnp.float32), g.astype(jnp.float32))
-    sent = _cuda.ll_dispatch_send(comm, g.astype(rows.dtype), topk_idx, topk_weights)
-    gy = _cuda.ll_dispatch_recv(comm, sent, topk_idx.shape[0], rows.dtype, weighted=True)[0]
-    return gy, gw.astype(topk_weights.dtype)
-
-
-_ll_combine_cuda.defvjp(_ll_combine_cuda_fwd, _ll_combine_cuda_bwd)
+    op = "ll_combine"
+    prereduce = _checks.prereduce(op, prereduce)
+    _checks.ll_combine(comm, op, y, topk_idx, topk_weights, handle, LLHandle)
+    impl = _backends.lookup(comm, op)
+    return impl(comm, y, topk_idx.astype(jnp.int32), topk_weights, handle, prereduce=prereduce)

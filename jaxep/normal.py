@@ -16,13 +16,11 @@ in ``num_dropped``; combine returns nothing for them.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxep import _checks, _cuda, _xla
+from jaxep import _backends, _checks
 from jaxep._checks import FLOAT_DTYPES
 
 
@@ -91,12 +89,6 @@ class Dispatched:
     handle: DispatchHandle
 
 
-def _zero_cotangent(x):
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros_like(x)  # keeps the per-rank (manual) axis type inside shard_map
-    return np.zeros(x.shape, jax.dtypes.float0)
-
-
 # --------------------------------------------------------------------------------------------
 # dispatch_layout
 # --------------------------------------------------------------------------------------------
@@ -116,13 +108,8 @@ def dispatch_layout(comm, topk_idx) -> Layout:
     _checks.ep_group(comm, "dispatch_layout")
     _checks.topk(comm, "dispatch_layout", topk_idx, topk_idx.shape[0])
     _checks.tokens(comm, "dispatch_layout", topk_idx.shape[0])
-    topk_idx = topk_idx.astype(jnp.int32)
-    if comm.implementation("dispatch_layout") == "cuda":
-        out = _cuda.dispatch_layout(topk_idx, jnp.asarray(comm.expert_rank), comm.num_ranks,
-                                    comm.cfg.num_experts, comm.cfg.axis_names)
-    else:
-        out = _xla.dispatch_layout(comm, topk_idx)
-    return Layout(*out)
+    impl = _backends.lookup(comm, "dispatch_layout")
+    return Layout(*impl(comm, topk_idx.astype(jnp.int32)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,75 +140,11 @@ def dispatch(comm, x, topk_idx, topk_weights) -> Dispatched:
     weight's cotangent gathered back to ``[T, K]``. An FP8 ``x`` gets a zero gradient (its
     cotangent would be e4m3); ``topk_weights`` still gets its gradient.
     """
-    op = "dispatch"
-    _checks.ep_group(comm, op)
-    payload = x[0] if isinstance(x, tuple) else x
-    if isinstance(x, tuple):
-        if len(x) != 2:
-            raise TypeError(f"jaxep.{op}: an FP8 x must be the tuple (payload, scales), "
-                            f"got {len(x)} elements")
-        _checks.array(op, "x payload", payload, 2, (jnp.float8_e4m3fn,))
-        _checks.fp8_hidden(op, payload.shape[1])
-        scales = x[1]
-        _checks.array(op, "x scales", scales, 2, (jnp.float32, jnp.int32))
-        g = payload.shape[1] // 128
-        want = g if scales.dtype == jnp.float32 else -(-g // 4)
-        _checks.dim(op, "scales shape", (payload.shape[0], want), tuple(scales.shape))
-    else:
-        _checks.array(op, "x", payload, 2, FLOAT_DTYPES)
-    t = payload.shape[0]
-    _checks.hidden(comm, op, "x", payload.shape[1])
-    _checks.tokens(comm, op, t)
-    _checks.topk(comm, op, topk_idx, t, topk_weights)
-    return _dispatch(comm, x, topk_idx.astype(jnp.int32), topk_weights)
-
-
-def _on_cuda(comm) -> bool:
-    return comm.implementation("dispatch") == "cuda"
-
-
-def _dispatch_impl(comm, x, topk_idx, topk_weights) -> Dispatched:
-    backend = _cuda if _on_cuda(comm) else _xla
-    out = backend.dispatch(comm, x, topk_idx, topk_weights, _capacity(comm, topk_idx.shape[0]))
-    handle = DispatchHandle(out.pop("src_index"), out.pop("send_slot"))
-    return Dispatched(handle=handle, **out)
-
-
-def _combine_rows_impl(comm, rows, handle: DispatchHandle):
-    if _on_cuda(comm) and rows.dtype in FLOAT_DTYPES:
-        return _cuda.combine_rows(comm, rows, handle.send_slot)
-    return _xla.combine_rows(comm, rows, handle.src_index, handle.send_slot)
-
-
-def _dispatch_rows_impl(comm, rows, handle: DispatchHandle):
-    if _on_cuda(comm):
-        return _cuda.dispatch_rows(comm, rows, handle.src_index)
-    return _xla.dispatch_rows(comm, rows, handle.src_index)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dispatch(comm, x, topk_idx, topk_weights):
-    return _dispatch_impl(comm, x, topk_idx, topk_weights)
-
-
-def _dispatch_fwd(comm, x, topk_idx, topk_weights):
-    out = _dispatch_impl(comm, x, topk_idx, topk_weights)
-    # x itself is not needed backwards; an FP8 x is kept only to shape its zero cotangent.
-    return out, (out.handle, out.topk_idx, x if isinstance(x, tuple) else None, topk_idx)
-
-
-def _dispatch_bwd(comm, res, g: Dispatched):
-    handle, recv_idx, fp8_x, topk_idx = res
-    if fp8_x is not None:
-        gx = tuple(_zero_cotangent(a) for a in fp8_x)
-    else:
-        gx = _combine_rows_impl(comm, g.x, handle)
-    gw_rows = jnp.where(recv_idx >= 0, g.topk_weights, jnp.zeros((), g.topk_weights.dtype))
-    gw = _combine_rows_impl(comm, gw_rows, handle)
-    return gx, _zero_cotangent(topk_idx), gw
-
-
-_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+    _checks.dispatch(comm, "dispatch", x, topk_idx, topk_weights)
+    impl = _backends.lookup(comm, "dispatch")
+    *fields, src_index, send_slot = impl(comm, x, topk_idx.astype(jnp.int32), topk_weights,
+                                         _capacity(comm, topk_idx.shape[0]))
+    return Dispatched(*fields, DispatchHandle(src_index, send_slot))
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,28 +170,10 @@ def combine(comm, y, handle: DispatchHandle):
     """
     op = "combine"
     _checks.ep_group(comm, op)
-    if not isinstance(handle, DispatchHandle):
-        raise TypeError(f"jaxep.{op}: handle must be a DispatchHandle (Dispatched.handle), "
-                        f"got {type(handle).__name__}")
+    _checks.instance(op, handle, DispatchHandle,
+                     "handle must be a DispatchHandle (Dispatched.handle)")
     _checks.array(op, "y", y, 2, FLOAT_DTYPES)
     _checks.dim(op, "y.shape[0] (rows of the dispatch, C)", handle.src_index.shape[0],
                 y.shape[0])
     _checks.hidden(comm, op, "y", y.shape[1])
-    return _combine(comm, y, handle)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _combine(comm, y, handle):
-    return _combine_rows_impl(comm, y, handle)
-
-
-def _combine_fwd(comm, y, handle):
-    return _combine_rows_impl(comm, y, handle), handle
-
-
-def _combine_bwd(comm, handle, g):
-    gy = _dispatch_rows_impl(comm, g, handle)
-    return gy, jax.tree.map(_zero_cotangent, handle)
-
-
-_combine.defvjp(_combine_fwd, _combine_bwd)
+    return _backends.lookup(comm, op)(comm, y, handle)
