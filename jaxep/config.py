@@ -9,6 +9,11 @@ Placement = Union[str, tuple[tuple[int, int], ...]]
 
 _NAMED_PLACEMENTS = ("linear", "round_robin")
 
+# The largest timeout_s / failure_exit_s accepted (about 31.7 years): the kernels take timeout_s
+# as int64 nanoseconds and time.sleep takes failure_exit_s as int64 nanoseconds, both of which
+# end near 9.2e9 s; an "infinite" wait is not available (a hang is what timeout_s prevents).
+MAX_WAIT_S = 1e9
+
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -49,7 +54,7 @@ class EPConfig:
         ``jaxep.communicator.FAILURE_EXIT_CODE``) this many seconds later, unless it has exited
         by then: the failed kernel traps, which loses the process's CUDA context, and JAX may
         then wait forever for the lost work (seen in a process-per-GPU rank). ``None`` keeps the
-        process running (CUDA backend).
+        process running (CUDA backend). Finite, at most ``MAX_WAIT_S`` = 1e9 s.
       low_latency: allocate the CUDA low-latency buffers (``ll_*`` ops), per GPU about
         ``8 * max_tokens_per_rank * hidden * (R + max(num_topk, R))`` bytes (float32-sized row
         slots, two buffers per direction; ``Communicator.workspace_bytes`` says what was
@@ -99,14 +104,17 @@ class EPConfig:
             raise TypeError(f"EPConfig.timeout_s must be a number, got {self.timeout_s!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"EPConfig.timeout_s must be positive, got {self.timeout_s}")
+        if not self.timeout_s <= MAX_WAIT_S:
+            raise ValueError(f"EPConfig.timeout_s must be finite, at most {MAX_WAIT_S:.0e} s "
+                             f"(the kernels take it as int64 nanoseconds), got {self.timeout_s}")
         if self.failure_exit_s is not None:
             if (isinstance(self.failure_exit_s, bool)
                     or not isinstance(self.failure_exit_s, (int, float))):
                 raise TypeError(f"EPConfig.failure_exit_s must be None or a number, got "
                                 f"{self.failure_exit_s!r}")
-            if not 0 <= self.failure_exit_s < float("inf"):
-                raise ValueError(f"EPConfig.failure_exit_s must be None or finite and >= 0, got "
-                                 f"{self.failure_exit_s}")
+            if not 0 <= self.failure_exit_s <= MAX_WAIT_S:
+                raise ValueError(f"EPConfig.failure_exit_s must be None or finite, >= 0 and at "
+                                 f"most {MAX_WAIT_S:.0e} s, got {self.failure_exit_s}")
         if self.low_latency is not None and not isinstance(self.low_latency, bool):
             raise TypeError(f"EPConfig.low_latency must be None, True or False, got "
                             f"{self.low_latency!r}")

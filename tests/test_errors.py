@@ -383,10 +383,45 @@ def test_epconfig_required_ints(field, value, exc, match):
     (dict(timeout_s=0), ValueError, r"timeout_s must be positive, got 0"),
     (dict(timeout_s=-1.5), ValueError, r"timeout_s must be positive, got -1.5"),
     (dict(timeout_s=float("nan")), ValueError, r"timeout_s must be positive, got nan"),
+    # finite: the kernels take int64 nanoseconds (before: inf was accepted, then overflowed
+    # np.int64(int(timeout_s * 1e9)) when a CUDA op was traced)
+    (dict(timeout_s=float("inf")), ValueError,
+     r"timeout_s must be finite, at most 1e\+09 s \(the kernels take it as int64 "
+     r"nanoseconds\), got inf"),
+    (dict(timeout_s=9.3e9), ValueError, r"timeout_s must be finite, at most 1e\+09 s"),
+    (dict(failure_exit_s=float("inf")), ValueError,
+     r"failure_exit_s must be None or finite, >= 0 and at most 1e\+09 s, got inf"),
+    (dict(failure_exit_s=1e19), ValueError, r"failure_exit_s .* at most 1e\+09 s, got 1e\+19"),
+    (dict(failure_exit_s=-1), ValueError, r"failure_exit_s .* >= 0 .*got -1"),
+    (dict(failure_exit_s="1"), TypeError, r"failure_exit_s must be None or a number"),
 ])
 def test_epconfig_validation(kw, exc, match):
     with pytest.raises(exc, match=match):
         cfg(**kw)
+
+
+def test_epconfig_largest_waits_fit_their_uses():
+    """The largest accepted ``timeout_s`` converts to the kernels' int64 nanoseconds as
+    ``jaxep._cuda`` does, and the largest ``failure_exit_s`` is a valid ``time.sleep``."""
+    from jaxep.config import MAX_WAIT_S
+
+    c = cfg(timeout_s=MAX_WAIT_S, failure_exit_s=MAX_WAIT_S)
+    assert np.int64(int(c.timeout_s * 1e9)) == 10 ** 18
+    import threading
+    import time
+    errors = []
+
+    def sleep():
+        try:
+            time.sleep(c.failure_exit_s)
+        except (OverflowError, ValueError) as e:  # raised before sleeping when out of range
+            errors.append(e)
+
+    threading.Thread(target=sleep, daemon=True).start()
+    time.sleep(0.2)
+    assert not errors
+    assert cfg(failure_exit_s=None).failure_exit_s is None
+    assert cfg(failure_exit_s=0).failure_exit_s == 0
 
 
 def test_epconfig_frozen_and_hashable():
