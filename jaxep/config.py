@@ -149,18 +149,36 @@ def _normalize_placement(placement, num_experts: int) -> Placement:
                              f"(rank, slot) pairs, got {placement!r}")
         return placement
     try:
-        table = tuple((int(r), int(s)) for r, s in _as_pairs(placement))
+        pairs = [tuple(p) for p in _as_pairs(placement)]
     except (TypeError, ValueError) as e:
         raise TypeError(f"EPConfig.placement table must be a sequence of (rank, slot) int pairs, "
                         f"got {placement!r}") from e
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2 or not all(_is_int(v) for v in pair):
+            raise TypeError(f"EPConfig.placement table must be a sequence of (rank, slot) int "
+                            f"pairs, but entry {i} is {pair!r}")
+    table = tuple((int(r), int(s)) for r, s in pairs)
     if len(table) != num_experts:
         raise ValueError(f"EPConfig.placement table must have num_experts={num_experts} entries, "
                          f"got {len(table)}")
-    if len(set(table)) != len(table):
-        raise ValueError("EPConfig.placement table maps two experts to the same (rank, slot)")
-    if any(r < 0 or s < 0 for r, s in table):
-        raise ValueError("EPConfig.placement table has a negative rank or slot")
+    first = {}
+    for e, pair in enumerate(table):
+        if pair in first:
+            raise ValueError(f"EPConfig.placement table maps experts {first[pair]} and {e} to the "
+                             f"same (rank, slot) {pair}")
+        first[pair] = e
+    for e, (r, s) in enumerate(table):
+        if r < 0 or s < 0:
+            raise ValueError(f"EPConfig.placement table has a negative rank or slot: entry {e} "
+                             f"is {(r, s)}")
     return table
+
+
+def _is_int(value) -> bool:
+    """An int or NumPy integer, not a bool or a float (a float would be truncated)."""
+    import numpy as np
+
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _as_pairs(placement) -> Sequence:
