@@ -327,6 +327,22 @@ def test_communicator_errors():
         c.local_expert_ids(-1)
 
 
+def test_communicator_argument_types():
+    """Wrong argument types are a TypeError saying what was expected (before: a list of devices
+    or None as the mesh gave AttributeError; ``local_expert_ids(True)`` returned shape
+    (1, R, E_l) and ``local_expert_ids(1.5)`` raised numpy's IndexError)."""
+    for mesh, name in [(jax.devices(), "list"), (None, "NoneType"),
+                       (np.array(jax.devices()), "ndarray")]:
+        with pytest.raises(TypeError, match=rf"mesh must be a jax.sharding.Mesh, got {name}"):
+            jaxep.Communicator(mesh, cfg())
+    c = jaxep.Communicator(make_mesh(4), cfg(), backend="xla")
+    for bad, name in [(True, "bool"), (1.5, "float"), ("1", "str"), (None, "NoneType"),
+                      (np.float32(1), "float32")]:
+        with pytest.raises(TypeError, match=rf"rank must be an int in \[0, 4\), got {name}"):
+            c.local_expert_ids(bad)
+    np.testing.assert_array_equal(c.local_expert_ids(np.int64(1)), [2, 3])
+
+
 @pytest.mark.parametrize("table,match", [
     # E=8 over R=4 ranks: E_l = 2; rank 4 and slot 2 do not exist
     ([(r % 4, r // 4) for r in range(7)] + [(4, 1)],
