@@ -326,7 +326,7 @@ def _placement_tables(cfg: EPConfig, num_ranks: int) -> tuple[np.ndarray, np.nda
     bad = (table[:, 0] >= num_ranks) | (table[:, 1] >= local)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"placement table entry {i} = {tuple(table[i])} is outside "
+        raise ValueError(f"placement table entry {i} = {tuple(table[i].tolist())} is outside "
                          f"(rank < R={num_ranks}, slot < E_l={local})")
     return table[:, 0].astype(np.int32), table[:, 1].astype(np.int32)
 
