@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -24,12 +25,28 @@ def ep_group(comm, op: str) -> int:
     except NameError:
         raise ValueError(
             f"jaxep.{op} must be called inside jax.shard_map over a mesh that binds the EP axis "
-            f"{comm.cfg.axis_name!r} (expected axis size R={comm.num_ranks}); no such axis is "
-            f"bound here") from None
+            f"{comm.cfg.axis_name!r} (expected axis size R={comm.num_ranks}); "
+            f"{_unbound(names)}") from None
     if size != comm.num_ranks:
         raise ValueError(f"jaxep.{op}: EP axis {comm.cfg.axis_name!r} has size {size} here, but "
                          f"the Communicator was built for R={comm.num_ranks}")
     return size
+
+
+def _unbound(names) -> str:
+    """Why the EP axes ``names`` are not bound here (``lax.axis_size`` raised NameError)."""
+    try:
+        mesh = jax.sharding.get_abstract_mesh()
+        manual = set(getattr(mesh, "manual_axes", ()))
+        not_manual = [a for a in names if a in mesh.axis_names and a not in manual]
+    except Exception:  # noqa: BLE001 -- only refines the message
+        not_manual = []
+    if not_manual:
+        axes = ", ".join(repr(a) for a in not_manual)
+        return (f"the current mesh has {axes}, but not as a manual axis here: a shard_map whose "
+                f"axis_names= leaves it out keeps it automatic (add it to axis_names, or leave "
+                f"axis_names unset), and outside shard_map no axis is manual")
+    return "no such axis is bound here"
 
 
 def array(op: str, name: str, x, ndim: int, dtypes=None):

@@ -288,6 +288,18 @@ def test_other_axis_name_bound():
         jax.eval_shape(f, IDX)
 
 
+def test_ep_axis_not_manual_in_shard_map():
+    """A shard_map over a mesh that has the EP axis but leaves it out of ``axis_names`` (partial
+    manual) says so (before: "no such axis is bound here")."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:4]).reshape(2, 2), ("ep", "dp"))
+    c = jaxep.Communicator(mesh, cfg(), backend="xla")
+    f = jax.shard_map(lambda i: jaxep.dispatch_layout(c, i).tokens_per_rank, mesh=mesh,
+                      in_specs=P("dp"), out_specs=P("dp"), axis_names={"dp"})
+    with pytest.raises(ValueError, match=r"inside jax.shard_map.*'ep'.*R=2\); the current mesh "
+                                         r"has 'ep', but not as a manual axis here.*axis_names"):
+        jax.eval_shape(f, IDX)
+
+
 def test_closed_communicator():
     c = jaxep.Communicator(make_mesh(R), cfg(), backend="xla")
     c.close()
