@@ -68,7 +68,12 @@ def _compact(mask, capacity):
 
 
 def _gather_rows(rows, idx):
-    """``rows[idx]`` with zeros where ``idx == -1`` (``rows [N, ...]``, ``idx [...]``)."""
+    """``rows[idx]`` with zeros where ``idx == -1`` (``rows [N, ...]``, ``idx [...]``).
+
+    With N = 0 (no token on any rank) every ``idx`` is -1 and the result is all zeros.
+    """
+    if rows.shape[0] == 0:  # jnp.take refuses an empty axis: take from one row of zeros
+        rows = jnp.concatenate([rows, jnp.zeros((1,) + rows.shape[1:], rows.dtype)])
     out = jnp.take(rows, jnp.maximum(idx, 0), axis=0)
     valid = (idx >= 0).reshape(idx.shape + (1,) * (rows.ndim - 1))
     return jnp.where(valid, out, jnp.zeros((), rows.dtype))
