@@ -236,6 +236,10 @@ def ll_combine_send(comm, y, src_index):
 def ll_combine_recv(comm, back, topk_idx, topk_weights, prereduce=False):
     """Receive phase of combine: ``sum_k w[t, k] * back[rank(e_k), slot(e_k), t]`` in f32.
 
+    Invalid entries (-1 or outside ``[-1, E)``) contribute nothing: their gathered row is
+    replaced by zeros (``where``) rather than multiplied by a zero weight, so an Inf or NaN in
+    the row they happen to point at does not turn into a NaN in the output.
+
     ``prereduce``: as the pre-reduced CUDA combine, the entries of each expert rank are summed
     first (f32), then the partial sums over the ranks (f32); with True a partial of two or more
     distinct experts is rounded to ``back.dtype`` first (a single expert's row is not: the
@@ -246,6 +250,8 @@ def ll_combine_recv(comm, back, topk_idx, topk_weights, prereduce=False):
     slot = jnp.maximum(_lookup(comm.expert_slot, idx), 0)
     t = jnp.arange(idx.shape[0])[:, None]
     rows = back[dest, slot, t].astype(jnp.float32)  # [T, K, ...]
+    valid = (idx >= 0).reshape(idx.shape + (1,) * (rows.ndim - 2))
+    rows = jnp.where(valid, rows, 0.0)  # not rows * 0: an invalid entry adds nothing
     w = jnp.where(idx >= 0, topk_weights, 0).astype(jnp.float32)
     w = w.reshape(w.shape + (1,) * (rows.ndim - 2))
     terms = rows * w

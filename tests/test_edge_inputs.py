@@ -81,3 +81,41 @@ def test_no_tokens(capacity):
     assert np.all(np.asarray(got["topk_weights"]) == 0)
     for key in ("num_tokens", "num_dropped", "num_invalid", "tpe", "tpr", "ll_counts"):
         assert np.all(np.asarray(got[key]) == 0), key
+
+
+# ------------------------------------------------------------------------------------------
+# ll_combine: an invalid entry contributes nothing (not its gathered row times 0)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["one", "two_phase"])
+@pytest.mark.parametrize("prereduce", [False, True, "float32"])
+def test_ll_combine_invalid_entries_add_nothing(prereduce, form):
+    """A token that lists expert 0 (rank 0, slot 0), whose output row is +Inf, and a -1 (or an
+    out-of-range id) gets +Inf back, not NaN (before, with ``prereduce=False``, the -1 entry
+    gathered that same row and multiplied it by weight 0: inf * 0 = nan). ``ll_combine_send``
+    defaults to ``prereduce=False``."""
+    comm = comm_of()
+    cfg = comm.cfg
+    t, h, e = cfg.max_tokens_per_rank, cfg.hidden, cfg.num_experts
+    el = comm.num_local_experts
+    assert (comm.expert_rank[0], comm.expert_slot[0]) == (0, 0)
+    idx = np.tile(np.array([[0, -1, 5]], np.int32), (R * t, 1))
+    idx[1::2, 1] = e + 3  # invalid: counted, treated as -1
+    w = np.full((R * t, cfg.num_topk), 0.5, np.float32)
+    y = np.ones((R * el, R * t, h), np.float32)
+    y[0] = np.inf  # every row of expert 0 (rank 0, slot 0)
+
+    def fn(x, idx, w, y):
+        d = jaxep.ll_dispatch(comm, x, idx)
+        if form == "one":
+            return jaxep.ll_combine(comm, y, idx, w, d.handle, prereduce=prereduce)
+        kw = {} if prereduce is False else dict(prereduce=prereduce)
+        return jaxep.ll_combine_recv(comm, jaxep.ll_combine_send(comm, y, idx, w, d.handle,
+                                                                 **kw))
+
+    x = np.ones((R * t, h), np.float32)
+    out = np.asarray(ep_call(comm, fn)(x, idx, w, y))
+    assert out.shape == (R * t, h)
+    assert not np.isnan(out).any(), f"NaN in {np.unique(out)}"
+    assert np.all(out == np.inf)
