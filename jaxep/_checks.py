@@ -73,6 +73,13 @@ def tokens(comm, op: str, num_tokens: int):
 
 
 def topk(comm, op: str, topk_idx, num_tokens: int, topk_weights=None):
+    """Check ``topk_idx [T, K]`` (any integer dtype); return it as int32 ids for the backends.
+
+    Ids outside ``[-1, E)`` are invalid whatever the integer width: an int64 id of ``2**32 + 1``
+    or a uint32 id of ``2**32 - 1`` must not become expert 1 or "no expert" by narrowing, so
+    every invalid id of a dtype wider than int32 maps to E (still invalid, and counted in
+    ``num_invalid``) before the conversion.
+    """
     array(op, "topk_idx", topk_idx, 2)
     if not jnp.issubdtype(topk_idx.dtype, jnp.integer):
         raise TypeError(f"jaxep.{op}: topk_idx must be an integer array (int32), "
@@ -87,6 +94,19 @@ def topk(comm, op: str, topk_idx, num_tokens: int, topk_weights=None):
         if topk_weights.shape != topk_idx.shape:
             raise ValueError(f"jaxep.{op}: topk_weights shape {tuple(topk_weights.shape)} must "
                              f"equal topk_idx shape {tuple(topk_idx.shape)}")
+    return ids_as_int32(topk_idx, comm.cfg.num_experts)
+
+
+def ids_as_int32(topk_idx, num_experts: int):
+    """``topk_idx`` as int32 with the validity of each id in ``[-1, num_experts)`` kept."""
+    dtype = jnp.dtype(topk_idx.dtype)
+    have, i32 = jnp.iinfo(dtype), jnp.iinfo(jnp.int32)
+    if i32.min <= have.min and have.max <= i32.max:
+        return topk_idx.astype(jnp.int32)  # exact
+    valid = topk_idx < num_experts
+    if have.min < 0:
+        valid = valid & (topk_idx >= -1)
+    return jnp.where(valid, topk_idx, num_experts).astype(jnp.int32)
 
 
 def hidden(comm, op: str, name: str, h: int):

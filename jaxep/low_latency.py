@@ -179,13 +179,13 @@ def _check_x(comm, op, x, fp8):
 def _check_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0):
     """Validates a dispatch's operands and options; returns ``topk_idx`` as int32."""
     _check_x(comm, op, x, fp8)
-    _checks.topk(comm, op, topk_idx, x.shape[0])
+    idx = _checks.topk(comm, op, topk_idx, x.shape[0])
     if (round_scale or ue8m0) and not fp8:
         raise ValueError(f"jaxep.{op}: round_scale/ue8m0 need fp8=True")
     if ue8m0 and not round_scale:
         raise ValueError(f"jaxep.{op}: ue8m0=True needs round_scale=True (UE8M0 holds only "
                          f"powers of two)")
-    return topk_idx.astype(jnp.int32)
+    return idx
 
 
 def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = False,
@@ -383,16 +383,18 @@ def _prereduce(op, prereduce):
 
 
 def _check_combine(comm, op, y, topk_idx, topk_weights, handle):
+    """Validates a combine's operands; returns ``topk_idx`` as int32."""
     _checks.ep_group(comm, op)
     if not isinstance(handle, LLHandle):
         raise TypeError(f"jaxep.{op}: handle must be an LLHandle (LLDispatched.handle), "
                         f"got {type(handle).__name__}")
     rt = handle.src_index.shape[1]
     t = rt // comm.num_ranks
-    _checks.topk(comm, op, topk_idx, t, topk_weights)
+    idx = _checks.topk(comm, op, topk_idx, t, topk_weights)
     _checks.array(op, "y", y, 3, FLOAT_DTYPES)
     want = (comm.num_local_experts, rt, comm.cfg.hidden)
     _checks.dim(op, "y shape [E_l, R*T, H]", want, tuple(y.shape))
+    return idx
 
 
 def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
@@ -404,8 +406,7 @@ def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     hence the default False here (the send never waits for a peer), where :func:`ll_combine`
     defaults to ``"float32"``."""
     op = "ll_combine_send"
-    _check_combine(comm, op, y, topk_idx, topk_weights, handle)
-    idx = topk_idx.astype(jnp.int32)
+    idx = _check_combine(comm, op, y, topk_idx, topk_weights, handle)
     prereduce = _prereduce(op, prereduce)
     if _on_cuda(comm):
         sg = jax.lax.stop_gradient
@@ -486,9 +487,8 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     if not _on_cuda(comm):
         return ll_combine_recv(comm, ll_combine_send(comm, y, topk_idx, topk_weights, handle,
                                                      prereduce=prereduce))
-    _check_combine(comm, "ll_combine", y, topk_idx, topk_weights, handle)
-    return _ll_combine_one(comm, prereduce, y, topk_weights,
-                           topk_idx.astype(jnp.int32), handle)
+    idx = _check_combine(comm, "ll_combine", y, topk_idx, topk_weights, handle)
+    return _ll_combine_one(comm, prereduce, y, topk_weights, idx, handle)
 
 
 def _combine_one(comm, prereduce, y, topk_weights, topk_idx, handle, want_rows):

@@ -113,10 +113,11 @@ def dispatch_layout(comm, topk_idx) -> Layout:
     Integer outputs, no gradient. Runs the CUDA kernel ``jaxep_dispatch_layout_ffi`` with the
     ``cuda`` backend.
     """
-    _checks.ep_group(comm, "dispatch_layout")
-    _checks.topk(comm, "dispatch_layout", topk_idx, topk_idx.shape[0])
-    _checks.tokens(comm, "dispatch_layout", topk_idx.shape[0])
-    topk_idx = topk_idx.astype(jnp.int32)
+    op = "dispatch_layout"
+    _checks.ep_group(comm, op)
+    _checks.array(op, "topk_idx", topk_idx, 2)
+    topk_idx = _checks.topk(comm, op, topk_idx, topk_idx.shape[0])
+    _checks.tokens(comm, op, topk_idx.shape[0])
     if comm.implementation("dispatch_layout") == "cuda":
         out = _cuda.dispatch_layout(topk_idx, jnp.asarray(comm.expert_rank), comm.num_ranks,
                                     comm.cfg.num_experts, comm.cfg.axis_names)
@@ -172,8 +173,8 @@ def dispatch(comm, x, topk_idx, topk_weights) -> Dispatched:
     t = payload.shape[0]
     _checks.hidden(comm, op, "x", payload.shape[1])
     _checks.tokens(comm, op, t)
-    _checks.topk(comm, op, topk_idx, t, topk_weights)
-    return _dispatch(comm, x, topk_idx.astype(jnp.int32), topk_weights)
+    topk_idx = _checks.topk(comm, op, topk_idx, t, topk_weights)
+    return _dispatch(comm, x, topk_idx, topk_weights)
 
 
 def _on_cuda(comm) -> bool:

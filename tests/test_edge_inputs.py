@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxep
+import oracle
 from conftest import ep_call, make_mesh
 
 R = 2
@@ -26,6 +27,107 @@ def comm_of(num_ranks=R, **cfg):
 def per_rank(a, num_ranks=R):
     a = np.asarray(a)
     return a.reshape((num_ranks, -1) + a.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------
+# expert ids wider than int32 (or unsigned): invalid whatever the width, never narrowed into
+# a valid id or into -1
+# ------------------------------------------------------------------------------------------
+
+
+def _all_ops(comm):
+    def fn(x, idx, w, y):
+        lay = jaxep.dispatch_layout(comm, idx)
+        d = jaxep.dispatch(comm, x, idx, w)
+        ll = jaxep.ll_dispatch(comm, x, idx)
+        lls = jaxep.ll_dispatch_recv(comm, jaxep.ll_dispatch_send(comm, x, idx))
+        return dict(
+            layout_tpe=lay.tokens_per_expert, in_rank=lay.is_token_in_rank,
+            num_invalid=d.num_invalid[None], tokens_per_expert=d.tokens_per_expert,
+            src_index=d.handle.src_index, topk_idx=d.topk_idx, x=d.x,
+            ll_invalid=ll.num_invalid[None], ll_counts=ll.counts, ll_x=ll.x,
+            ll2_invalid=lls.num_invalid[None], ll2_counts=lls.counts,
+            out=jaxep.ll_combine(comm, y, idx, w, ll.handle, prereduce=False),
+            out_pre=jaxep.ll_combine(comm, y, idx, w, ll.handle))
+
+    return ep_call(comm, fn)
+
+
+def _wide_ids_case(idx, comm):
+    """Every op on ``idx`` (any integer dtype) against the oracle, which reads the ids as
+    Python ints: ids outside ``[-1, E)`` count as invalid and route nowhere."""
+    cfg = comm.cfg
+    t, e, h = cfg.max_tokens_per_rank, cfg.num_experts, cfg.hidden
+    rng = np.random.default_rng(0)
+    x = np.asarray(jnp.asarray(rng.standard_normal((R * t, h)), jnp.float32))
+    w = rng.random((R * t, cfg.num_topk)).astype(np.float32)
+    y = rng.standard_normal((R * comm.num_local_experts, R * t, h)).astype(np.float32)
+    got = _all_ops(comm)(x, jnp.asarray(idx), w, y)
+    ids = np.asarray(idx).tolist()  # exact Python ints
+    lay = oracle.dispatch_layout(ids, comm.expert_rank, R)
+    ref = oracle.dispatch(x, ids, w, comm.expert_rank, comm.expert_slot, R)
+    ll = oracle.ll_dispatch(x, ids, comm.expert_rank, comm.expert_slot, R)
+    _, bad = oracle.sanitize(ids, e)
+    assert sum(bad) > 0
+    for r in range(R):
+        invalid = sum(bad[r * t:(r + 1) * t])
+        assert ref[r]["num_invalid"] == invalid
+        for key in ("num_invalid", "ll_invalid", "ll2_invalid"):
+            assert int(per_rank(got[key])[r, 0]) == invalid, (key, r)
+        np.testing.assert_array_equal(per_rank(got["layout_tpe"])[r], lay[r]["tokens_per_expert"])
+        np.testing.assert_array_equal(per_rank(got["in_rank"])[r], lay[r]["is_token_in_rank"])
+        for key in ("tokens_per_expert", "src_index", "topk_idx", "x"):
+            np.testing.assert_array_equal(per_rank(got[key])[r], ref[r][key], err_msg=key)
+        for key in ("ll_counts", "ll2_counts"):
+            np.testing.assert_array_equal(per_rank(got[key])[r], ll[r]["counts"], err_msg=key)
+        np.testing.assert_array_equal(per_rank(got["ll_x"])[r], ll[r]["x"])
+    want = oracle.ll_combine(list(per_rank(y)), ids, w, comm.expert_rank, comm.expert_slot,
+                             [ll[r]["slot"] for r in range(R)])
+    for key in ("out", "out_pre"):
+        np.testing.assert_allclose(np.asarray(got[key]), want, rtol=1e-5, atol=1e-5,
+                                   err_msg=key)
+
+
+def test_int64_ids_are_not_narrowed():
+    """With x64 on, an int64 id of 2**32 + 1 must stay invalid (before: it became expert 1 and
+    num_invalid stayed 0); so must -(2**32) - 1 (narrowed: -1) and 2**31 + 3."""
+    comm = comm_of()
+    e, k, t = comm.cfg.num_experts, comm.cfg.num_topk, comm.cfg.max_tokens_per_rank
+    rng = np.random.default_rng(1)
+    idx = rng.integers(-1, e, (R * t, k)).astype(np.int64)
+    idx[0, 0] = 2 ** 32 + 1
+    idx[1, 1] = -(2 ** 32) - 1
+    idx[t, 2] = 2 ** 31 + 3
+    idx[t + 1, 0] = 2 ** 40 + e - 1
+    with jax.enable_x64(True):
+        assert jnp.asarray(idx).dtype == jnp.int64
+        _wide_ids_case(idx, comm)
+
+
+def test_uint32_ids_are_not_narrowed():
+    """uint32 ids (no x64 needed): 2**32 - 1 is not -1 ("no expert") but invalid, and 2**31 + 1
+    does not wrap to a negative id."""
+    comm = comm_of()
+    e, k, t = comm.cfg.num_experts, comm.cfg.num_topk, comm.cfg.max_tokens_per_rank
+    rng = np.random.default_rng(2)
+    idx = rng.integers(0, e, (R * t, k)).astype(np.uint32)
+    idx[0, 0] = 2 ** 32 - 1
+    idx[t, 1] = 2 ** 31 + 1
+    _wide_ids_case(idx, comm)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint8, np.uint16])
+def test_narrow_integer_ids(dtype):
+    """Narrower ids convert exactly: -1 stays "no expert", out-of-range ids stay invalid."""
+    comm = comm_of()
+    e, k, t = comm.cfg.num_experts, comm.cfg.num_topk, comm.cfg.max_tokens_per_rank
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, e, (R * t, k)).astype(dtype)
+    idx[0, 0] = 100
+    if np.issubdtype(dtype, np.signedinteger):
+        idx[1, 1] = -1
+        idx[t, 0] = -100
+    _wide_ids_case(idx, comm)
 
 
 # ------------------------------------------------------------------------------------------
