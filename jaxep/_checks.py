@@ -72,7 +72,7 @@ def tokens(comm, op: str, num_tokens: int):
                          f"EPConfig.max_tokens_per_rank={t_max}")
 
 
-def topk(comm, op: str, topk_idx, num_tokens: int, topk_weights=None):
+def topk(comm, op: str, topk_idx, num_tokens: int):
     """Check ``topk_idx [T, K]`` (any integer dtype); return it as int32 ids for the backends.
 
     Ids outside ``[-1, E)`` are invalid whatever the integer width: an int64 id of ``2**32 + 1``
@@ -86,14 +86,6 @@ def topk(comm, op: str, topk_idx, num_tokens: int, topk_weights=None):
                         f"got {topk_idx.dtype}")
     dim(op, "topk_idx.shape[0] (tokens)", num_tokens, topk_idx.shape[0])
     dim(op, "topk_idx.shape[-1] (EPConfig.num_topk)", comm.cfg.num_topk, topk_idx.shape[1])
-    if topk_weights is not None:
-        array(op, "topk_weights", topk_weights, 2)
-        if not jnp.issubdtype(topk_weights.dtype, jnp.floating):
-            raise TypeError(f"jaxep.{op}: topk_weights must be floating (float32), "
-                            f"got {topk_weights.dtype}")
-        if topk_weights.shape != topk_idx.shape:
-            raise ValueError(f"jaxep.{op}: topk_weights shape {tuple(topk_weights.shape)} must "
-                             f"equal topk_idx shape {tuple(topk_idx.shape)}")
     return ids_as_int32(topk_idx, comm.cfg.num_experts)
 
 
@@ -107,6 +99,20 @@ def ids_as_int32(topk_idx, num_experts: int):
     if have.min < 0:
         valid = valid & (topk_idx >= -1)
     return jnp.where(valid, topk_idx, num_experts).astype(jnp.int32)
+
+
+def topk_weights(op: str, weights, topk_idx):
+    """Check the routing weights of an op that takes them: a floating ``[T, K]`` array."""
+    if weights is None:
+        raise TypeError(f"jaxep.{op}: topk_weights must be a float32 array shaped like "
+                        f"topk_idx {tuple(topk_idx.shape)}, got None")
+    array(op, "topk_weights", weights, 2)
+    if not jnp.issubdtype(weights.dtype, jnp.floating):
+        raise TypeError(f"jaxep.{op}: topk_weights must be floating (float32), "
+                        f"got {weights.dtype}")
+    if weights.shape != topk_idx.shape:
+        raise ValueError(f"jaxep.{op}: topk_weights shape {tuple(weights.shape)} must "
+                         f"equal topk_idx shape {tuple(topk_idx.shape)}")
 
 
 def hidden(comm, op: str, name: str, h: int):

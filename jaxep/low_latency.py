@@ -390,7 +390,8 @@ def _check_combine(comm, op, y, topk_idx, topk_weights, handle):
                         f"got {type(handle).__name__}")
     rt = handle.src_index.shape[1]
     t = rt // comm.num_ranks
-    idx = _checks.topk(comm, op, topk_idx, t, topk_weights)
+    idx = _checks.topk(comm, op, topk_idx, t)
+    _checks.topk_weights(op, topk_weights, idx)
     _checks.array(op, "y", y, 3, FLOAT_DTYPES)
     want = (comm.num_local_experts, rt, comm.cfg.hidden)
     _checks.dim(op, "y shape [E_l, R*T, H]", want, tuple(y.shape))

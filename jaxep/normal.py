@@ -173,7 +173,8 @@ def dispatch(comm, x, topk_idx, topk_weights) -> Dispatched:
     t = payload.shape[0]
     _checks.hidden(comm, op, "x", payload.shape[1])
     _checks.tokens(comm, op, t)
-    topk_idx = _checks.topk(comm, op, topk_idx, t, topk_weights)
+    topk_idx = _checks.topk(comm, op, topk_idx, t)
+    _checks.topk_weights(op, topk_weights, topk_idx)
     return _dispatch(comm, x, topk_idx, topk_weights)
 
 

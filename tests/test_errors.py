@@ -83,6 +83,26 @@ def test_dispatch_bad_input(comm, x, idx, w, exc, match):
         trace(comm, _dispatch(comm), x, idx, w)
 
 
+def test_topk_weights_none(comm):
+    """``topk_weights=None`` is a TypeError naming the argument (before: "'NoneType' object is
+    not subscriptable" from inside the xla backend, "where requires ndarray" in ll_combine)."""
+    match = r"topk_weights must be a float32 array shaped like topk_idx \(4, 2\), got None"
+    with pytest.raises(TypeError, match=rf"jaxep.dispatch: {match}"):
+        trace(comm, lambda x, i: jaxep.dispatch(comm, x, i, None).x, X, IDX)
+
+    def ll(op):
+        def f(x, i, y):
+            h = jaxep.ll_dispatch(comm, x, i).handle
+            if op == "ll_combine":
+                return jaxep.ll_combine(comm, y, i, None, h)
+            return jaxep.ll_combine_send(comm, y, i, None, h).topk_idx
+        return f
+
+    for op in ("ll_combine", "ll_combine_send"):
+        with pytest.raises(TypeError, match=rf"jaxep.{op}(_send)?: {match}"):
+            trace(comm, ll(op), X, IDX, Y)
+
+
 @pytest.mark.parametrize("x,exc,match", [
     ((S((T, H), BF16), S((T, 1), F32)), TypeError,
      r"x payload must have dtype in \(float8_e4m3fn\), got bfloat16"),
