@@ -205,7 +205,12 @@ def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool 
     as enqueueing the copies costs the host more than the SM send spends on NVLink. Prefer the
     default unless measured otherwise.
     """
-    op = "ll_dispatch_send"
+    return _ll_dispatch_send(comm, "ll_dispatch_send", x, topk_idx, fp8, round_scale, ue8m0,
+                             copy_engine)
+
+
+def _ll_dispatch_send(comm, op, x, topk_idx, fp8, round_scale, ue8m0, copy_engine):
+    """:func:`ll_dispatch_send`, its errors naming ``op`` (the public op the user called)."""
     idx = _check_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
     if _on_cuda(comm):
         if copy_engine and not comm.cfg.ll_copy_engine:
@@ -233,7 +238,11 @@ def ll_dispatch_recv(comm, pending: LLDispatchPending, *, zero_padding: bool = T
     ``zero_padding=False`` leaves the payload and scales of padding rows unspecified (CUDA
     backend; see the module docstring).
     """
-    op = "ll_dispatch_recv"
+    return _ll_dispatch_recv(comm, "ll_dispatch_recv", pending, zero_padding)
+
+
+def _ll_dispatch_recv(comm, op, pending, zero_padding):
+    """:func:`ll_dispatch_recv`, its errors naming ``op``."""
     _checks.ep_group(comm, op)
     if not isinstance(pending, LLDispatchPending):
         raise TypeError(f"jaxep.{op}: expected the LLDispatchPending of ll_dispatch_send, "
@@ -285,11 +294,11 @@ def ll_dispatch(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = Fal
     ``ll_dispatch_recv(ll_dispatch_send(...))``, with which it may be mixed (see the module
     docstring for how many may be outstanding).
     """
+    op = "ll_dispatch"
     if not _on_cuda(comm):
-        pending = ll_dispatch_send(comm, x, topk_idx, fp8=fp8, round_scale=round_scale,
-                                   ue8m0=ue8m0)
-        return ll_dispatch_recv(comm, pending, zero_padding=zero_padding)
-    idx = _check_dispatch(comm, "ll_dispatch", x, topk_idx, fp8, round_scale, ue8m0)
+        pending = _ll_dispatch_send(comm, op, x, topk_idx, fp8, round_scale, ue8m0, False)
+        return _ll_dispatch_recv(comm, op, pending, zero_padding)
+    idx = _check_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
     out = _ll_dispatch_cuda(comm, bool(fp8), bool(round_scale), bool(ue8m0),
                             bool(zero_padding), x.dtype, x, idx)
     x_out, counts, src_index, src_topk, recv_rows, num_invalid = out
@@ -406,7 +415,12 @@ def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     waits for the ranks whose weights it needs (in practice every rank) to reach this send:
     hence the default False here (the send never waits for a peer), where :func:`ll_combine`
     defaults to ``"float32"``."""
-    op = "ll_combine_send"
+    return _ll_combine_send(comm, "ll_combine_send", y, topk_idx, topk_weights, handle,
+                            prereduce)
+
+
+def _ll_combine_send(comm, op, y, topk_idx, topk_weights, handle, prereduce):
+    """:func:`ll_combine_send`, its errors naming ``op``."""
     idx = _check_combine(comm, op, y, topk_idx, topk_weights, handle)
     prereduce = _prereduce(op, prereduce)
     if _on_cuda(comm):
@@ -424,7 +438,11 @@ def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
 
 def ll_combine_recv(comm, pending: LLCombinePending):
     """Receive phase of :func:`ll_combine`: wait and reduce with the top-k weights."""
-    op = "ll_combine_recv"
+    return _ll_combine_recv(comm, "ll_combine_recv", pending)
+
+
+def _ll_combine_recv(comm, op, pending):
+    """:func:`ll_combine_recv`, its errors naming ``op``."""
     _checks.ep_group(comm, op)
     if not isinstance(pending, LLCombinePending):
         raise TypeError(f"jaxep.{op}: expected the LLCombinePending of ll_combine_send, "
@@ -484,11 +502,12 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     launch, at most one block per SM; see there when to prefer the two-phase forms); same
     results as ``ll_combine_recv(ll_combine_send(...))``.
     """
-    prereduce = _prereduce("ll_combine", prereduce)
+    op = "ll_combine"
+    prereduce = _prereduce(op, prereduce)
     if not _on_cuda(comm):
-        return ll_combine_recv(comm, ll_combine_send(comm, y, topk_idx, topk_weights, handle,
-                                                     prereduce=prereduce))
-    idx = _check_combine(comm, "ll_combine", y, topk_idx, topk_weights, handle)
+        return _ll_combine_recv(comm, op, _ll_combine_send(comm, op, y, topk_idx, topk_weights,
+                                                           handle, prereduce))
+    idx = _check_combine(comm, op, y, topk_idx, topk_weights, handle)
     return _ll_combine_one(comm, prereduce, y, topk_weights, idx, handle)
 
 

@@ -99,7 +99,7 @@ def test_topk_weights_none(comm):
         return f
 
     for op in ("ll_combine", "ll_combine_send"):
-        with pytest.raises(TypeError, match=rf"jaxep.{op}(_send)?: {match}"):
+        with pytest.raises(TypeError, match=rf"jaxep.{op}: {match}"):
             trace(comm, ll(op), X, IDX, Y)
 
 
@@ -201,6 +201,25 @@ def test_ll_dispatch_bad_input(comm, x, idx, kw, exc, match):
         trace(comm, lambda x, i: jaxep.ll_dispatch(comm, x, i, **kw).counts, x, idx)
     with pytest.raises(exc, match=match):
         trace(comm, lambda x, i: jaxep.ll_dispatch_send(comm, x, i, **kw).recv_topk, x, idx)
+
+
+def test_ll_errors_name_the_op_called(comm):
+    """On the xla backend ``ll_dispatch`` / ``ll_combine`` run their two phases, but an error
+    names the op the user called (before: ``ll_dispatch_send`` / ``ll_combine_send``)."""
+    bad_x = S((T, 256), BF16)
+    with pytest.raises(ValueError, match=r"^jaxep.ll_dispatch: x.shape\[-1\]"):
+        trace(comm, lambda x, i: jaxep.ll_dispatch(comm, x, i).counts, bad_x, IDX)
+    with pytest.raises(ValueError, match=r"^jaxep.ll_dispatch_send: x.shape\[-1\]"):
+        trace(comm, lambda x, i: jaxep.ll_dispatch_send(comm, x, i).recv_topk, bad_x, IDX)
+    bad_w = S((T, K + 1), F32)
+    with pytest.raises(ValueError, match=r"^jaxep.ll_combine: topk_weights shape"):
+        trace(comm, _ll_combine(comm), X, IDX, bad_w, Y)
+
+    def send(x, i, w, y):
+        return jaxep.ll_combine_send(comm, y, i, w, jaxep.ll_dispatch(comm, x, i).handle).rows
+
+    with pytest.raises(ValueError, match=r"^jaxep.ll_combine_send: topk_weights shape"):
+        trace(comm, send, X, IDX, bad_w, Y)
 
 
 def test_ll_dispatch_fp8_hidden_not_multiple_of_128():
