@@ -115,6 +115,22 @@ def topk_weights(op: str, weights, topk_idx):
                          f"equal topk_idx shape {tuple(topk_idx.shape)}")
 
 
+def belongs(comm, op: str, what: str, name: str, want, got, num_tokens=None):
+    """Check that ``what`` (a pending transfer or a handle given to ``op``) comes from this
+    communicator: its array ``name`` has shape ``want`` and its ``num_tokens`` (when given) fit
+    ``max_tokens_per_rank``."""
+    cfg = comm.cfg
+    if tuple(got) != tuple(want):
+        problem = f"{name} has shape {tuple(got)}, expected {tuple(want)}"
+    elif num_tokens is not None and num_tokens > cfg.max_tokens_per_rank:
+        problem = f"its {num_tokens} tokens per rank exceed max_tokens_per_rank"
+    else:
+        return
+    raise ValueError(f"jaxep.{op}: {what} does not belong to this Communicator (R="
+                     f"{comm.num_ranks}, E={cfg.num_experts}, K={cfg.num_topk}, H={cfg.hidden}, "
+                     f"max_tokens_per_rank={cfg.max_tokens_per_rank}): {problem}")
+
+
 def hidden(comm, op: str, name: str, h: int):
     dim(op, f"{name}.shape[-1] (EPConfig.hidden)", comm.cfg.hidden, h)
 

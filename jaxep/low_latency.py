@@ -241,12 +241,34 @@ def ll_dispatch_recv(comm, pending: LLDispatchPending, *, zero_padding: bool = T
     return _ll_dispatch_recv(comm, "ll_dispatch_recv", pending, zero_padding)
 
 
+def _shape(a) -> tuple:
+    """``a.shape``, or ``()`` for None (a field the other backend fills)."""
+    return tuple(getattr(a, "shape", ()))
+
+
+def _check_dispatch_pending(comm, op, pending: LLDispatchPending):
+    """``pending`` has the shapes of an ``ll_dispatch_send`` of this communicator."""
+    what, cfg = "this LLDispatchPending", comm.cfg
+    _checks.array(op, "pending.topk_idx", pending.topk_idx, 2)
+    t = pending.topk_idx.shape[0]
+    _checks.belongs(comm, op, what, "pending.topk_idx", (t, cfg.num_topk),
+                    _shape(pending.topk_idx), t)
+    if pending.info is not None:
+        _checks.belongs(comm, op, what, "pending.x", (t, cfg.hidden), _shape(pending.x))
+        return
+    cells = (comm.num_ranks, comm.num_local_experts, t)
+    rows = pending.rows[0] if isinstance(pending.rows, tuple) else pending.rows
+    _checks.belongs(comm, op, what, "pending.recv_topk", cells, _shape(pending.recv_topk))
+    _checks.belongs(comm, op, what, "pending.rows", cells + (cfg.hidden,), _shape(rows))
+
+
 def _ll_dispatch_recv(comm, op, pending, zero_padding):
     """:func:`ll_dispatch_recv`, its errors naming ``op``."""
     _checks.ep_group(comm, op)
     if not isinstance(pending, LLDispatchPending):
         raise TypeError(f"jaxep.{op}: expected the LLDispatchPending of ll_dispatch_send, "
                         f"got {type(pending).__name__}")
+    _check_dispatch_pending(comm, op, pending)
     if pending.info is not None:
         if not _on_cuda(comm):
             raise ValueError(f"jaxep.{op}: this pending transfer was sent by the CUDA backend of "
@@ -391,18 +413,32 @@ def _prereduce(op, prereduce):
     return bool(prereduce)
 
 
+def _check_handle(comm, op, handle: LLHandle) -> int:
+    """``handle`` has the shapes of an ``ll_dispatch`` of this communicator; returns its T."""
+    for name in ("src_index", "src_topk", "recv_rows"):
+        _checks.array(op, f"handle.{name}", getattr(handle, name), 2)
+    _checks.array(op, "handle.counts", handle.counts, 1)
+    r, el = comm.num_ranks, comm.num_local_experts
+    rt = handle.recv_rows.shape[0]
+    t = rt // r
+    for name, want in (("recv_rows", (r * t, comm.cfg.num_topk)), ("src_index", (el, r * t)),
+                       ("src_topk", (el, r * t)), ("counts", (el,))):
+        _checks.belongs(comm, op, "this LLHandle", f"handle.{name}", want,
+                        getattr(handle, name).shape, t)
+    return t
+
+
 def _check_combine(comm, op, y, topk_idx, topk_weights, handle):
     """Validates a combine's operands; returns ``topk_idx`` as int32."""
     _checks.ep_group(comm, op)
     if not isinstance(handle, LLHandle):
         raise TypeError(f"jaxep.{op}: handle must be an LLHandle (LLDispatched.handle), "
                         f"got {type(handle).__name__}")
-    rt = handle.src_index.shape[1]
-    t = rt // comm.num_ranks
+    t = _check_handle(comm, op, handle)
     idx = _checks.topk(comm, op, topk_idx, t)
     _checks.topk_weights(op, topk_weights, idx)
     _checks.array(op, "y", y, 3, FLOAT_DTYPES)
-    want = (comm.num_local_experts, rt, comm.cfg.hidden)
+    want = (comm.num_local_experts, comm.num_ranks * t, comm.cfg.hidden)
     _checks.dim(op, "y shape [E_l, R*T, H]", want, tuple(y.shape))
     return idx
 
@@ -441,12 +477,30 @@ def ll_combine_recv(comm, pending: LLCombinePending):
     return _ll_combine_recv(comm, "ll_combine_recv", pending)
 
 
+def _check_combine_pending(comm, op, pending: LLCombinePending):
+    """``pending`` has the shapes of an ``ll_combine_send`` of this communicator."""
+    what, cfg = "this LLCombinePending", comm.cfg
+    r, el = comm.num_ranks, comm.num_local_experts
+    _checks.array(op, "pending.topk_idx", pending.topk_idx, 2)
+    t = pending.topk_idx.shape[0]
+    _checks.belongs(comm, op, what, "pending.topk_idx", (t, cfg.num_topk),
+                    _shape(pending.topk_idx), t)
+    _checks.belongs(comm, op, what, "pending.topk_weights", (t, cfg.num_topk),
+                    _shape(pending.topk_weights))
+    if pending.info is not None:
+        _checks.belongs(comm, op, what, "pending.y", (el, r * t, cfg.hidden), _shape(pending.y))
+    else:
+        _checks.belongs(comm, op, what, "pending.rows", (r, el, t, cfg.hidden),
+                        _shape(pending.rows))
+
+
 def _ll_combine_recv(comm, op, pending):
     """:func:`ll_combine_recv`, its errors naming ``op``."""
     _checks.ep_group(comm, op)
     if not isinstance(pending, LLCombinePending):
         raise TypeError(f"jaxep.{op}: expected the LLCombinePending of ll_combine_send, "
                         f"got {type(pending).__name__}")
+    _check_combine_pending(comm, op, pending)
     if pending.info is not None:
         if not _on_cuda(comm):
             raise ValueError(f"jaxep.{op}: this pending transfer was sent by the CUDA backend of "

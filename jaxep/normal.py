@@ -252,11 +252,24 @@ def combine(comm, y, handle: DispatchHandle):
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"jaxep.{op}: handle must be a DispatchHandle (Dispatched.handle), "
                         f"got {type(handle).__name__}")
+    _check_handle(comm, op, handle)
     _checks.array(op, "y", y, 2, FLOAT_DTYPES)
     _checks.dim(op, "y.shape[0] (rows of the dispatch, C)", handle.src_index.shape[0],
                 y.shape[0])
     _checks.hidden(comm, op, "y", y.shape[1])
     return _combine(comm, y, handle)
+
+
+def _check_handle(comm, op, handle: DispatchHandle):
+    """``handle`` has the shapes of a dispatch of this communicator: ``send_slot [T, R]``
+    (``T <= max_tokens_per_rank``) and ``src_index [C]`` with C its capacity for T tokens."""
+    _checks.array(op, "handle.src_index", handle.src_index, 1)
+    _checks.array(op, "handle.send_slot", handle.send_slot, 2)
+    t = handle.send_slot.shape[0]
+    _checks.belongs(comm, op, "this DispatchHandle", "handle.send_slot", (t, comm.num_ranks),
+                    handle.send_slot.shape, t)
+    _checks.belongs(comm, op, "this DispatchHandle", "handle.src_index", (_capacity(comm, t),),
+                    handle.src_index.shape)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

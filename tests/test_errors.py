@@ -289,6 +289,63 @@ def test_ll_bad_handle_and_pending(comm):
         trace(comm, bad_prereduce, X, IDX, W, Y)
 
 
+def test_pending_and_handle_of_another_communicator(comm):
+    """A pending transfer or handle made by a communicator of other shapes (E, K, H, T, or the
+    capacity) is a ValueError naming the field and both shapes (before: ll_dispatch_recv took
+    a pending of another E and returned counts of the wrong shape)."""
+    mesh = comm.mesh
+    other = {name: jaxep.Communicator(mesh, cfg(**kw), backend="xla") for name, kw in [
+        ("E", dict(num_experts=16)), ("K", dict(num_topk=3)), ("H", dict(hidden=256)),
+        ("C", dict(recv_capacity=3))]}
+    belongs = r"does not belong to this Communicator \(R=2, E=8, K=2, H=128, "
+
+    def dispatch_recv(o):
+        return lambda x, i: jaxep.ll_dispatch_recv(comm, jaxep.ll_dispatch_send(o, x, i)).counts
+
+    def combine_recv(o):
+        def f(x, i, w, y):
+            pend = jaxep.ll_combine_send(o, y, i, w, jaxep.ll_dispatch(o, x, i).handle)
+            return jaxep.ll_combine_recv(comm, pend)
+        return f
+
+    def ll_handle(o):
+        return lambda x, i, w, y: jaxep.ll_combine(comm, y, i, w, jaxep.ll_dispatch(o, x, i).handle)
+
+    def normal_handle(o):
+        return lambda x, i, w, y: jaxep.combine(comm, y, jaxep.dispatch(o, x, i, w).handle)
+
+    o = other["E"]
+    with pytest.raises(ValueError, match=rf"ll_dispatch_recv: this LLDispatchPending {belongs}"
+                                         r".*pending.recv_topk has shape \(2, 8, 4\), "
+                                         r"expected \(2, 4, 4\)"):
+        trace(comm, dispatch_recv(o), X, IDX)
+    o = other["K"]
+    with pytest.raises(ValueError, match=r"pending.topk_idx has shape \(4, 3\), expected "
+                                         r"\(4, 2\)"):
+        trace(comm, dispatch_recv(o), X, S((T, 3), I32))
+    o = other["H"]
+    with pytest.raises(ValueError, match=r"pending.rows has shape \(2, 4, 4, 256\), expected "
+                                         r"\(2, 4, 4, 128\)"):
+        trace(comm, dispatch_recv(o), S((T, 256), BF16), IDX)
+    with pytest.raises(ValueError, match=rf"ll_combine_recv: this LLCombinePending {belongs}"
+                                         r".*pending.rows has shape \(2, 4, 4, 256\)"):
+        trace(comm, combine_recv(o), S((T, 256), BF16), IDX, W, S((EL, R * T, 256), BF16))
+    o = other["E"]
+    with pytest.raises(ValueError, match=rf"ll_combine: this LLHandle {belongs}"
+                                         r".*handle.src_index has shape \(8, 8\), expected "
+                                         r"\(4, 8\)"):
+        trace(comm, ll_handle(o), X, IDX, W, Y)
+    o = other["K"]
+    with pytest.raises(ValueError, match=r"handle.recv_rows has shape \(8, 3\), expected "
+                                         r"\(8, 2\)"):
+        trace(comm, ll_handle(o), X, S((T, 3), I32), S((T, 3), F32), Y)
+    o = other["C"]
+    with pytest.raises(ValueError, match=rf"combine: this DispatchHandle {belongs}"
+                                         r".*handle.src_index has shape \(3,\), expected "
+                                         r"\(8,\)"):
+        trace(comm, normal_handle(o), X, IDX, W, S((3, H), BF16))
+
+
 # ------------------------------------------------------------------------------------------
 # group binding: outside shard_map, wrong axis size, closed communicator, bad first argument
 # ------------------------------------------------------------------------------------------
