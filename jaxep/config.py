@@ -48,27 +48,26 @@ class EPConfig:
         per SM. ``None`` = tuned default (dispatch: every SM; combine: 32, measured fastest on
         4xH200).
       timeout_s: a peer that does not arrive within this many seconds fails the call instead of
-        hanging it (CUDA backend). Finite, at most ``MAX_WAIT_S`` = 1e9 s (the kernels take it
-        as int64 nanoseconds). Only jaxep's own waits honour it: those of the CUDA kernels, and
-        with one process per GPU the collective creation of a Communicator. On the ``xla``
+        hanging it (CUDA backend). Finite, at most ``jaxep.config.MAX_WAIT_S`` = 1e9 s (the kernels
+        take it as int64 nanoseconds). Only jaxep's own waits honour it: those of the CUDA kernels,
+        and with one process per GPU the collective creation of a Communicator. On the ``xla``
         backend the ops are XLA collectives, which jaxep cannot bound: across processes
-        (``jax.distributed``; measured with 2 processes x 4 CPU devices, gloo) a dead peer
-        makes the survivor's call fail with a gloo error naming a socket address, and JAX's
-        coordination service then aborts the survivor (SIGABRT) once the dead process has
-        missed its heartbeats for the heartbeat timeout, about 100 s by default
-        (``heartbeat_timeout_seconds`` of ``jax.distributed.initialize`` shortens it);
-        ``timeout_s`` plays no part there. On the CUDA backend with one process per GPU the
-        waiting kernel gives up after ``timeout_s`` instead: its error names the waiting rank,
-        the peer and the phase (``Communicator.check()`` raises it), and jaxep's failure watch
-        prints it at once and ends the process ``failure_exit_s`` later if JAX stays blocked
-        (measured on one H200 with ``timeout_s=10``: the survivors exited 13.6 s + 10 s after
-        their call), well before JAX's heartbeat timeout.
+        (``jax.distributed``; measured with 2 processes x 4 CPU devices, gloo) a dead peer makes the
+        survivor's call fail with a gloo error naming a socket address, and JAX's coordination
+        service then aborts the survivor (SIGABRT) once the dead process has missed its heartbeats
+        for the heartbeat timeout, about 100 s by default (``heartbeat_timeout_seconds`` of
+        ``jax.distributed.initialize`` shortens it); ``timeout_s`` plays no part there. On the CUDA
+        backend with one process per GPU the waiting kernel gives up after ``timeout_s`` instead:
+        its error names the waiting rank, the peer and the phase (``Communicator.check()`` raises
+        it), and jaxep's failure watch prints it at once and ends the process ``failure_exit_s``
+        later if JAX stays blocked (measured on one H200 with ``timeout_s=10``: the survivors exited
+        13.6 s + 10 s after their call), well before JAX's heartbeat timeout.
       failure_exit_s: after a kernel of this communicator records such a failure, jaxep prints
         it to stderr at once and ends the process (exit status
         ``jaxep.communicator.FAILURE_EXIT_CODE``) this many seconds later, unless it has exited
         by then: the failed kernel traps, which loses the process's CUDA context, and JAX may
         then wait forever for the lost work (seen in a process-per-GPU rank). ``None`` keeps the
-        process running (CUDA backend). Finite, at most ``MAX_WAIT_S`` = 1e9 s.
+        process running (CUDA backend). Finite, at most ``jaxep.config.MAX_WAIT_S`` = 1e9 s.
       low_latency: allocate the CUDA low-latency buffers (``ll_*`` ops), per GPU about
         ``8 * max_tokens_per_rank * hidden * (R + max(num_topk, R))`` bytes (float32-sized row
         slots, two buffers per direction; ``Communicator.workspace_bytes`` says what was
