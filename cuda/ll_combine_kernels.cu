@@ -269,6 +269,7 @@ __device__ __forceinline__ void SumRowsTo(const T* y, int H, int row, float w, u
       }
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
+        if (rows[j] < 0) continue;  // past the entries (warp-uniform): adds nothing, not w * 0
         float f[kPerLane];
         Load16(reinterpret_cast<const T*>(raw[j]), f, false);
 #pragma unroll

@@ -24,9 +24,14 @@ namespace ffi = xla::ffi;
 namespace jaxep {
 namespace {
 
-// Bytes of one row of a buffer whose leading dim is `rows`.
-int64_t RowBytes(const ffi::AnyBuffer& b, int64_t rows) {
-  return rows ? static_cast<int64_t>(b.size_bytes()) / rows : 0;
+// Bytes of one row of a buffer whose leading dim counts rows, from its trailing dims, so that a
+// buffer of no rows (T = 0) has the row size of one with C rows (0 for a rank-0 buffer).
+int64_t RowBytes(const ffi::AnyBuffer& b) {
+  auto dims = b.dimensions();
+  if (dims.size() == 0) return 0;
+  int64_t bytes = static_cast<int64_t>(ffi::ByteWidth(b.element_type()));
+  for (size_t i = 1; i < dims.size(); ++i) bytes *= dims[i];
+  return bytes;
 }
 
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
@@ -69,8 +74,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                            Dims(x.dimensions()) + " and " + Dims(scales.dimensions()));
   }
   if (C < 0 || recv_x->element_type() != x.element_type() ||
-      RowBytes(*recv_x, C) != RowBytes(x, T) || recv_scales->dimensions().size() == 0 ||
-      recv_scales->dimensions()[0] != C || RowBytes(*recv_scales, C) != RowBytes(scales, T)) {
+      RowBytes(*recv_x) != RowBytes(x) || recv_scales->dimensions().size() == 0 ||
+      recv_scales->dimensions()[0] != C || RowBytes(*recv_scales) != RowBytes(scales)) {
     return Invalid(op, "recv_x / recv_scales must be x / scales with C rows, got " +
                            Dims(recv_x->dimensions()) + " / " + Dims(recv_scales->dimensions()));
   }
@@ -95,8 +100,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   a.expert_rank = expert_rank.typed_data();
   a.expert_slot = expert_slot.typed_data();
   a.x = x.untyped_data();
-  a.x_row_bytes = static_cast<int>(RowBytes(x, T));
-  a.s_row_bytes = static_cast<int>(RowBytes(scales, T));
+  a.x_row_bytes = static_cast<int>(RowBytes(x));
+  a.s_row_bytes = static_cast<int>(RowBytes(scales));
   a.scales = a.s_row_bytes ? scales.untyped_data() : nullptr;
   a.recv_x = recv_x->untyped_data();
   a.recv_scales = a.s_row_bytes ? recv_scales->untyped_data() : nullptr;
@@ -170,7 +175,7 @@ ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   const int64_t C = src_index.dimensions()[0], T = rows.dimensions()[0];
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   if (out->element_type() != rows.element_type() || out->dimensions().size() == 0 ||
-      out->dimensions()[0] != C || RowBytes(*out, C) != RowBytes(rows, T)) {
+      out->dimensions()[0] != C || RowBytes(*out) != RowBytes(rows)) {
     return Invalid(op, "out must be rows' rows for C=" + std::to_string(C) + ", got " +
                            Dims(out->dimensions()) + " for rows " + Dims(rows.dimensions()));
   }
@@ -178,7 +183,7 @@ ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   a.ws = ref.ws;
   a.num_tokens = static_cast<int>(T);
   a.capacity = static_cast<int>(C);
-  a.row_bytes = static_cast<int>(RowBytes(rows, T));
+  a.row_bytes = static_cast<int>(RowBytes(rows));
   a.rows = rows.untyped_data();
   a.src_index = src_index.typed_data();
   a.out = out->untyped_data();

@@ -76,7 +76,12 @@ def _compact(mask, capacity):
 
 
 def _gather_rows(rows, idx):
-    """``rows[idx]`` with zeros where ``idx == -1`` (``rows [N, ...]``, ``idx [...]``)."""
+    """``rows[idx]`` with zeros where ``idx == -1`` (``rows [N, ...]``, ``idx [...]``).
+
+    With N = 0 (no token on any rank) every ``idx`` is -1 and the result is all zeros.
+    """
+    if rows.shape[0] == 0:  # jnp.take refuses an empty axis: take from one row of zeros
+        rows = jnp.concatenate([rows, jnp.zeros((1,) + rows.shape[1:], rows.dtype)])
     out = jnp.take(rows, jnp.maximum(idx, 0), axis=0)
     valid = (idx >= 0).reshape(idx.shape + (1,) * (rows.ndim - 1))
     return jnp.where(valid, out, jnp.zeros((), rows.dtype))
@@ -249,6 +254,10 @@ def ll_combine_send(comm, y, src_index):
 def ll_combine_recv(comm, back, topk_idx, topk_weights, prereduce=False):
     """Receive phase of combine: ``sum_k w[t, k] * back[rank(e_k), slot(e_k), t]`` in f32.
 
+    Invalid entries (-1 or outside ``[-1, E)``) contribute nothing: their gathered row is
+    replaced by zeros (``where``) rather than multiplied by a zero weight, so an Inf or NaN in
+    the row they happen to point at does not turn into a NaN in the output.
+
     ``prereduce``: as the pre-reduced CUDA combine, the entries of each expert rank are summed
     first (f32), then the partial sums over the ranks (f32); with True a partial of two or more
     distinct experts is rounded to ``back.dtype`` first (a single expert's row is not: the
@@ -259,6 +268,8 @@ def ll_combine_recv(comm, back, topk_idx, topk_weights, prereduce=False):
     slot = jnp.maximum(_lookup(comm.expert_slot, idx), 0)
     t = jnp.arange(idx.shape[0])[:, None]
     rows = back[dest, slot, t].astype(jnp.float32)  # [T, K, ...]
+    valid = (idx >= 0).reshape(idx.shape + (1,) * (rows.ndim - 2))
+    rows = jnp.where(valid, rows, 0.0)  # not rows * 0: an invalid entry adds nothing
     w = jnp.where(idx >= 0, topk_weights, 0).astype(jnp.float32)
     w = w.reshape(w.shape + (1,) * (rows.ndim - 2))
     terms = rows * w

@@ -57,6 +57,10 @@ class Communicator:
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, cfg: EPConfig, backend: str = "auto"):
+        if not isinstance(mesh, jax.sharding.Mesh):
+            hint = (" (a list of devices: wrap it, e.g. jax.sharding.Mesh(np.array(devices), "
+                    "('ep',)))" if isinstance(mesh, (list, tuple)) else "")
+            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}{hint}")
         if not isinstance(cfg, EPConfig):
             raise TypeError(f"cfg must be a jaxep.EPConfig, got {type(cfg).__name__}")
         if backend not in BACKENDS:
@@ -145,6 +149,9 @@ class Communicator:
     # -- placement ---------------------------------------------------------------------------
     def local_expert_ids(self, rank: int) -> np.ndarray:
         """Global expert id held in each local slot of ``rank``: int32 ``[E_l]``."""
+        if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)):
+            raise TypeError(f"rank must be an int in [0, {self.num_ranks}), got "
+                            f"{type(rank).__name__} {rank!r}")
         if not 0 <= rank < self.num_ranks:
             raise ValueError(f"rank must be in [0, {self.num_ranks}), got {rank}")
         return self.global_expert[rank].copy()
@@ -320,7 +327,7 @@ def _placement_tables(cfg: EPConfig, num_ranks: int) -> tuple[np.ndarray, np.nda
     bad = (table[:, 0] >= num_ranks) | (table[:, 1] >= local)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"placement table entry {i} = {tuple(table[i])} is outside "
+        raise ValueError(f"placement table entry {i} = {tuple(table[i].tolist())} is outside "
                          f"(rank < R={num_ranks}, slot < E_l={local})")
     return table[:, 0].astype(np.int32), table[:, 1].astype(np.int32)
 

@@ -9,6 +9,11 @@ Placement = Union[str, tuple[tuple[int, int], ...]]
 
 _NAMED_PLACEMENTS = ("linear", "round_robin")
 
+# The largest timeout_s / failure_exit_s accepted (about 31.7 years): the kernels take timeout_s
+# as int64 nanoseconds and time.sleep takes failure_exit_s as int64 nanoseconds, both of which
+# end near 9.2e9 s; an "infinite" wait is not available (a hang is what timeout_s prevents).
+MAX_WAIT_S = 1e9
+
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -43,13 +48,26 @@ class EPConfig:
         per SM. ``None`` = tuned default (dispatch: every SM; combine: 32, as more SMs only add
         NVLink contention; benchmarks/RESULTS.md).
       timeout_s: a peer that does not arrive within this many seconds fails the call instead of
-        hanging it (CUDA backend).
+        hanging it (CUDA backend). Finite, at most ``jaxep.config.MAX_WAIT_S`` = 1e9 s (the kernels
+        take it as int64 nanoseconds). Only jaxep's own waits honour it: those of the CUDA kernels,
+        and with one process per GPU the collective creation of a Communicator. On the ``xla``
+        backend the ops are XLA collectives, which jaxep cannot bound: across processes
+        (``jax.distributed``; measured with 2 processes x 4 CPU devices, gloo) a dead peer makes the
+        survivor's call fail with a gloo error naming a socket address, and JAX's coordination
+        service then aborts the survivor (SIGABRT) once the dead process has missed its heartbeats
+        for the heartbeat timeout, about 100 s by default (``heartbeat_timeout_seconds`` of
+        ``jax.distributed.initialize`` shortens it); ``timeout_s`` plays no part there. On the CUDA
+        backend with one process per GPU the waiting kernel gives up after ``timeout_s`` instead:
+        its error names the waiting rank, the peer and the phase (``Communicator.check()`` raises
+        it), and jaxep's failure watch prints it at once and ends the process ``failure_exit_s``
+        later if JAX stays blocked (measured on one H200 with ``timeout_s=10``: the survivors exited
+        13.6 s + 10 s after their call), well before JAX's heartbeat timeout.
       failure_exit_s: after a kernel of this communicator records such a failure, jaxep prints
         it to stderr at once and ends the process (exit status
         ``jaxep.communicator.FAILURE_EXIT_CODE``) this many seconds later, unless it has exited
         by then: the failed kernel traps, which loses the process's CUDA context, and JAX may
         then wait forever for the lost work (seen in a process-per-GPU rank). ``None`` keeps the
-        process running (CUDA backend).
+        process running (CUDA backend). Finite, at most ``jaxep.config.MAX_WAIT_S`` = 1e9 s.
       low_latency: allocate the CUDA low-latency buffers (``ll_*`` ops), per GPU about
         ``8 * max_tokens_per_rank * hidden * (R + max(num_topk, R))`` bytes (float32-sized row
         slots, two buffers per direction; ``Communicator.workspace_bytes`` says what was
@@ -99,14 +117,17 @@ class EPConfig:
             raise TypeError(f"EPConfig.timeout_s must be a number, got {self.timeout_s!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"EPConfig.timeout_s must be positive, got {self.timeout_s}")
+        if not self.timeout_s <= MAX_WAIT_S:
+            raise ValueError(f"EPConfig.timeout_s must be finite, at most {MAX_WAIT_S:.0e} s "
+                             f"(the kernels take it as int64 nanoseconds), got {self.timeout_s}")
         if self.failure_exit_s is not None:
             if (isinstance(self.failure_exit_s, bool)
                     or not isinstance(self.failure_exit_s, (int, float))):
                 raise TypeError(f"EPConfig.failure_exit_s must be None or a number, got "
                                 f"{self.failure_exit_s!r}")
-            if not 0 <= self.failure_exit_s < float("inf"):
-                raise ValueError(f"EPConfig.failure_exit_s must be None or finite and >= 0, got "
-                                 f"{self.failure_exit_s}")
+            if not 0 <= self.failure_exit_s <= MAX_WAIT_S:
+                raise ValueError(f"EPConfig.failure_exit_s must be None or finite, >= 0 and at "
+                                 f"most {MAX_WAIT_S:.0e} s, got {self.failure_exit_s}")
         if self.low_latency is not None and not isinstance(self.low_latency, bool):
             raise TypeError(f"EPConfig.low_latency must be None, True or False, got "
                             f"{self.low_latency!r}")
@@ -127,18 +148,36 @@ def _normalize_placement(placement, num_experts: int) -> Placement:
                              f"(rank, slot) pairs, got {placement!r}")
         return placement
     try:
-        table = tuple((int(r), int(s)) for r, s in _as_pairs(placement))
+        pairs = [tuple(p) for p in _as_pairs(placement)]
     except (TypeError, ValueError) as e:
         raise TypeError(f"EPConfig.placement table must be a sequence of (rank, slot) int pairs, "
                         f"got {placement!r}") from e
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2 or not all(_is_int(v) for v in pair):
+            raise TypeError(f"EPConfig.placement table must be a sequence of (rank, slot) int "
+                            f"pairs, but entry {i} is {pair!r}")
+    table = tuple((int(r), int(s)) for r, s in pairs)
     if len(table) != num_experts:
         raise ValueError(f"EPConfig.placement table must have num_experts={num_experts} entries, "
                          f"got {len(table)}")
-    if len(set(table)) != len(table):
-        raise ValueError("EPConfig.placement table maps two experts to the same (rank, slot)")
-    if any(r < 0 or s < 0 for r, s in table):
-        raise ValueError("EPConfig.placement table has a negative rank or slot")
+    first = {}
+    for e, pair in enumerate(table):
+        if pair in first:
+            raise ValueError(f"EPConfig.placement table maps experts {first[pair]} and {e} to the "
+                             f"same (rank, slot) {pair}")
+        first[pair] = e
+    for e, (r, s) in enumerate(table):
+        if r < 0 or s < 0:
+            raise ValueError(f"EPConfig.placement table has a negative rank or slot: entry {e} "
+                             f"is {(r, s)}")
     return table
+
+
+def _is_int(value) -> bool:
+    """An int or NumPy integer, not a bool or a float (a float would be truncated)."""
+    import numpy as np
+
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _as_pairs(placement) -> Sequence:

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from jaxep import _backends, _checks
 from jaxep.normal import _pytree
@@ -176,11 +175,11 @@ def ll_dispatch_send(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool 
     Prefer the default unless measured otherwise. One process only.
     """
     op = "ll_dispatch_send"
-    _checks.ll_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
+    idx = _checks.ll_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
     _checks.copy_engine(comm, op, copy_engine)
     impl = _backends.lookup(comm, op)
-    fields = impl(comm, x, topk_idx.astype(jnp.int32), fp8=fp8, round_scale=round_scale,
-                  ue8m0=ue8m0, copy_engine=copy_engine)
+    fields = impl(comm, x, idx, fp8=fp8, round_scale=round_scale, ue8m0=ue8m0,
+                  copy_engine=copy_engine)
     return LLDispatchPending(*fields, fp8, ue8m0)
 
 
@@ -226,10 +225,10 @@ def ll_dispatch(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = Fal
     docstring for how many may be outstanding).
     """
     op = "ll_dispatch"
-    _checks.ll_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
+    idx = _checks.ll_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
     impl = _backends.lookup(comm, op)
-    return _dispatched(impl(comm, x, topk_idx.astype(jnp.int32), fp8=fp8,
-                            round_scale=round_scale, ue8m0=ue8m0, zero_padding=zero_padding))
+    return _dispatched(impl(comm, x, idx, fp8=fp8, round_scale=round_scale, ue8m0=ue8m0,
+                            zero_padding=zero_padding))
 
 
 def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
@@ -241,11 +240,10 @@ def ll_combine_send(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     hence the default False here (the send never waits for a peer), where :func:`ll_combine`
     defaults to ``"float32"``."""
     op = "ll_combine_send"
-    _checks.ll_combine(comm, op, y, topk_idx, topk_weights, handle, LLHandle)
+    idx = _checks.ll_combine(comm, op, y, topk_idx, topk_weights, handle, LLHandle)
     prereduce = _checks.prereduce(op, prereduce)
     impl = _backends.lookup(comm, op)
-    fields = impl(comm, y, topk_idx.astype(jnp.int32), topk_weights, handle,
-                  prereduce=prereduce)
+    fields = impl(comm, y, idx, topk_weights, handle, prereduce=prereduce)
     return LLCombinePending(*fields, prereduce)
 
 
@@ -303,6 +301,6 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     """
     op = "ll_combine"
     prereduce = _checks.prereduce(op, prereduce)
-    _checks.ll_combine(comm, op, y, topk_idx, topk_weights, handle, LLHandle)
+    idx = _checks.ll_combine(comm, op, y, topk_idx, topk_weights, handle, LLHandle)
     impl = _backends.lookup(comm, op)
-    return impl(comm, y, topk_idx.astype(jnp.int32), topk_weights, handle, prereduce=prereduce)
+    return impl(comm, y, idx, topk_weights, handle, prereduce=prereduce)

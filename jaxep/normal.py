@@ -16,9 +16,9 @@ in ``num_dropped``; combine returns nothing for them.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
-import jax.numpy as jnp
 
 from jaxep import _backends, _checks
 from jaxep._checks import FLOAT_DTYPES
@@ -105,11 +105,9 @@ def dispatch_layout(comm, topk_idx) -> Layout:
     Integer outputs, no gradient. Runs the CUDA kernel ``jaxep_dispatch_layout_ffi`` with the
     ``cuda`` backend.
     """
-    _checks.ep_group(comm, "dispatch_layout")
-    _checks.topk(comm, "dispatch_layout", topk_idx, topk_idx.shape[0])
-    _checks.tokens(comm, "dispatch_layout", topk_idx.shape[0])
+    idx = _checks.dispatch_layout(comm, "dispatch_layout", topk_idx)
     impl = _backends.lookup(comm, "dispatch_layout")
-    return Layout(*impl(comm, topk_idx.astype(jnp.int32)))
+    return Layout(*impl(comm, idx))
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,10 +138,9 @@ def dispatch(comm, x, topk_idx, topk_weights) -> Dispatched:
     weight's cotangent gathered back to ``[T, K]``. An FP8 ``x`` gets a zero gradient (its
     cotangent would be e4m3); ``topk_weights`` still gets its gradient.
     """
-    _checks.dispatch(comm, "dispatch", x, topk_idx, topk_weights)
+    idx = _checks.dispatch(comm, "dispatch", x, topk_idx, topk_weights)
     impl = _backends.lookup(comm, "dispatch")
-    *fields, src_index, send_slot = impl(comm, x, topk_idx.astype(jnp.int32), topk_weights,
-                                         _capacity(comm, topk_idx.shape[0]))
+    *fields, src_index, send_slot = impl(comm, x, idx, topk_weights, _capacity(comm, idx.shape[0]))
     return Dispatched(*fields, DispatchHandle(src_index, send_slot))
 
 
@@ -170,8 +167,7 @@ def combine(comm, y, handle: DispatchHandle):
     """
     op = "combine"
     _checks.ep_group(comm, op)
-    _checks.instance(op, handle, DispatchHandle,
-                     "handle must be a DispatchHandle (Dispatched.handle)")
+    _checks.dispatch_handle(comm, op, handle, DispatchHandle, partial(_capacity, comm))
     _checks.array(op, "y", y, 2, FLOAT_DTYPES)
     _checks.dim(op, "y.shape[0] (rows of the dispatch, C)", handle.src_index.shape[0],
                 y.shape[0])

@@ -83,6 +83,26 @@ def test_dispatch_bad_input(comm, x, idx, w, exc, match):
         trace(comm, _dispatch(comm), x, idx, w)
 
 
+def test_topk_weights_none(comm):
+    """``topk_weights=None`` is a TypeError naming the argument (before: "'NoneType' object is
+    not subscriptable" from inside the xla backend, "where requires ndarray" in ll_combine)."""
+    match = r"topk_weights must be a float32 array shaped like topk_idx \(4, 2\), got None"
+    with pytest.raises(TypeError, match=rf"jaxep.dispatch: {match}"):
+        trace(comm, lambda x, i: jaxep.dispatch(comm, x, i, None).x, X, IDX)
+
+    def ll(op):
+        def f(x, i, y):
+            h = jaxep.ll_dispatch(comm, x, i).handle
+            if op == "ll_combine":
+                return jaxep.ll_combine(comm, y, i, None, h)
+            return jaxep.ll_combine_send(comm, y, i, None, h).topk_idx
+        return f
+
+    for op in ("ll_combine", "ll_combine_send"):
+        with pytest.raises(TypeError, match=rf"jaxep.{op}: {match}"):
+            trace(comm, ll(op), X, IDX, Y)
+
+
 @pytest.mark.parametrize("x,exc,match", [
     ((S((T, H), BF16), S((T, 1), F32)), TypeError,
      r"x payload must have dtype in \(float8_e4m3fn\), got bfloat16"),
@@ -183,6 +203,25 @@ def test_ll_dispatch_bad_input(comm, x, idx, kw, exc, match):
         trace(comm, lambda x, i: jaxep.ll_dispatch_send(comm, x, i, **kw).recv_topk, x, idx)
 
 
+def test_ll_errors_name_the_op_called(comm):
+    """On the xla backend ``ll_dispatch`` / ``ll_combine`` run their two phases, but an error
+    names the op the user called (before: ``ll_dispatch_send`` / ``ll_combine_send``)."""
+    bad_x = S((T, 256), BF16)
+    with pytest.raises(ValueError, match=r"^jaxep.ll_dispatch: x.shape\[-1\]"):
+        trace(comm, lambda x, i: jaxep.ll_dispatch(comm, x, i).counts, bad_x, IDX)
+    with pytest.raises(ValueError, match=r"^jaxep.ll_dispatch_send: x.shape\[-1\]"):
+        trace(comm, lambda x, i: jaxep.ll_dispatch_send(comm, x, i).recv_topk, bad_x, IDX)
+    bad_w = S((T, K + 1), F32)
+    with pytest.raises(ValueError, match=r"^jaxep.ll_combine: topk_weights shape"):
+        trace(comm, _ll_combine(comm), X, IDX, bad_w, Y)
+
+    def send(x, i, w, y):
+        return jaxep.ll_combine_send(comm, y, i, w, jaxep.ll_dispatch(comm, x, i).handle).rows
+
+    with pytest.raises(ValueError, match=r"^jaxep.ll_combine_send: topk_weights shape"):
+        trace(comm, send, X, IDX, bad_w, Y)
+
+
 def test_ll_dispatch_fp8_hidden_not_multiple_of_128():
     c = jaxep.Communicator(make_mesh(R), cfg(hidden=192), backend="xla")
     with pytest.raises(ValueError, match=r"multiple of 128, got 192"):
@@ -250,6 +289,63 @@ def test_ll_bad_handle_and_pending(comm):
         trace(comm, bad_prereduce, X, IDX, W, Y)
 
 
+def test_pending_and_handle_of_another_communicator(comm):
+    """A pending transfer or handle made by a communicator of other shapes (E, K, H, T, or the
+    capacity) is a ValueError naming the field and both shapes (before: ll_dispatch_recv took
+    a pending of another E and returned counts of the wrong shape)."""
+    mesh = comm.mesh
+    other = {name: jaxep.Communicator(mesh, cfg(**kw), backend="xla") for name, kw in [
+        ("E", dict(num_experts=16)), ("K", dict(num_topk=3)), ("H", dict(hidden=256)),
+        ("C", dict(recv_capacity=3))]}
+    belongs = r"does not belong to this Communicator \(R=2, E=8, K=2, H=128, "
+
+    def dispatch_recv(o):
+        return lambda x, i: jaxep.ll_dispatch_recv(comm, jaxep.ll_dispatch_send(o, x, i)).counts
+
+    def combine_recv(o):
+        def f(x, i, w, y):
+            pend = jaxep.ll_combine_send(o, y, i, w, jaxep.ll_dispatch(o, x, i).handle)
+            return jaxep.ll_combine_recv(comm, pend)
+        return f
+
+    def ll_handle(o):
+        return lambda x, i, w, y: jaxep.ll_combine(comm, y, i, w, jaxep.ll_dispatch(o, x, i).handle)
+
+    def normal_handle(o):
+        return lambda x, i, w, y: jaxep.combine(comm, y, jaxep.dispatch(o, x, i, w).handle)
+
+    o = other["E"]
+    with pytest.raises(ValueError, match=rf"ll_dispatch_recv: this LLDispatchPending {belongs}"
+                                         r".*pending.recv_topk has shape \(2, 8, 4\), "
+                                         r"expected \(2, 4, 4\)"):
+        trace(comm, dispatch_recv(o), X, IDX)
+    o = other["K"]
+    with pytest.raises(ValueError, match=r"pending.topk_idx has shape \(4, 3\), expected "
+                                         r"\(4, 2\)"):
+        trace(comm, dispatch_recv(o), X, S((T, 3), I32))
+    o = other["H"]
+    with pytest.raises(ValueError, match=r"pending.rows has shape \(2, 4, 4, 256\), expected "
+                                         r"\(2, 4, 4, 128\)"):
+        trace(comm, dispatch_recv(o), S((T, 256), BF16), IDX)
+    with pytest.raises(ValueError, match=rf"ll_combine_recv: this LLCombinePending {belongs}"
+                                         r".*pending.rows has shape \(2, 4, 4, 256\)"):
+        trace(comm, combine_recv(o), S((T, 256), BF16), IDX, W, S((EL, R * T, 256), BF16))
+    o = other["E"]
+    with pytest.raises(ValueError, match=rf"ll_combine: this LLHandle {belongs}"
+                                         r".*handle.src_index has shape \(8, 8\), expected "
+                                         r"\(4, 8\)"):
+        trace(comm, ll_handle(o), X, IDX, W, Y)
+    o = other["K"]
+    with pytest.raises(ValueError, match=r"handle.recv_rows has shape \(8, 3\), expected "
+                                         r"\(8, 2\)"):
+        trace(comm, ll_handle(o), X, S((T, 3), I32), S((T, 3), F32), Y)
+    o = other["C"]
+    with pytest.raises(ValueError, match=rf"combine: this DispatchHandle {belongs}"
+                                         r".*handle.src_index has shape \(3,\), expected "
+                                         r"\(8,\)"):
+        trace(comm, normal_handle(o), X, IDX, W, S((3, H), BF16))
+
+
 # ------------------------------------------------------------------------------------------
 # group binding: outside shard_map, wrong axis size, closed communicator, bad first argument
 # ------------------------------------------------------------------------------------------
@@ -285,6 +381,18 @@ def test_other_axis_name_bound():
     f = jax.shard_map(lambda i: jaxep.dispatch_layout(c, i).tokens_per_rank,
                       mesh=make_mesh(R, axis="data"), in_specs=P("data"), out_specs=P("data"))
     with pytest.raises(ValueError, match=r"EP axis 'ep'"):
+        jax.eval_shape(f, IDX)
+
+
+def test_ep_axis_not_manual_in_shard_map():
+    """A shard_map over a mesh that has the EP axis but leaves it out of ``axis_names`` (partial
+    manual) says so (before: "no such axis is bound here")."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:4]).reshape(2, 2), ("ep", "dp"))
+    c = jaxep.Communicator(mesh, cfg(), backend="xla")
+    f = jax.shard_map(lambda i: jaxep.dispatch_layout(c, i).tokens_per_rank, mesh=mesh,
+                      in_specs=P("dp"), out_specs=P("dp"), axis_names={"dp"})
+    with pytest.raises(ValueError, match=r"inside jax.shard_map.*'ep'.*R=2\); the current mesh "
+                                         r"has 'ep', but not as a manual axis here.*axis_names"):
         jax.eval_shape(f, IDX)
 
 
@@ -327,15 +435,29 @@ def test_communicator_errors():
         c.local_expert_ids(-1)
 
 
+def test_communicator_argument_types():
+    """Wrong argument types are a TypeError saying what was expected (before: a list of devices
+    or None as the mesh gave AttributeError; ``local_expert_ids(True)`` returned shape
+    (1, R, E_l) and ``local_expert_ids(1.5)`` raised numpy's IndexError)."""
+    for mesh, name in [(jax.devices(), "list"), (None, "NoneType"),
+                       (np.array(jax.devices()), "ndarray")]:
+        with pytest.raises(TypeError, match=rf"mesh must be a jax.sharding.Mesh, got {name}"):
+            jaxep.Communicator(mesh, cfg())
+    c = jaxep.Communicator(make_mesh(4), cfg(), backend="xla")
+    for bad, name in [(True, "bool"), (1.5, "float"), ("1", "str"), (None, "NoneType"),
+                      (np.float32(1), "float32")]:
+        with pytest.raises(TypeError, match=rf"rank must be an int in \[0, 4\), got {name}"):
+            c.local_expert_ids(bad)
+    np.testing.assert_array_equal(c.local_expert_ids(np.int64(1)), [2, 3])
+
+
 @pytest.mark.parametrize("table,match", [
     # E=8 over R=4 ranks: E_l = 2; rank 4 and slot 2 do not exist
-    ([(r % 4, r // 4) for r in range(7)] + [(4, 1)],
-     r"entry 7 = \((np.int64\()?4\)?, (np.int64\()?1\)?\) is outside .*R=4"),
-    ([(r % 4, r // 4) for r in range(7)] + [(3, 2)],
-     r"entry 7 = \((np.int64\()?3\)?, (np.int64\()?2\)?\) is outside .*E_l=2"),
+    ([(r % 4, r // 4) for r in range(7)] + [(4, 1)], r"entry 7 = \(4, 1\) is outside .*R=4"),
+    ([(r % 4, r // 4) for r in range(7)] + [(3, 2)], r"entry 7 = \(3, 2\) is outside .*E_l=2"),
 ])
 def test_communicator_table_out_of_range(table, match):
-    # (the message currently prints numpy scalars as ``np.int64(4)``; accepted, cosmetic)
+    """The entry is printed as plain ints (before: ``(np.int64(4), np.int64(1))``)."""
     with pytest.raises(ValueError, match=match):
         jaxep.Communicator(make_mesh(4), cfg(placement=table), backend="xla")
 
@@ -368,8 +490,22 @@ def test_epconfig_required_ints(field, value, exc, match):
      r"placement must be one of \('linear', 'round_robin'\).*got 'random'"),
     (dict(placement="Linear"), ValueError, r"got 'Linear'"),
     (dict(placement=[(0, 0)] * 3), ValueError, r"must have num_experts=8 entries, got 3"),
-    (dict(placement=[(e % 2, 0) for e in range(8)]), ValueError, r"same \(rank, slot\)"),
-    (dict(placement=[(e % 4, e // 4) for e in range(7)] + [(-1, 1)]), ValueError, r"negative"),
+    (dict(placement=[(e % 2, 0) for e in range(8)]), ValueError,
+     r"maps experts 0 and 2 to the same \(rank, slot\) \(0, 0\)"),
+    (dict(placement=[(e % 4, e // 4) for e in range(7)] + [(-1, 1)]), ValueError,
+     r"negative rank or slot: entry 7 is \(-1, 1\)"),
+    # no silent truncation of floats (before: 0.9 became rank 0), nor bools or strings
+    (dict(placement=[(0.9, 0)] + [(e % 4, e // 4) for e in range(1, 8)]), TypeError,
+     r"\(rank, slot\) int pairs, but entry 0 is \(0.9, 0\)"),
+    (dict(placement=[(e % 4, e // 4) for e in range(7)] + [(3, 1.0)]), TypeError,
+     r"entry 7 is \(3, 1.0\)"),
+    (dict(placement=np.array([(e % 4, e // 4) for e in range(8)], np.float32) + 0.5), TypeError,
+     r"entry 0 is \(0.5, 0.5\)"),
+    (dict(placement=[(True, 0)] + [(e % 4, e // 4) for e in range(1, 8)]), TypeError,
+     r"entry 0 is \(True, 0\)"),
+    (dict(placement=[("1", "0")] + [(e % 4, e // 4) for e in range(1, 8)]), TypeError,
+     r"entry 0 is \('1', '0'\)"),
+    (dict(placement=[(0, 0, 0)] * 8), TypeError, r"entry 0 is \(0, 0, 0\)"),
     (dict(placement=[1, 2, 3, 4, 5, 6, 7, 8]), TypeError, r"\(rank, slot\) int pairs"),
     (dict(placement=[("a", 0)] * 8), TypeError, r"\(rank, slot\) int pairs"),
     (dict(placement=np.zeros((8, 3), np.int32)), (TypeError, ValueError), r"placement"),
@@ -383,10 +519,45 @@ def test_epconfig_required_ints(field, value, exc, match):
     (dict(timeout_s=0), ValueError, r"timeout_s must be positive, got 0"),
     (dict(timeout_s=-1.5), ValueError, r"timeout_s must be positive, got -1.5"),
     (dict(timeout_s=float("nan")), ValueError, r"timeout_s must be positive, got nan"),
+    # finite: the kernels take int64 nanoseconds (before: inf was accepted, then overflowed
+    # np.int64(int(timeout_s * 1e9)) when a CUDA op was traced)
+    (dict(timeout_s=float("inf")), ValueError,
+     r"timeout_s must be finite, at most 1e\+09 s \(the kernels take it as int64 "
+     r"nanoseconds\), got inf"),
+    (dict(timeout_s=9.3e9), ValueError, r"timeout_s must be finite, at most 1e\+09 s"),
+    (dict(failure_exit_s=float("inf")), ValueError,
+     r"failure_exit_s must be None or finite, >= 0 and at most 1e\+09 s, got inf"),
+    (dict(failure_exit_s=1e19), ValueError, r"failure_exit_s .* at most 1e\+09 s, got 1e\+19"),
+    (dict(failure_exit_s=-1), ValueError, r"failure_exit_s .* >= 0 .*got -1"),
+    (dict(failure_exit_s="1"), TypeError, r"failure_exit_s must be None or a number"),
 ])
 def test_epconfig_validation(kw, exc, match):
     with pytest.raises(exc, match=match):
         cfg(**kw)
+
+
+def test_epconfig_largest_waits_fit_their_uses():
+    """The largest accepted ``timeout_s`` converts to the kernels' int64 nanoseconds as
+    ``jaxep._cuda`` does, and the largest ``failure_exit_s`` is a valid ``time.sleep``."""
+    from jaxep.config import MAX_WAIT_S
+
+    c = cfg(timeout_s=MAX_WAIT_S, failure_exit_s=MAX_WAIT_S)
+    assert np.int64(int(c.timeout_s * 1e9)) == 10 ** 18
+    import threading
+    import time
+    errors = []
+
+    def sleep():
+        try:
+            time.sleep(c.failure_exit_s)
+        except (OverflowError, ValueError) as e:  # raised before sleeping when out of range
+            errors.append(e)
+
+    threading.Thread(target=sleep, daemon=True).start()
+    time.sleep(0.2)
+    assert not errors
+    assert cfg(failure_exit_s=None).failure_exit_s is None
+    assert cfg(failure_exit_s=0).failure_exit_s == 0
 
 
 def test_epconfig_frozen_and_hashable():

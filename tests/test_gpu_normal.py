@@ -661,3 +661,55 @@ def test_two_cuda_communicators_interleaved(num_ranks):
     # the xla backend in the same process, same mesh, after the cuda calls
     ctx, _, exp, args, cfg = jobs[-1]
     _check_call(jax.device_get(_calls_fn(num_ranks, cfg, "xla")(*args)), exp, ctx + " (xla)")
+
+
+# ------------------------------------------------------------------------------------------
+# 7: no tokens (T = 0), with and without recv_capacity (issue 19, item 3)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capacity", [None, 24])
+@pytest.mark.parametrize("num_ranks", RANKS)
+def test_no_tokens(num_ranks, capacity):
+    """dispatch + combine and their gradients with T=0 (allowed: ``x.shape[0] <=
+    max_tokens_per_rank``): C rows of zero padding, zero counts, an empty output, as the xla
+    backend gives (before: with a capacity the handler refused recv_x's row size, which it
+    divided out of 0 rows of x)."""
+    cfg = jaxep.EPConfig(num_experts=16, num_topk=4, hidden=256, max_tokens_per_rank=32,
+                         recv_capacity=capacity)
+    c = comms(num_ranks, cfg)
+    k, h = cfg.num_topk, cfg.hidden
+    args = (jnp.zeros((0, h), jnp.bfloat16), jnp.zeros((0, k), jnp.int32),
+            jnp.zeros((0, k), jnp.float32))
+    results = {}
+    for backend, comm in c.items():
+        def fn(x, idx, w, comm=comm):
+            d = jaxep.dispatch(comm, x, idx, w)
+
+            def loss(x, w):
+                e = jaxep.dispatch(comm, x, idx, w)
+                return jnp.sum(jaxep.combine(comm, e.x * e.topk_weights[:, :1], e.handle)
+                               .astype(jnp.float32))
+
+            gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+            return dict(x=d.x, topk_idx=d.topk_idx, topk_weights=d.topk_weights,
+                        num_tokens=d.num_tokens[None], num_dropped=d.num_dropped[None],
+                        num_invalid=d.num_invalid[None], tpe=d.tokens_per_expert,
+                        src_index=d.handle.src_index, send_slot=d.handle.send_slot,
+                        out=jaxep.combine(comm, d.x, d.handle), gx=gx, gw=gw)
+
+        keys = jax.eval_shape(jax.shard_map(fn, mesh=comm.mesh, in_specs=P("ep"),
+                                            out_specs=P("ep")), *args)
+        # one output per call: XLA fails to compile a shard_map with zero-size inputs that
+        # returns an empty array and a reduction of one (see tests/test_edge_inputs.py)
+        results[backend] = {key: jax.device_get(ep_call(comm, lambda *a, key=key, fn=fn:
+                                                        fn(*a)[key])(*args)) for key in keys}
+    check_errors(c)
+    C = capacity or 0
+    assert results["cuda"]["x"].shape == (num_ranks * C, h)
+    assert results["cuda"]["out"].shape == (0, h)
+    for key, want in results["xla"].items():
+        got = results["cuda"][key]
+        assert got.shape == want.shape and got.dtype == want.dtype, key
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                      err_msg=key)
