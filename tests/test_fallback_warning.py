@@ -11,7 +11,9 @@ from jaxep import _cuda, _fallback
 
 
 class _Comm(types.SimpleNamespace):
-    """A stand-in Communicator (weak-referenceable, as the real one)."""
+    """A stand-in Communicator (weak-referenceable and hashable by identity, as the real one)."""
+
+    __hash__ = object.__hash__
 
 
 def fake(backend="cuda", intranode=True, low_latency=None, ll_buffers=False, impl="xla",
