@@ -10,8 +10,9 @@ padding. ``R*T`` rows per expert always suffice, so nothing is dropped.
 Padding rows are zeros by default. ``zero_padding=False`` (CUDA backend) leaves their payload
 and scales unspecified, which saves writing ``E_l * R*T * H`` bytes per call (235 MB at
 E=256, R=4, T=128, H=7168 with fp8): use it with expert kernels that read only the first
-``counts[e]`` rows (grouped GEMMs masked by ``counts``); a dense matmul over padding could see
-NaNs. The handle's padding entries are always -1.
+``counts[e]`` rows (grouped GEMMs masked by ``counts``); the padding then holds stale rows of
+earlier calls, which can be NaN or Inf, so a dense matmul over it must mask its input or output
+by ``counts`` (``jnp.where(row < counts[e], ...)``). The handle's padding entries are always -1.
 
 Two-phase forms: ``*_send`` issues the transfer and returns a pending pytree, ``*_recv`` waits and
 unpacks it; independent work placed between them may overlap the transfer (on CUDA the SM send
