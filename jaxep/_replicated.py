@@ -58,8 +58,8 @@ def _leaves_2d(arrays, t) -> bool:
 
 
 def detect(comm, op: str, x, *others) -> bool:
-    """For the public op ``op`` (after checking ``comm`` and its EP axes): whether ``x`` (an array or the FP8 tuple) and ``others`` are replicated over the EP axes:
-    inside a shard_map binding them with varying-axes checking, none of them varies over any
+    """For the public op ``op`` (after checking ``comm`` and its EP axes): whether ``x`` (an
+    array or the FP8 tuple) and ``others`` are replicated over the EP axes: inside a shard_map binding them with varying-axes checking, none of them varies over any
     EP axis, and they are well-formed ``[T, ...]`` arrays with T > 0 (anything else takes the
     usual path, which reports what is wrong)."""
     _checks.ep_group(comm, op)
