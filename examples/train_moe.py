@@ -133,14 +133,15 @@ def init_params(key, comm, args):
     v, h, e, f = args.vocab, args.hidden, args.experts, 2 * args.hidden
     ks = jax.random.split(key, 5)
     normal = lambda k, shape, fan_in: jax.random.normal(k, shape) / math.sqrt(fan_in)  # noqa
-    order = comm.global_expert.reshape(-1)  # expert held by each (rank, slot)
+    # Expert weights indexed by global expert id, put in (rank, slot) order.
+    expert_w = comm.to_placement_order({"w_in": normal(ks[2], (e, h, f), h),
+                                       "w_out": normal(ks[3], (e, f, h), f)})
     return {
         "embed": jax.random.normal(ks[0], (v, h)),
         "mix": jnp.zeros((args.seq_len, args.seq_len)),  # causal token mixing, starts off
         "norm1": jnp.ones((h,)), "norm2": jnp.ones((h,)), "norm_f": jnp.ones((h,)),
         "router": normal(ks[1], (h, e), h),
-        "w_in": normal(ks[2], (e, h, f), h)[order],     # indexed by global expert id, then
-        "w_out": normal(ks[3], (e, f, h), f)[order],    # put in (rank, slot) order
+        **expert_w,
         "unembed": normal(ks[4], (h, v), h),
     }
 

@@ -17,6 +17,7 @@ from jaxep.fp8 import dequantize_fp8, quantize_fp8
 from jaxep.low_latency import (LLCombinePending, LLDispatched, LLDispatchPending, LLHandle,
                                ll_combine, ll_combine_recv, ll_combine_send, ll_dispatch,
                                ll_dispatch_recv, ll_dispatch_send)
+from jaxep._replicated import ReplicatedHandle
 from jaxep.normal import (Dispatched, DispatchHandle, Layout, combine, dispatch,
                           dispatch_layout)
 
@@ -31,5 +32,6 @@ __all__ = [
     "dispatch_layout", "dispatch", "combine", "Layout", "Dispatched", "DispatchHandle",
     "ll_dispatch", "ll_combine", "ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send",
     "ll_combine_recv", "LLDispatched", "LLHandle", "LLDispatchPending", "LLCombinePending",
+    "ReplicatedHandle",
     "quantize_fp8", "dequantize_fp8",
 ]

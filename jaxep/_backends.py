@@ -13,7 +13,7 @@ pending on a communicator whose ops run pure JAX.
 
 from __future__ import annotations
 
-from jaxep import _cuda_ops, _xla_ops
+from jaxep import _cuda_ops, _fallback, _xla_ops
 
 # op -> {backend -> function}
 IMPLEMENTATIONS = {
@@ -43,4 +43,6 @@ def backend(comm, op: str, pending=None) -> str:
 
 def lookup(comm, op: str, pending=None):
     """The function implementing ``op`` on ``comm`` (for a receive, ``pending``'s sender)."""
+    if pending is None:
+        _fallback.warn_once(comm, FAMILY[op])
     return IMPLEMENTATIONS[op][backend(comm, op, pending)]

@@ -156,6 +156,31 @@ class Communicator:
             raise ValueError(f"rank must be in [0, {self.num_ranks}), got {rank}")
         return self.global_expert[rank].copy()
 
+    def to_placement_order(self, tree, *, sharded: bool = False):
+        """Stacked expert weights from global expert order to this placement's rank-major order.
+
+        Every leaf of ``tree`` (numpy or jax arrays: weights, quantisation scales, ...) has a
+        leading dim E indexed by global expert id; the result's row ``r * E_l + s`` holds
+        expert ``local_expert_ids(r)[s]``, so a ``P(EP axes)`` sharding gives rank r its
+        ``E_l`` local experts in slot order, as the dispatched ``topk_idx`` / ``[E_l, ...]``
+        rows index them. ``sharded=True`` also places each leaf so (``device_put``; under
+        ``jit`` a sharding constraint). A leaf without leading dim E is a ``ValueError``.
+        With ``"linear"`` placement this is the identity; with ``"round_robin"`` or a table,
+        forgetting it silently gives wrong outputs. :meth:`from_placement_order` inverts it
+        (e.g. for checkpoints)."""
+        from jaxep import _placement
+
+        return _placement.permute(self, tree, _placement.forward_order(self), sharded,
+                                  "to_placement_order")
+
+    def from_placement_order(self, tree, *, sharded: bool = False):
+        """Inverse of :meth:`to_placement_order`: rank-major ``(rank, slot)`` rows back to
+        global expert id order (``sharded=True`` places the result as ``P(EP axes)`` too)."""
+        from jaxep import _placement
+
+        return _placement.permute(self, tree, _placement.inverse_order(self), sharded,
+                                  "from_placement_order")
+
     def _ep_group_devices(self) -> list[list]:
         """The devices of each EP group, in rank order (one group per combination of the mesh's
         other axes)."""

@@ -10,8 +10,9 @@ padding. ``R*T`` rows per expert always suffice, so nothing is dropped.
 Padding rows are zeros by default. ``zero_padding=False`` (CUDA backend) leaves their payload
 and scales unspecified, which saves writing ``E_l * R*T * H`` bytes per call (235 MB at
 E=256, R=4, T=128, H=7168 with fp8): use it with expert kernels that read only the first
-``counts[e]`` rows (grouped GEMMs masked by ``counts``); a dense matmul over padding could see
-NaNs. The handle's padding entries are always -1.
+``counts[e]`` rows (grouped GEMMs masked by ``counts``); the padding then holds stale rows of
+earlier calls, which can be NaN or Inf, so a dense matmul over it must mask its input or output
+by ``counts`` (``jnp.where(row < counts[e], ...)``). The handle's padding entries are always -1.
 
 Two-phase forms: ``*_send`` issues the transfer and returns a pending pytree, ``*_recv`` waits and
 unpacks it; independent work placed between them may overlap the transfer (on CUDA the SM send
@@ -45,10 +46,11 @@ kernels (``jaxep._cuda_ops``); the pure-JAX backend (``jaxep._xla_ops``) by auto
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 
-from jaxep import _backends, _checks
+from jaxep import _backends, _checks, _replicated
 from jaxep.normal import _pytree
 
 
@@ -214,6 +216,12 @@ def ll_dispatch(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = Fal
     Returns:
       :class:`LLDispatched` with ``[E_l, R*T, ...]`` rows, sharded like ``x`` over the EP axis.
 
+    Replicated tokens (``x`` and ``topk_idx`` not varying over the EP axes, ``shard_map`` with
+    ``check_vma=True``): rank r sends only its ``ceil(T / R)`` share (T padded with
+    ``topk_idx = -1`` rows; the rows are then ``[E_l, R*ceil(T/R), ...]``), the handle is a
+    :class:`jaxep.ReplicatedHandle`, and :func:`ll_combine` (given the same full ``topk_idx``
+    and the full ``topk_weights``) returns the replicated ``[T, H]``. See ``jaxep._replicated``.
+
     On the CUDA backend both phases run in one kernel: each block sends its share, then
     receives as soon as every source has signalled (no second launch). Its blocks wait for one
     another through the peers, so the kernel takes at most one block per SM and is launched
@@ -225,6 +233,11 @@ def ll_dispatch(comm, x, topk_idx, *, fp8: bool = False, round_scale: bool = Fal
     docstring for how many may be outstanding).
     """
     op = "ll_dispatch"
+    if _replicated.detect(comm, op, x, topk_idx):
+        xs, idx, _ = _replicated.shares(comm, x, topk_idx)
+        d = ll_dispatch(comm, xs, idx, fp8=fp8, round_scale=round_scale, ue8m0=ue8m0,
+                        zero_padding=zero_padding)
+        return dataclasses.replace(d, handle=_replicated.ReplicatedHandle(d.handle, x.shape[0]))
     idx = _checks.ll_dispatch(comm, op, x, topk_idx, fp8, round_scale, ue8m0)
     impl = _backends.lookup(comm, op)
     return _dispatched(impl(comm, x, idx, fp8=fp8, round_scale=round_scale, ue8m0=ue8m0,
@@ -264,7 +277,9 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
         :func:`ll_dispatch` that produced ``handle``; padding rows are ignored.
       topk_idx, topk_weights: ``[T, K]``: the ``topk_idx`` given to that dispatch, and the
         routing weights.
-      handle: ``LLDispatched.handle``.
+      handle: ``LLDispatched.handle`` (a :class:`jaxep.ReplicatedHandle` after a replicated
+        :func:`ll_dispatch`: pass the full ``[T, K]`` ``topk_idx`` and ``topk_weights``; the
+        result is the replicated ``[T, H]``).
       prereduce: where the sum starts. False: every entry's row travels to the token's rank,
         which sums them in float32. ``"float32"`` (default) or True: each expert rank sums, in
         float32, the weighted rows of a token that its experts hold and sends that one partial
@@ -300,6 +315,9 @@ def ll_combine(comm, y, topk_idx, topk_weights, handle: LLHandle, *,
     results as ``ll_combine_recv(ll_combine_send(...))``.
     """
     op = "ll_combine"
+    if isinstance(handle, _replicated.ReplicatedHandle):
+        return _replicated.ll_combine(comm, op, y, topk_idx, topk_weights, handle,
+                                      partial(ll_combine, prereduce=prereduce))
     prereduce = _checks.prereduce(op, prereduce)
     idx = _checks.ll_combine(comm, op, y, topk_idx, topk_weights, handle, LLHandle)
     impl = _backends.lookup(comm, op)

@@ -20,7 +20,7 @@ from functools import partial
 
 import jax
 
-from jaxep import _backends, _checks
+from jaxep import _backends, _checks, _replicated
 from jaxep._checks import FLOAT_DTYPES
 
 
@@ -133,11 +133,21 @@ def dispatch(comm, x, topk_idx, topk_weights) -> Dispatched:
     Returns:
       :class:`Dispatched`, with ``C = EPConfig.recv_capacity or R * T`` rows.
 
+    Replicated tokens: when ``x``, ``topk_idx`` and ``topk_weights`` do not vary over the EP
+    axes (``shard_map`` with ``check_vma=True``), rank r dispatches only its ``ceil(T / R)``
+    share of them (T padded with ``topk_idx = -1`` rows), the handle is a
+    :class:`jaxep.ReplicatedHandle`, and :func:`combine` returns the replicated ``[T, H]``
+    (see ``jaxep._replicated``; with ``check_vma=False`` every rank dispatches every token).
+
     Gradients: w.r.t. ``x`` a :func:`combine` of the rows' cotangents (the unweighted sum over a
     token's copies; dropped copies contribute nothing); w.r.t. ``topk_weights`` each received
     weight's cotangent gathered back to ``[T, K]``. An FP8 ``x`` gets a zero gradient (its
     cotangent would be e4m3); ``topk_weights`` still gets its gradient.
     """
+    if _replicated.detect(comm, "dispatch", x, topk_idx, topk_weights):
+        d = dispatch(comm, *_replicated.shares(comm, x, topk_idx, topk_weights))
+        t = (x[0] if isinstance(x, tuple) else x).shape[0]
+        return dataclasses.replace(d, handle=_replicated.ReplicatedHandle(d.handle, t))
     idx = _checks.dispatch(comm, "dispatch", x, topk_idx, topk_weights)
     impl = _backends.lookup(comm, "dispatch")
     *fields, src_index, send_slot = impl(comm, x, idx, topk_weights, _capacity(comm, idx.shape[0]))
@@ -157,15 +167,20 @@ def combine(comm, y, handle: DispatchHandle):
       y: ``[C, H]`` bfloat16 (or float32), one row per received row of the :func:`dispatch`
         whose ``handle`` is given; padding rows are ignored. Apply ``topk_weights`` before
         combining if a weighted sum is wanted.
-      handle: ``Dispatched.handle``.
+      handle: ``Dispatched.handle`` (a :class:`jaxep.ReplicatedHandle` when the dispatch's
+        inputs were replicated: the result is then the replicated ``[T, H]``).
 
     Returns:
       ``[T, H]`` in ``y.dtype``: per token the sum (accumulated in float32) of its rows across
-      the ranks it was sent to; 0 for tokens sent nowhere or only dropped.
+      the ranks it was sent to; 0 for tokens sent nowhere or only dropped. Unweighted, unlike
+      :func:`jaxep.ll_combine`, which applies ``topk_weights`` itself: here multiply each row
+      by its ``Dispatched.topk_weights`` before combining.
 
     Gradient: w.r.t. ``y`` a dispatch of the output cotangent along ``handle``.
     """
     op = "combine"
+    if isinstance(handle, _replicated.ReplicatedHandle):
+        return _replicated.gather(comm, combine(comm, y, handle.handle), handle.num_tokens)
     _checks.ep_group(comm, op)
     _checks.dispatch_handle(comm, op, handle, DispatchHandle, partial(_capacity, comm))
     _checks.array(op, "y", y, 2, FLOAT_DTYPES)
