@@ -1,0 +1,210 @@
+"""``dispatch_grouped`` / ``combine_grouped`` on virtual CPU devices against the NumPy oracle
+(``tests/oracle.py``, written from the semantics in the docstrings), their gradients against
+the oracle's analytic gradients, autodiff of a plain-jnp MoE layer and autodiff of the raw
+pure-JAX backend, and their trace-time errors.
+
+Dispatch-side outputs must match exactly (rows bit for bit); combines within float tolerance.
+Compiled functions are cached per (R, EPConfig) so the routing kinds of one configuration share
+a compilation.
+"""
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxep
+import oracle
+from conftest import ep_call, make_mesh
+from jaxep import _xla  # only as the autodiff reference of the custom VJPs
+from test_ops import PLACEMENTS, assert_bits_equal, np_bf16, per_rank
+
+# ------------------------------------------------------------------------------------------
+# forward against the oracle
+# ------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def get_comm(num_ranks, cfg):
+    return jaxep.Communicator(make_mesh(num_ranks), cfg, backend="xla")
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_fn(num_ranks, cfg, zero_padding=True):
+    comm = get_comm(num_ranks, cfg)
+
+    def fn(x, idx, w, y):
+        g = jaxep.dispatch_grouped(comm, x, idx, w, zero_padding=zero_padding)
+        res = dict(x=g.x, group_sizes=g.group_sizes, weights=g.weights,
+                   num_dropped=g.num_dropped[None], num_invalid=g.num_invalid[None],
+                   src_index=g.handle.src_index, dest_row=g.handle.dest_row,
+                   same_weights=(g.handle.weights == g.weights).all()[None])
+        if y is not None:
+            res["out"] = jaxep.combine_grouped(comm, y, g.handle)
+            res["out_unweighted"] = jaxep.combine_grouped(comm, y, g.handle, weighted=False)
+        return res
+
+    return comm, ep_call(comm, fn)
+
+
+def rows_of(cfg, num_ranks, tokens):
+    el = cfg.num_experts // num_ranks
+    if cfg.grouped_capacity is not None:
+        return cfg.grouped_capacity
+    return num_ranks * tokens * min(cfg.num_topk, el) + el * (cfg.expert_alignment - 1)
+
+
+def check_grouped(num_ranks, cfg, kind, seed, x_kind="bf16", tokens=None, zero_padding=True):
+    R = num_ranks
+    T = tokens or cfg.max_tokens_per_rank
+    M = rows_of(cfg, R, T)
+    comm, f = grouped_fn(R, cfg, zero_padding)
+    rng = np.random.default_rng(seed)
+    idx, w = oracle.make_routing(kind, rng, R, T, cfg.num_experts, cfg.num_topk,
+                                 comm.expert_rank)
+    xf = rng.standard_normal((R * T, cfg.hidden)).astype(np.float32)
+    if x_kind == "bf16":
+        x, y = np_bf16(xf), np_bf16(rng.standard_normal((R * M, cfg.hidden)))
+    elif x_kind == "f32":
+        x, y = xf, rng.standard_normal((R * M, cfg.hidden)).astype(np.float32)
+    else:  # fp8 tuple, f32 or packed ue8m0 scales
+        ue8m0 = x_kind == "fp8_ue8m0"
+        x = tuple(np.asarray(a) for a in
+                  jaxep.quantize_fp8(jnp.asarray(xf), round_scale=ue8m0, ue8m0=ue8m0))
+        y = None
+    got = f(x, idx, w, y)
+    ref = oracle.dispatch_grouped(x, idx, w, comm.expert_rank, comm.expert_slot, R,
+                                  cfg.expert_alignment, cfg.grouped_capacity)
+
+    g = {k: per_rank(v, R) for k, v in got.items() if k not in ("x", "out", "out_unweighted")}
+    assert g["src_index"].shape == (R, M)
+    ids, _ = oracle.sanitize(idx, cfg.num_experts)
+    for r in range(R):
+        for key in ("group_sizes", "src_index"):
+            np.testing.assert_array_equal(g[key][r], ref[r][key], err_msg=f"{key} rank {r}")
+            assert g[key].dtype == np.int32, key
+        for key in ("num_dropped", "num_invalid"):
+            assert int(g[key][r, 0]) == ref[r][key], (key, r, g[key][r, 0], ref[r][key])
+        assert g["weights"].dtype == np.float32
+        assert_bits_equal(g["weights"][r], ref[r]["weights"])
+        assert g["same_weights"][r, 0]
+        assert np.all(g["group_sizes"][r] % cfg.expert_alignment == 0)
+        assert g["group_sizes"][r].sum() <= M
+        # dest_row: each token's first listing of an expert names its row on that rank
+        exp_dest = np.full((T, cfg.num_topk), -1, np.int32)
+        for t in range(T):
+            gl = r * T + t
+            for k, e in enumerate(ids[gl]):
+                if e >= 0 and ids[gl].index(e) == k:
+                    exp_dest[t, k] = ref[comm.expert_rank[e]]["rows"].get((gl, e), -1)
+        np.testing.assert_array_equal(g["dest_row"][r], exp_dest, err_msg=f"dest_row {r}")
+    parts = got["x"] if isinstance(x, tuple) else (got["x"],)
+    for i, part in enumerate(parts):
+        gx = per_rank(part, R)
+        for r in range(R):
+            want = ref[r]["x"][i] if isinstance(x, tuple) else ref[r]["x"]
+            assert_bits_equal(gx[r], want)
+    if y is not None:
+        yr = list(per_rank(y, R))
+        src = [r_["src_index"] for r_ in ref]
+        wts = [r_["weights"] for r_ in ref]
+        for key, weighted in (("out", True), ("out_unweighted", False)):
+            out = np.asarray(got[key])
+            assert out.dtype == y.dtype and out.shape == (R * T, cfg.hidden)
+            exp = oracle.combine_grouped(yr, src, wts, T, weighted)
+            tol = 2e-2 if y.dtype != np.float32 else 1e-5
+            np.testing.assert_allclose(out.astype(np.float32), exp, rtol=tol, atol=tol)
+            # tokens with no admitted pair get exactly 0
+            has = np.zeros(R * T, bool)
+            for s in src:
+                has[s[s >= 0]] = True
+            assert np.all(out[~has].astype(np.float32) == 0)
+    return ref
+
+
+CFG8 = dict(num_experts=32, num_topk=4, hidden=128, max_tokens_per_rank=16)
+
+
+@pytest.mark.parametrize("kind", oracle.GROUPED_ROUTINGS)
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_grouped_r8(placement, kind):
+    cfg = jaxep.EPConfig(**CFG8, placement=PLACEMENTS[placement])
+    ref = check_grouped(8, cfg, kind, seed=zlib.crc32(f"g/{placement}/{kind}".encode()))
+    assert all(r["num_dropped"] == 0 for r in ref)   # the default M never drops
+
+
+def test_grouped_duplicates_sum_weights():
+    """A token listing one expert twice gets one row, weighted by the sum of the two."""
+    cfg = jaxep.EPConfig(num_experts=8, num_topk=3, hidden=128, max_tokens_per_rank=4)
+    comm, f = grouped_fn(2, cfg)
+    idx = np.array([[1, 1, 5]] + [[-1, -1, -1]] * 7, np.int32)
+    w = np.array([[0.25, 0.5, 1.0]] + [[0, 0, 0]] * 7, np.float32)
+    x = np.ones((8, 128), np.float32)
+    got = f(x, idx, w, None)
+    sizes, wts = per_rank(got["group_sizes"], 2), per_rank(got["weights"], 2)
+    np.testing.assert_array_equal(sizes, [[0, 1, 0, 0], [0, 1, 0, 0]])
+    assert wts[0, 0] == 0.75 and wts[1, 0] == 1.0 and not wts[:, 1:].any()
+    assert per_rank(got["dest_row"], 2)[0, 0].tolist() == [0, -1, 0]
+
+
+@pytest.mark.parametrize("a", [1, 4, 8])
+@pytest.mark.parametrize("capacity", [None, 20])
+def test_grouped_alignment(a, capacity):
+    cfg = jaxep.EPConfig(num_experts=16, num_topk=3, hidden=128, max_tokens_per_rank=8,
+                         expert_alignment=a, grouped_capacity=capacity,
+                         placement="round_robin")
+    dropped = 0
+    for kind in ("random", "zipf", "duplicates", "one_expert"):
+        ref = check_grouped(4, cfg, kind, seed=zlib.crc32(f"a/{a}/{capacity}/{kind}".encode()),
+                            x_kind="f32")
+        dropped += sum(r["num_dropped"] for r in ref)
+    assert (dropped > 0) == (capacity is not None)
+
+
+@pytest.mark.parametrize("kind", ["random", "one_expert", "zipf", "duplicates", "invalid"])
+def test_grouped_overflow(kind):
+    """grouped_capacity smaller than the pairs a rank receives: a prefix is admitted."""
+    cfg = jaxep.EPConfig(**CFG8, grouped_capacity=13, expert_alignment=2,
+                         placement="round_robin")
+    ref = check_grouped(8, cfg, kind, seed=zlib.crc32(f"o/{kind}".encode()))
+    assert sum(r["num_dropped"] for r in ref) > 0
+
+
+@pytest.mark.parametrize("kind", ["random", "silent_rank"])
+def test_grouped_fewer_tokens_than_max(kind):
+    """T=4 tokens with max_tokens_per_rank=8: M uses the actual T."""
+    cfg = jaxep.EPConfig(num_experts=8, num_topk=2, hidden=128, max_tokens_per_rank=8)
+    check_grouped(4, cfg, kind, seed=4, tokens=4)
+
+
+@pytest.mark.parametrize("x_kind", ["fp8", "fp8_ue8m0"])
+def test_grouped_fp8(x_kind):
+    cfg = jaxep.EPConfig(num_experts=16, num_topk=3, hidden=640, max_tokens_per_rank=8,
+                         expert_alignment=4, grouped_capacity=30)
+    check_grouped(4, cfg, "duplicates", seed=7, x_kind=x_kind)
+
+
+def test_grouped_zero_padding_false_on_xla_writes_zeros():
+    cfg = jaxep.EPConfig(num_experts=8, num_topk=2, hidden=128, max_tokens_per_rank=8,
+                         expert_alignment=4)
+    check_grouped(4, cfg, "random", seed=8, zero_padding=False)
+
+
+def test_grouped_runs_xla_on_every_backend():
+    comm = get_comm(2, jaxep.EPConfig(num_experts=4, num_topk=2, hidden=128,
+                                      max_tokens_per_rank=4))
+    for op in ("dispatch_grouped", "combine_grouped"):
+        assert comm.implementation(op) == "xla"
+        assert set(jaxep._backends.IMPLEMENTATIONS[op]) == {"xla"}
+    # a communicator whose other ops run CUDA still says "xla" for the grouped ops
+    fake = object.__new__(jaxep.Communicator)
+    fake.__dict__.update(comm.__dict__)
+    fake.backend = "cuda"
+    fake._intranode = True
+    assert fake.implementation("dispatch") == "cuda"
+    assert fake.implementation("dispatch_grouped") == "xla"
+    assert fake.implementation("combine_grouped") == "xla"
+    assert {"dispatch_grouped", "combine_grouped"} <= set(jaxep.__all__)
