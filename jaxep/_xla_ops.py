@@ -96,17 +96,17 @@ def _dispatch_grouped_fwd(comm, x, topk_idx, topk_weights, rows):
     out = _xla.dispatch_grouped(comm, x, topk_idx, topk_weights, rows)
     # x itself is not needed backwards; an FP8 x is kept only to shape its zero cotangent.
     res = (out["src_index"], out["pos"], out["idx"], x if isinstance(x, tuple) else None,
-           topk_idx, topk_weights.dtype)
+           topk_idx, jnp.zeros((0,), topk_weights.dtype))  # the last only for its dtype
     return _xla.grouped_fields(out), res
 
 
 def _dispatch_grouped_bwd(comm, rows, res, g):
-    src_index, pos, idx, fp8_x, topk_idx, w_dtype = res
+    src_index, pos, idx, fp8_x, topk_idx, w_like = res
     if fp8_x is not None:
         gx = tuple(zero_cotangent(a) for a in fp8_x)
     else:  # the rows' cotangents summed per token, unweighted (float32 accumulation)
         gx = _xla.combine_grouped(comm, g[0], src_index, idx.shape[0])
-    gw = _xla.grouped_weight_grad(comm, g[2].astype(jnp.float32), pos, idx).astype(w_dtype)
+    gw = _xla.grouped_weight_grad(comm, g[2].astype(jnp.float32), pos, idx).astype(w_like.dtype)
     return gx, zero_cotangent(topk_idx), gw
 
 

@@ -208,3 +208,159 @@ def test_grouped_runs_xla_on_every_backend():
     assert fake.implementation("dispatch_grouped") == "xla"
     assert fake.implementation("combine_grouped") == "xla"
     assert {"dispatch_grouped", "combine_grouped"} <= set(jaxep.__all__)
+
+
+# ------------------------------------------------------------------------------------------
+# gradients
+# ------------------------------------------------------------------------------------------
+
+GR = 4  # ranks of the gradient tests
+
+
+def grad_comm(capacity=None, alignment=1):
+    return get_comm(GR, jaxep.EPConfig(num_experts=16, num_topk=3, hidden=128,
+                                       max_tokens_per_rank=8, placement="round_robin",
+                                       grouped_capacity=capacity, expert_alignment=alignment))
+
+
+def grad_routing(comm, seed):
+    """A routing mixing duplicates, -1, invalid ids and a token sent nowhere."""
+    rng = np.random.default_rng(seed)
+    T = comm.cfg.max_tokens_per_rank
+    idx, w = oracle.make_routing("duplicates", rng, GR, T, comm.cfg.num_experts,
+                                 comm.cfg.num_topk, comm.expert_rank)
+    idx[1, -1] = -1
+    idx[2, 0] = comm.cfg.num_experts          # invalid
+    idx[3] = -1                               # a token sent nowhere
+    return rng, idx, w
+
+
+def total(comm, local_loss):
+    """Global scalar: the sum over ranks of ``local_loss`` (shard_map'ed, grad taken outside)."""
+    f = ep_call(comm, lambda *a: local_loss(*a)[None])
+    return lambda *a: jnp.sum(f(*a))
+
+
+def close(actual, expected, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=tol, atol=tol)
+
+
+def public_loss(comm, remat=False):
+    def loss(x, idx, w, y, px, pw, pout):
+        g = jaxep.dispatch_grouped(comm, x, idx, w)
+        out = jaxep.combine_grouped(comm, y, g.handle)
+        return (jnp.sum(g.x * px) + jnp.sum(g.weights * pw) + jnp.sum(out * pout))
+    return jax.checkpoint(loss) if remat else loss
+
+
+@pytest.mark.parametrize("capacity,alignment", [(None, 1), (11, 4)])
+def test_grouped_grads_vs_oracle(capacity, alignment):
+    """Grad of x: the unweighted grouped combine of the rows' cotangents; of topk_weights: the
+    rows' weight cotangents from ``weights`` and from combine_grouped's weighting; of y: the
+    output cotangent dispatched along the handle times the weights."""
+    comm = grad_comm(capacity, alignment)
+    rng, idx, w = grad_routing(comm, 1)
+    T, H = 8, 128
+    M = rows_of(comm.cfg, GR, T)
+    x = rng.standard_normal((GR * T, H)).astype(np.float32)
+    y, px = (rng.standard_normal((GR * M, H)).astype(np.float32) for _ in range(2))
+    pw = rng.standard_normal(GR * M).astype(np.float32)
+    pout = rng.standard_normal((GR * T, H)).astype(np.float32)
+    ref = oracle.dispatch_grouped(x, idx, w, comm.expert_rank, comm.expert_slot, GR,
+                                  alignment, capacity)
+    src, wts = [r["src_index"] for r in ref], [r["weights"] for r in ref]
+    if capacity:
+        assert sum(r["num_dropped"] for r in ref) > 0
+    exp_gx = oracle.combine_grouped(list(per_rank(px, GR)), src, wts, T, weighted=False)
+    exp_gy, gw_comb = oracle.combine_grouped_grads(pout, list(per_rank(y, GR)), src, wts)
+    g_rows = [p + c for p, c in zip(per_rank(pw, GR), gw_comb)]
+    exp_gw = oracle.grouped_weight_grad(g_rows, idx, comm.expert_rank, [r["rows"] for r in ref])
+    args = (x, idx, w, y, px, pw, pout)
+    for remat in (False, True):   # the same under jax.checkpoint
+        gx, gw, gy = jax.jit(jax.grad(total(comm, public_loss(comm, remat)),
+                                      argnums=(0, 2, 3)))(*args)
+        close(gx, exp_gx)
+        close(gw, exp_gw, tol=1e-4)
+        close(gy, np.concatenate(exp_gy))
+    # grad inside the shard_map (of the local loss: the sum over ranks by SPMD transposition)
+    gx, gw, gy = ep_call(comm, jax.grad(public_loss(comm), argnums=(0, 2, 3)))(*args)
+    close(gx, exp_gx)
+    close(gw, exp_gw, tol=1e-4)
+    close(gy, np.concatenate(exp_gy))
+
+
+@pytest.mark.parametrize("capacity,alignment", [(None, 4), (13, 2)])
+def test_grouped_custom_vjps_match_autodiff_of_raw_backend(capacity, alignment):
+    """The custom VJPs == jax.grad through _xla.dispatch_grouped / _xla.combine_grouped."""
+    comm = grad_comm(capacity, alignment)
+    rng, idx, w = grad_routing(comm, 3)
+    T, H = 8, 128
+    M = rows_of(comm.cfg, GR, T)
+    x = rng.standard_normal((GR * T, H)).astype(np.float32)
+    y, px = (rng.standard_normal((GR * M, H)).astype(np.float32) for _ in range(2))
+    pw = rng.standard_normal(GR * M).astype(np.float32)
+    pout = rng.standard_normal((GR * T, H)).astype(np.float32)
+
+    def raw(x, idx, w, y, px, pw, pout):
+        g = _xla.dispatch_grouped(comm, x, idx, w, M)
+        out = _xla.combine_grouped(comm, y, g["src_index"], T, g["weights"])
+        return jnp.sum(g["x"] * px) + jnp.sum(g["weights"] * pw) + jnp.sum(out * pout)
+
+    args = (x, idx, w, y, px, pw, pout)
+    g_pub = jax.jit(jax.grad(total(comm, public_loss(comm)), argnums=(0, 2, 3)))(*args)
+    g_raw = jax.jit(jax.grad(total(comm, raw), argnums=(0, 2, 3)))(*args)
+    for a, b in zip(g_pub, g_raw):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_moe_layer_matches_plain_jnp():
+    """dispatch_grouped -> ragged_dot -> gelu -> ragged_dot -> combine_grouped equals a dense
+    plain-jnp MoE layer (``sum_k w[t,k] * expert_{e_k}(x[t])``), forward and gradients of x,
+    the routing weights and the expert weights (taken under jax.checkpoint)."""
+    comm = grad_comm(alignment=4)
+    rng, idx, w = grad_routing(comm, 5)
+    T, H, F, El = 8, 128, 32, comm.num_local_experts
+    x = rng.standard_normal((GR * T, H)).astype(np.float32)
+    w_in = (rng.standard_normal((GR * El, H, F)) / np.sqrt(H)).astype(np.float32)
+    w_out = (rng.standard_normal((GR * El, F, H)) / np.sqrt(F)).astype(np.float32)
+    pout = rng.standard_normal((GR * T, H)).astype(np.float32)
+
+    def layer(x, idx, w, w_in, w_out):
+        g = jaxep.dispatch_grouped(comm, x, idx, w)
+        h = jax.nn.gelu(jax.lax.ragged_dot(g.x, w_in, g.group_sizes))
+        return jaxep.combine_grouped(comm, jax.lax.ragged_dot(h, w_out, g.group_sizes),
+                                     g.handle)
+
+    def dense(x, idx, w, w_in, w_out):   # global arrays, no communication
+        e = jnp.where((idx >= 0) & (idx < comm.cfg.num_experts), idx, -1)
+        row = jnp.asarray(comm.expert_rank * El + comm.expert_slot)[jnp.maximum(e, 0)]
+        h = jax.nn.gelu(jnp.einsum("th,tkhf->tkf", x, w_in[row]))
+        y = jnp.einsum("tkf,tkfh->tkh", h, w_out[row])
+        return jnp.sum(jnp.where(e[..., None] >= 0, w[..., None] * y, 0.0), axis=1)
+
+    spec = jax.sharding.PartitionSpec("ep")
+    sharded = lambda f: jax.shard_map(f, mesh=comm.mesh, in_specs=spec, out_specs=spec)  # noqa
+    args = (x, idx, w, w_in, w_out)
+    close(jax.jit(sharded(layer))(*args), np.asarray(dense(*args)), tol=1e-4)
+    loss_ref = lambda *a: jnp.sum(dense(*a) * pout)  # noqa: E731
+    exp = jax.jit(jax.grad(loss_ref, argnums=(0, 2, 3, 4)))(*args)
+    f = sharded(jax.checkpoint(layer))   # remat: the backward recomputes the dispatch
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * pout), argnums=(0, 2, 3, 4)))(*args)
+    for a, b in zip(got, exp):
+        close(a, np.asarray(b), tol=1e-4)
+
+
+def test_grouped_fp8_input_gets_zero_grad():
+    comm = grad_comm()
+    rng, idx, w = grad_routing(comm, 4)
+    x = rng.standard_normal((GR * 8, 128)).astype(np.float32)
+
+    def loss(x, idx, w):
+        g = jaxep.dispatch_grouped(comm, jaxep.quantize_fp8(x), idx, w)
+        return jnp.sum(g.weights) + jnp.sum(jaxep.dequantize_fp8(*g.x))
+
+    gx, gw = jax.jit(jax.grad(total(comm, loss), argnums=(0, 2)))(x, idx, w)
+    assert not np.any(np.asarray(gx))
+    ref = oracle.dispatch_grouped(x, idx, w, comm.expert_rank, comm.expert_slot, GR)
+    ones = [np.ones(len(r["weights"])) for r in ref]
+    close(gw, oracle.grouped_weight_grad(ones, idx, comm.expert_rank, [r["rows"] for r in ref]))
