@@ -364,3 +364,86 @@ def test_grouped_fp8_input_gets_zero_grad():
     ref = oracle.dispatch_grouped(x, idx, w, comm.expert_rank, comm.expert_slot, GR)
     ones = [np.ones(len(r["weights"])) for r in ref]
     close(gw, oracle.grouped_weight_grad(ones, idx, comm.expert_rank, [r["rows"] for r in ref]))
+
+
+# ------------------------------------------------------------------------------------------
+# trace-time errors
+# ------------------------------------------------------------------------------------------
+
+ECFG = dict(num_experts=8, num_topk=2, hidden=128, max_tokens_per_rank=4)
+
+
+@pytest.mark.parametrize("field,value,exc,match", [
+    ("grouped_capacity", 0, ValueError, "grouped_capacity must be positive"),
+    ("grouped_capacity", 2.5, TypeError, "grouped_capacity must be an int"),
+    ("expert_alignment", 0, ValueError, "expert_alignment must be positive"),
+    ("expert_alignment", True, TypeError, "expert_alignment must be an int"),
+    ("expert_alignment", None, TypeError, "expert_alignment must be an int"),
+])
+def test_config_errors(field, value, exc, match):
+    with pytest.raises(exc, match=match):
+        jaxep.EPConfig(**ECFG, **{field: value})
+
+
+def _trace(comm, f, *args):
+    return jax.eval_shape(jax.shard_map(f, mesh=comm.mesh, in_specs=jax.sharding.PartitionSpec(
+        "ep"), out_specs=jax.sharding.PartitionSpec("ep")), *args)
+
+
+S = jax.ShapeDtypeStruct
+X, IDX, W = S((8, 128), jnp.float32), S((8, 2), jnp.int32), S((8, 2), jnp.float32)
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((S((8, 64), jnp.float32), IDX, W), ValueError, r"x.shape\[-1\] \(EPConfig.hidden\)"),
+    ((S((8, 128), jnp.int32), IDX, W), TypeError, "x must have dtype"),
+    ((S((8,), jnp.float32), IDX, W), ValueError, "x must have rank 2"),
+    ((S((16, 128), jnp.float32), S((16, 2), jnp.int32), S((16, 2), jnp.float32)), ValueError,
+     "exceed EPConfig.max_tokens_per_rank"),
+    ((X, S((8, 3), jnp.int32), W), ValueError, "num_topk"),
+    ((X, S((8, 2), jnp.float32), W), TypeError, "topk_idx must be an integer"),
+    ((X, IDX, S((8, 3), jnp.float32)), ValueError, "topk_weights shape"),
+    ((X, IDX, S((8, 2), jnp.int32)), TypeError, "topk_weights must be floating"),
+])
+def test_dispatch_grouped_errors(args, exc, match):
+    comm = get_comm(2, jaxep.EPConfig(**ECFG))
+    with pytest.raises(exc, match=match):
+        _trace(comm, lambda x, i, w: jaxep.dispatch_grouped(comm, x, i, w).x, *args)
+
+
+def test_dispatch_grouped_option_and_context_errors():
+    comm = get_comm(2, jaxep.EPConfig(**ECFG))
+    with pytest.raises(TypeError, match="zero_padding must be True or False"):
+        _trace(comm, lambda x, i, w: jaxep.dispatch_grouped(comm, x, i, w,
+                                                            zero_padding=None).x, X, IDX, W)
+    with pytest.raises(ValueError, match="must be called inside jax.shard_map"):
+        jax.eval_shape(lambda x, i, w: jaxep.dispatch_grouped(comm, x, i, w).x, X, IDX, W)
+    with pytest.raises(TypeError, match="first argument must be a jaxep.Communicator"):
+        _trace(comm, lambda x, i, w: jaxep.dispatch_grouped(comm.cfg, x, i, w).x, X, IDX, W)
+
+
+def test_combine_grouped_errors():
+    comm = get_comm(2, jaxep.EPConfig(**ECFG))
+    other = get_comm(2, jaxep.EPConfig(**dict(ECFG, grouped_capacity=5)))
+    M = rows_of(comm.cfg, 2, 4)
+
+    def run(y_shape=(2 * M, 128), y_dtype=jnp.float32, handle_of=None, weighted=True,
+            use=lambda g: g.handle):
+        def f(x, i, w, y):
+            g = jaxep.dispatch_grouped(handle_of or comm, x, i, w)
+            return jaxep.combine_grouped(comm, y, use(g), weighted=weighted)
+        return _trace(comm, f, X, IDX, W, S(y_shape, y_dtype))
+
+    run()   # fine
+    with pytest.raises(ValueError, match=r"y.shape\[0\] \(rows of the grouped dispatch, M\)"):
+        run(y_shape=(2 * (M + 1), 128))
+    with pytest.raises(ValueError, match=r"y.shape\[-1\]"):
+        run(y_shape=(2 * M, 256))
+    with pytest.raises(TypeError, match="y must have dtype"):
+        run(y_dtype=jnp.int32)
+    with pytest.raises(TypeError, match="weighted must be True or False"):
+        run(weighted="yes")
+    with pytest.raises(TypeError, match="handle must be a GroupedHandle"):
+        run(use=lambda g: jaxep.DispatchHandle(g.handle.src_index, g.handle.dest_row))
+    with pytest.raises(ValueError, match="does not belong to this Communicator"):
+        run(handle_of=other, y_shape=(2 * 5, 128))
