@@ -1,4 +1,6 @@
-"""Normal (high-throughput) mode: :func:`dispatch_layout`, :func:`dispatch`, :func:`combine`.
+"""Normal (high-throughput) mode: :func:`dispatch_layout`, :func:`dispatch`, :func:`combine`,
+and the expert-grouped form :func:`dispatch_grouped` / :func:`combine_grouped` (rows grouped by
+local expert for ``jax.lax.ragged_dot``, combined with the routing weights applied).
 
 All three run per rank inside ``jax.shard_map`` over the communicator's mesh, on the local
 shard of each array. Notation: R ranks in the EP group, E experts, E_l = E / R local experts,
