@@ -7,9 +7,11 @@ token-mixing -> RMSNorm -> MoE FFN -- between an embedding and an unembedding. P
 two tokens needs both: the mixing brings the previous token in, and the experts (the only
 nonlinearity) map the pair to its successors.
 
-In the MoE FFN a router picks the top-k experts of each token, ``jaxep.dispatch`` sends the
-token to the ranks holding them, each rank runs its own experts on the rows it received with
-``jax.lax.ragged_dot``, and ``jaxep.combine`` brings the weighted expert outputs back.
+In the MoE FFN a router picks the top-k experts of each token, ``jaxep.dispatch_grouped`` sends
+the token to the ranks holding them, where it lands once per selected local expert in that
+expert's group of rows, each rank runs its own experts on those groups with
+``jax.lax.ragged_dot``, and ``jaxep.combine_grouped`` brings the outputs back, weighted by the
+routing weights (whose gradient reaches the router).
 
 Everything runs in one ``jax.shard_map`` over a mesh axis "ep": tokens are split over it (data
 parallel), expert weights are split over it (expert parallel, E/R experts per rank), the dense
@@ -150,30 +152,16 @@ def param_specs(params):
     return {k: P("ep") if k in ("w_in", "w_out") else P() for k in params}
 
 
-def experts(w_in, w_out, d, num_local):
-    """Apply this rank's experts to the received rows ``d.x [C, H]``: ``[C, H]``, the sum over
-    each row's local experts of ``weight * expert(row)``."""
-    c, k = d.topk_idx.shape
-    slot = d.topk_idx.reshape(-1)                       # [C*K] local expert of each (row, k)
-    group = jnp.where(slot >= 0, slot, num_local)       # unused pairs sort last, in no group
-    order = jnp.argsort(group, stable=True)
-    sizes = jnp.bincount(group, length=num_local + 1)[:num_local].astype(jnp.int32)
-    rows = d.x[order // k].astype(w_in.dtype)
-    hid = jax.nn.gelu(jax.lax.ragged_dot(rows, w_in, sizes))
-    out = jax.lax.ragged_dot(hid, w_out, sizes)        # rows past sum(sizes) are 0
-    out = out * d.topk_weights.reshape(-1)[order][:, None]
-    out = jnp.zeros_like(out).at[order].set(out)        # back to (row, k) order
-    return out.reshape(c, k, -1).sum(axis=1)
-
-
 def moe_ffn(comm, p, x, dtype):
     """Top-k routed expert MLP of local tokens ``x [T, H]``: (output [T, H], aux loss)."""
     probs = jax.nn.softmax(x @ p["router"], axis=-1)
     weights, idx = jax.lax.top_k(probs, comm.cfg.num_topk)
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    d = jaxep.dispatch(comm, x.astype(dtype), idx, weights)
-    y = experts(p["w_in"], p["w_out"], d, comm.num_local_experts)
-    out = jaxep.combine(comm, y.astype(dtype), d.handle).astype(x.dtype)
+    # Rows arrive grouped by local expert, one per (token, expert): no sort, no gather here.
+    g = jaxep.dispatch_grouped(comm, x.astype(dtype), idx, weights)
+    hid = jax.nn.gelu(jax.lax.ragged_dot(g.x.astype(p["w_in"].dtype), p["w_in"], g.group_sizes))
+    y = jax.lax.ragged_dot(hid, p["w_out"], g.group_sizes)  # rows past sum(group_sizes): 0
+    out = jaxep.combine_grouped(comm, y.astype(dtype), g.handle).astype(x.dtype)  # weighted
     # Switch-style load balancing over the global batch: share of assignments per expert times
     # its mean router probability (E * sum = 1 when balanced).
     share = jnp.mean(jnp.sum(jax.nn.one_hot(idx, probs.shape[-1]), axis=1), axis=0)
@@ -221,8 +209,8 @@ def main(args):
     comm = jaxep.Communicator(mesh, cfg, backend=args.backend)
     print(f"{comm} on {n} {platform} devices of {jax.process_count()} process(es): "
           f"{comm.num_local_experts} experts per rank, "
-          f"{args.tokens_per_rank} tokens per rank, dispatch via "
-          f"{comm.implementation('dispatch')}")
+          f"{args.tokens_per_rank} tokens per rank, dispatch_grouped via "
+          f"{comm.implementation('dispatch_grouped')}")
 
     log_probs, entropy = markov_chain(args.vocab, 4, args.seed)
     batch = n * args.tokens_per_rank // args.seq_len

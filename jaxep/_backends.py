@@ -4,11 +4,14 @@ Each public op validates its arguments (``jaxep._checks``), then calls ``lookup(
 the function it returns once; that function implements the op whole, custom VJP included.
 
 The rule, in one place: an op runs on ``comm.implementation(family)`` (``"cuda"`` or
-``"xla"``), where ``family`` is the op itself for the five ops that ``Communicator``
-knows, and the one-phase op for a two-phase one (``ll_dispatch_send`` -> ``ll_dispatch``).
+``"xla"``), where ``family`` is the op itself for the ops that ``Communicator``
+knows (``communicator.ALL_OPS``), and the one-phase op for a two-phase one (``ll_dispatch_send`` -> ``ll_dispatch``).
 A receive runs on the backend whose send made its pending transfer (``pending.info`` is the CUDA
 send kernel's, None from the pure-JAX send); ``_checks.pending`` has already refused a CUDA
 pending on a communicator whose ops run pure JAX.
+
+An op without a CUDA kernel (``dispatch_grouped``, ``combine_grouped``) has only an ``"xla"``
+entry, and ``Communicator.implementation`` never says ``"cuda"`` for it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ IMPLEMENTATIONS = {
     "ll_combine": {"cuda": _cuda_ops.ll_combine, "xla": _xla_ops.ll_combine},
     "ll_combine_send": {"cuda": _cuda_ops.ll_combine_send, "xla": _xla_ops.ll_combine_send},
     "ll_combine_recv": {"cuda": _cuda_ops.ll_combine_recv, "xla": _xla_ops.ll_combine_recv},
+    # No CUDA kernel yet: Communicator.implementation says "xla" for these on every backend.
+    "dispatch_grouped": {"xla": _xla_ops.dispatch_grouped},
+    "combine_grouped": {"xla": _xla_ops.combine_grouped},
 }
 
 # op -> the op whose ``comm.implementation`` decides it

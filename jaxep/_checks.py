@@ -200,6 +200,24 @@ def dispatch_handle(comm, op: str, handle, handle_cls, capacity):
             handle.src_index.shape)
 
 
+def grouped_handle(comm, op: str, handle, handle_cls, rows):
+    """``handle`` is a ``GroupedHandle`` (``handle_cls``) with the shapes of a
+    ``dispatch_grouped`` of this communicator: ``dest_row [T, K]`` (``T <=
+    max_tokens_per_rank``), ``src_index [M]`` and float ``weights [M]``, M = ``rows(T)``."""
+    instance(op, handle, handle_cls, "handle must be a GroupedHandle (Grouped.handle)")
+    array(op, "handle.src_index", handle.src_index, 1)
+    array(op, "handle.dest_row", handle.dest_row, 2)
+    array(op, "handle.weights", handle.weights, 1)
+    if not jnp.issubdtype(handle.weights.dtype, jnp.floating):
+        raise TypeError(f"jaxep.{op}: handle.weights must be floating (float32), "
+                        f"got {handle.weights.dtype}")
+    t = handle.dest_row.shape[0]
+    what = "this GroupedHandle"
+    belongs(comm, op, what, "handle.dest_row", (t, comm.cfg.num_topk), handle.dest_row.shape, t)
+    belongs(comm, op, what, "handle.src_index", (rows(t),), handle.src_index.shape)
+    belongs(comm, op, what, "handle.weights", (rows(t),), handle.weights.shape)
+
+
 def ll_dispatch(comm, op: str, x, topk_idx, fp8, round_scale, ue8m0):
     """Low-latency dispatch (one- or two-phase): operands and options; returns ``topk_idx`` as
     int32 ids (see :func:`topk`)."""

@@ -297,3 +297,141 @@ def ll_recv_rows(src_index, src_topk, num_topk):
     entry = jnp.where(ok, src_topk, 0).reshape(-1)
     rows = jnp.arange(el * rt, dtype=jnp.int32)
     return jnp.full((rt, num_topk), -1, jnp.int32).at[token, entry].set(rows, mode="drop")
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped normal mode: one row per received (token, local expert) pair, grouped by local slot
+# ---------------------------------------------------------------------------------------------
+
+
+def grouped_cells(comm, idx, topk_weights):
+    """Sender side, from sanitised ``idx [T, K]``: ``(present [R, T, E_l] bool, weight
+    [R, T, E_l] float32)``: token t selected the expert at (rank, slot), and the sum of the
+    weights of every top-k entry listing it (a token listing an expert twice: one pair)."""
+    r, el = comm.num_ranks, comm.num_local_experts
+    dest = _lookup(comm.expert_rank, idx)
+    slot = _lookup(comm.expert_slot, idx)
+    cell = jnp.where(idx >= 0, dest * el + slot, r * el)  # [T, K]; r*el: no cell
+    hit = cell[:, :, None] == jnp.arange(r * el, dtype=jnp.int32)[None, None, :]  # [T, K, R*E_l]
+    w = jnp.where(hit, topk_weights.astype(jnp.float32)[:, :, None], 0.0)
+    present = jnp.any(hit, axis=1).reshape(-1, r, el)
+    weight = jnp.sum(w, axis=1).reshape(-1, r, el)
+    return jnp.transpose(present, (1, 0, 2)), jnp.transpose(weight, (1, 0, 2))
+
+
+def grouped_layout(present, alignment: int, rows: int):
+    """Receiver side: where each received pair goes.
+
+    ``present [R(src), T, E_l]`` bool, the pairs received, in admission order when flattened
+    (source rank, source token, local slot). A pair is admitted while the rows used so far,
+    each group rounded up to a multiple of ``alignment``, stay within ``rows`` (the rows used
+    only grow, so the admitted pairs are a prefix of that order).
+
+    Returns ``(pos [R, T, E_l] int32`` (row of each admitted pair, -1 elsewhere),
+    ``group_sizes [E_l] int32`` (admitted pairs per group rounded up to ``alignment``),
+    ``num_dropped`` int32)``.
+    """
+    r, t, el = present.shape
+    p = present.reshape(r * t, el).astype(jnp.int32)
+    before = jnp.cumsum(p, axis=0) - p                       # pair's index inside its group
+    opens = (p > 0) & (before % alignment == 0)                # it starts a new aligned block
+    # rows used through each pair: every opened block is ``alignment`` rows
+    used = alignment * jnp.cumsum(opens.reshape(-1), dtype=jnp.int32).reshape(r * t, el)
+    admitted = (p > 0) & (used <= rows)
+    counts = jnp.sum(admitted, axis=0, dtype=jnp.int32)
+    sizes = (counts + alignment - 1) // alignment * alignment
+    offsets = jnp.cumsum(sizes) - sizes
+    pos = jnp.where(admitted, offsets[None, :] + before, -1).astype(jnp.int32)
+    dropped = jnp.sum(p, dtype=jnp.int32) - jnp.sum(counts)
+    return pos.reshape(r, t, el), sizes.astype(jnp.int32), dropped
+
+
+def grouped_dest_rows(comm, idx, pos_back):
+    """``[T, K]`` int32: the row of each top-k entry in its destination's grouped output, -1
+    for -1 / invalid ids, dropped pairs and repeated listings of an expert (only a token's first
+    listing of an expert names its row). ``pos_back [R(dest), T, E_l]``: the receivers' ``pos``
+    returned to the source."""
+    return _at_topk(comm, idx, pos_back, first_only=True, fill=-1)
+
+
+def _at_topk(comm, idx, cells, first_only, fill):
+    """``cells [R(dest), T, E_l]`` read at each top-k entry's (rank, token, slot): ``[T, K]``;
+    ``fill`` for -1 / invalid ids (and, with ``first_only``, repeated listings)."""
+    dest = jnp.maximum(_lookup(comm.expert_rank, idx), 0)
+    slot = jnp.maximum(_lookup(comm.expert_slot, idx), 0)
+    t = jnp.arange(idx.shape[0])[:, None]
+    keep = _first_occurrence(idx) if first_only else idx >= 0
+    return jnp.where(keep, cells[dest, t, slot], fill)
+
+
+def dispatch_grouped(comm, x, topk_idx, topk_weights, rows):
+    """Grouped dispatch; ``x`` an array or a tuple of arrays (fp8 payload, scales).
+
+    Returns a dict with the fields of :class:`jaxep.Grouped` (``handle`` as its arrays
+    ``src_index [M]``, ``dest_row [T, K]``; the handle's ``weights`` are ``weights``), plus
+    the receiver's layout ``pos`` and the sanitised ``idx`` for the weights' gradient.
+    Padding rows are always zeros here (``zero_padding`` does not apply).
+    """
+    idx, num_invalid = sanitize(comm, topk_idx)
+    t = idx.shape[0]
+    r, el = comm.num_ranks, comm.num_local_experts
+    present, weight = grouped_cells(comm, idx, topk_weights)
+    recv_present = _a2a(comm, present)  # [R(src), T, E_l]
+    recv_weight = _a2a(comm, weight)
+    pos, group_sizes, num_dropped = grouped_layout(recv_present, comm.cfg.expert_alignment, rows)
+    flat = pos.reshape(-1)
+    src = jnp.arange(r * t * el, dtype=jnp.int32) // el  # src_rank * T + token of each cell
+    src_index = _scatter_rows(src + 1, flat, rows) - 1   # -1 on padding rows
+    w_rows = _scatter_rows(recv_weight.reshape(-1), flat, rows)
+    move = lambda a: _gather_rows(  # noqa: E731
+        _a2a(comm, jnp.broadcast_to(a[None], (r,) + a.shape)).reshape((r * t,) + a.shape[1:]),
+        src_index)
+    out_x = tuple(move(a) for a in x) if isinstance(x, tuple) else move(x)
+    dest_row = grouped_dest_rows(comm, idx, _a2a(comm, pos))
+    return dict(x=out_x, group_sizes=group_sizes, weights=w_rows, num_dropped=num_dropped,
+                num_invalid=num_invalid, src_index=src_index, dest_row=dest_row, pos=pos,
+                idx=idx)
+
+
+GROUPED_FIELDS = ("x", "group_sizes", "weights", "num_dropped", "num_invalid", "src_index",
+                  "dest_row")
+
+
+def grouped_fields(out: dict) -> tuple:
+    """A grouped dispatch's dict as the tuple of :class:`jaxep.Grouped`'s fields in order (the
+    handle's ``src_index`` and ``dest_row`` last)."""
+    return tuple(out[f] for f in GROUPED_FIELDS)
+
+
+def combine_grouped(comm, y, src_index, num_tokens, weights=None):
+    """Grouped rows ``y [M, ...]`` back to their source tokens: ``[T, ...]`` in ``y.dtype``, per
+    token the sum over its rows of ``weights[row] * y[row]`` (unweighted when ``weights`` is
+    None), accumulated in float32: each rank sums its rows per token, the partial sums travel
+    in float32 and the source adds them in rank order. Padding rows (``src_index == -1``)
+    contribute nothing (they are masked, not multiplied by 0)."""
+    r = comm.num_ranks
+    rows = y.astype(jnp.float32)
+    if weights is not None:
+        rows = rows * weights.astype(jnp.float32).reshape((-1,) + (1,) * (y.ndim - 1))
+    rows = jnp.where((src_index >= 0).reshape((-1,) + (1,) * (y.ndim - 1)), rows, 0.0)
+    buf = _scatter_rows(rows, src_index, r * num_tokens)
+    back = _a2a(comm, buf.reshape((r, num_tokens) + y.shape[1:]))  # [R(dest), T, ...]
+    return jnp.sum(back, axis=0).astype(y.dtype)
+
+
+def grouped_dispatch_rows(comm, rows, src_index):
+    """``rows [T, ...]`` moved to the grouped rows of ``src_index``: ``[M, ...]`` (zeros on
+    padding): the transpose of an unweighted :func:`combine_grouped`."""
+    r = comm.num_ranks
+    recv = _a2a(comm, jnp.broadcast_to(rows[None], (r,) + rows.shape))
+    return _gather_rows(recv.reshape((-1,) + rows.shape[1:]), src_index)
+
+
+def grouped_weight_grad(comm, g_rows, pos, idx):
+    """Cotangent of each row's weight ``g_rows [M]`` -> that of ``topk_weights [T, K]``: every
+    top-k entry listing the row's expert (repeats included: the row's weight is their sum) gets
+    the row's cotangent; -1, invalid and dropped entries get 0. ``pos [R(src), T, E_l]`` is the
+    receiver's layout (:func:`grouped_layout`), ``idx`` the sender's sanitised ids."""
+    cells = _gather_rows(g_rows, pos.reshape(-1)).reshape(pos.shape)  # 0 where no row
+    back = _a2a(comm, cells)  # [R(dest), T, E_l] at the source
+    return _at_topk(comm, idx, back, first_only=False, fill=jnp.zeros((), g_rows.dtype))

@@ -9,6 +9,7 @@ low-latency mode is differentiated by plain autodiff.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -72,6 +73,79 @@ def _combine_bwd(comm, handle, g):
 
 
 combine.defvjp(_combine_fwd, _combine_bwd)
+
+# --------------------------------------------------------------------------------------------
+# Grouped normal mode: results are the fields of ``Grouped`` in order, the handle as its arrays
+# ``src_index`` and ``dest_row`` last (its ``weights`` are ``Grouped.weights``).
+# --------------------------------------------------------------------------------------------
+
+
+def dispatch_grouped(comm, x, topk_idx, topk_weights, rows, *, zero_padding):
+    """Grouped dispatch into ``rows`` (M) rows; padding rows are always zeros here, whatever
+    ``zero_padding`` says."""
+    del zero_padding
+    return _dispatch_grouped(comm, x, topk_idx, topk_weights, rows)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _dispatch_grouped(comm, x, topk_idx, topk_weights, rows):
+    return _xla.grouped_fields(_xla.dispatch_grouped(comm, x, topk_idx, topk_weights, rows))
+
+
+def _dispatch_grouped_fwd(comm, x, topk_idx, topk_weights, rows):
+    out = _xla.dispatch_grouped(comm, x, topk_idx, topk_weights, rows)
+    # x itself is not needed backwards; an FP8 x is kept only to shape its zero cotangent.
+    res = (out["src_index"], out["pos"], out["idx"], x if isinstance(x, tuple) else None,
+           topk_idx, jnp.zeros((0,), topk_weights.dtype))  # the last only for its dtype
+    return _xla.grouped_fields(out), res
+
+
+def _dispatch_grouped_bwd(comm, rows, res, g):
+    src_index, pos, idx, fp8_x, topk_idx, w_like = res
+    if fp8_x is not None:
+        gx = tuple(zero_cotangent(a) for a in fp8_x)
+    else:  # the rows' cotangents summed per token, unweighted (float32 accumulation)
+        gx = _xla.combine_grouped(comm, g[0], src_index, idx.shape[0])
+    gw = _xla.grouped_weight_grad(comm, g[2].astype(jnp.float32), pos, idx).astype(w_like.dtype)
+    return gx, zero_cotangent(topk_idx), gw
+
+
+_dispatch_grouped.defvjp(_dispatch_grouped_fwd, _dispatch_grouped_bwd)
+
+
+def combine_grouped(comm, y, handle, *, weighted):
+    """Grouped rows back to their tokens along ``handle`` (a ``GroupedHandle``): ``[T, H]``."""
+    return _combine_grouped(comm, bool(weighted), y, handle)
+
+
+def _combine_grouped_impl(comm, weighted, y, handle):
+    return _xla.combine_grouped(comm, y, handle.src_index, handle.dest_row.shape[0],
+                                handle.weights if weighted else None)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _combine_grouped(comm, weighted, y, handle):
+    return _combine_grouped_impl(comm, weighted, y, handle)
+
+
+def _combine_grouped_fwd(comm, weighted, y, handle):
+    return _combine_grouped_impl(comm, weighted, y, handle), (y, handle)
+
+
+def _combine_grouped_bwd(comm, weighted, res, g):
+    y, handle = res
+    g_rows = _xla.grouped_dispatch_rows(comm, g, handle.src_index).astype(jnp.float32)
+    if weighted:
+        w = handle.weights.astype(jnp.float32)
+        gy = g_rows * w[:, None]
+        gw = jnp.sum(g_rows * y.astype(jnp.float32), axis=-1).astype(handle.weights.dtype)
+    else:
+        gy, gw = g_rows, zero_cotangent(handle.weights)
+    g_handle = dataclasses.replace(jax.tree.map(zero_cotangent, handle), weights=gw)
+    return gy.astype(y.dtype), g_handle
+
+
+_combine_grouped.defvjp(_combine_grouped_fwd, _combine_grouped_bwd)
 
 # --------------------------------------------------------------------------------------------
 # Low-latency mode. Dispatch results are ``(x, counts, src_index, src_topk, recv_rows,

@@ -27,7 +27,10 @@ INTRANODE_OPS = frozenset({"dispatch", "combine"})
 # (EPConfig.low_latency), hidden % 16 == 0 and routing tables that fit in shared memory.
 LL_OPS = frozenset({"ll_dispatch", "ll_combine"})
 LL_AUTO_MAX_BYTES = 512 << 20
-ALL_OPS = ("dispatch_layout", "dispatch", "combine", "ll_dispatch", "ll_combine")
+# dispatch_grouped / combine_grouped have no CUDA kernel yet: they run the pure-JAX path on every
+# backend (implementation() says "xla" for them).
+ALL_OPS = ("dispatch_layout", "dispatch", "combine", "ll_dispatch", "ll_combine",
+           "dispatch_grouped", "combine_grouped")
 FAILURE_EXIT_CODE = 75  # the process's exit status when jaxep ends it (EPConfig.failure_exit_s)
 
 
@@ -215,7 +218,10 @@ class Communicator:
         return nbytes <= LL_AUTO_MAX_BYTES
 
     def implementation(self, op: str) -> str:
-        """Which implementation runs ``op`` on this communicator: ``"cuda"`` or ``"xla"``."""
+        """Which implementation runs ``op`` on this communicator: ``"cuda"`` or ``"xla"``.
+
+        ``dispatch_grouped`` and ``combine_grouped`` have no CUDA kernel yet: ``"xla"`` even on
+        a CUDA communicator."""
         if op not in ALL_OPS:
             raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
         if self.backend != "cuda":

@@ -44,6 +44,14 @@ class EPConfig:
       recv_capacity: rows each rank can receive in normal mode (C). ``None`` means ``R * T``,
         which never drops. Smaller values drop the excess deterministically (counted in
         ``Dispatched.num_dropped``).
+      grouped_capacity: rows M of :func:`jaxep.dispatch_grouped`'s output per rank. ``None``
+        means ``R * T * min(K, E_l) + E_l * (expert_alignment - 1)`` (T the call's tokens), which
+        never drops. Smaller values admit the received (token, local expert) pairs in (source
+        rank, source token, local slot) order while they fit in M rows, alignment padding
+        included; the rest are dropped and counted in ``Grouped.num_dropped``.
+      expert_alignment: a (int >= 1, default 1): :func:`jaxep.dispatch_grouped` pads each local
+        expert's group of rows with zero rows to a multiple of a (as grouped-GEMM kernels such as
+        DeepGEMM want); ``Grouped.group_sizes`` include the pad rows.
       num_sms: SM budget of the communication kernels (CUDA backend): one block of 1024 threads
         per SM. ``None`` = tuned default (dispatch: every SM; combine: 32, as more SMs only add
         NVLink contention; benchmarks/RESULTS.md).
@@ -87,6 +95,8 @@ class EPConfig:
     axis_name: Union[str, tuple[str, ...]] = "ep"
     placement: Placement = "linear"
     recv_capacity: int | None = None
+    grouped_capacity: int | None = None
+    expert_alignment: int = 1
     num_sms: int | None = None
     timeout_s: float = 60.0
     failure_exit_s: float | None = 10.0
@@ -111,6 +121,9 @@ class EPConfig:
         object.__setattr__(self, "placement", _normalize_placement(self.placement, self.num_experts))
         if self.recv_capacity is not None:
             _positive_int("recv_capacity", self.recv_capacity)
+        if self.grouped_capacity is not None:
+            _positive_int("grouped_capacity", self.grouped_capacity)
+        _positive_int("expert_alignment", self.expert_alignment)
         if self.num_sms is not None:
             _positive_int("num_sms", self.num_sms)
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)):

@@ -1,4 +1,6 @@
-"""Normal (high-throughput) mode: :func:`dispatch_layout`, :func:`dispatch`, :func:`combine`.
+"""Normal (high-throughput) mode: :func:`dispatch_layout`, :func:`dispatch`, :func:`combine`,
+and the expert-grouped form :func:`dispatch_grouped` / :func:`combine_grouped` (rows grouped by
+local expert for ``jax.lax.ragged_dot``, combined with the routing weights applied).
 
 All three run per rank inside ``jax.shard_map`` over the communicator's mesh, on the local
 shard of each array. Notation: R ranks in the EP group, E experts, E_l = E / R local experts,
@@ -188,3 +190,165 @@ def combine(comm, y, handle: DispatchHandle):
                 y.shape[0])
     _checks.hidden(comm, op, "y", y.shape[1])
     return _backends.lookup(comm, op)(comm, y, handle)
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch_grouped / combine_grouped
+# --------------------------------------------------------------------------------------------
+
+
+@_pytree
+class GroupedHandle:
+    """Routing of one :func:`dispatch_grouped`, consumed by :func:`combine_grouped` and the
+    gradients.
+
+    Attributes:
+      src_index: ``[M]`` int32, for each grouped row its source ``src_rank * T + src_token``;
+        -1 for padding rows (alignment padding and the rows after the last group).
+      dest_row: ``[T, K]`` int32, for each local token's top-k entry the row it occupies in its
+        destination rank's grouped output; -1 for -1 and invalid ids, for dropped pairs, and for
+        a repeated listing of an expert (only the token's first listing names the shared row).
+      weights: ``[M]`` float32, each row's routing weight (``Grouped.weights``); differentiable:
+        :func:`combine_grouped`'s weighting sends its gradient back to ``topk_weights``.
+    """
+
+    src_index: jax.Array
+    dest_row: jax.Array
+    weights: jax.Array
+
+
+@_pytree
+class Grouped:
+    """Result of :func:`dispatch_grouped` on the receiving rank: rows grouped by local expert,
+    ready for ``jax.lax.ragged_dot(x, w[E_l, H, F], group_sizes)``.
+
+    Attributes:
+      x: ``[M, H]`` one row per received (token, local expert) pair, same dtype as the input;
+        for an FP8 input the tuple ``(payload [M, H] float8_e4m3fn, scales [M, H/128])``, the
+        scales grouped the same way. Rows are grouped by local expert slot (slot 0's group
+        first); inside a group ordered by source rank, then source token; each group is followed
+        by its alignment pad rows (zeros); after the last group come zero rows up to M (not
+        written with ``zero_padding=False`` on a backend that honours it).
+      group_sizes: ``[E_l]`` int32, rows of each local expert's group, pad rows included (each
+        a multiple of ``EPConfig.expert_alignment``); ``sum(group_sizes) <= M``. Exactly the
+        ``group_sizes`` operand of ``jax.lax.ragged_dot``.
+      weights: ``[M]`` float32, each row's routing weight: the token's ``topk_weights`` entry
+        for that expert (the sum of the entries when the token lists the expert more than once);
+        0 on padding rows.
+      num_dropped: int32 scalar, (token, local expert) pairs destined here but dropped because
+        they did not fit in M rows (``EPConfig.grouped_capacity``).
+      num_invalid: int32 scalar, entries of this rank's ``topk_idx`` outside ``[-1, E)``.
+      handle: the :class:`GroupedHandle` for :func:`combine_grouped`.
+    """
+
+    x: jax.Array | tuple[jax.Array, jax.Array]
+    group_sizes: jax.Array
+    weights: jax.Array
+    num_dropped: jax.Array
+    num_invalid: jax.Array
+    handle: GroupedHandle
+
+
+def _grouped_rows(comm, num_tokens: int) -> int:
+    """M: ``EPConfig.grouped_capacity`` or ``R*T*min(K, E_l) + E_l*(a - 1)``."""
+    cfg = comm.cfg
+    if cfg.grouped_capacity is not None:
+        return cfg.grouped_capacity
+    el = comm.num_local_experts
+    return (comm.num_ranks * num_tokens * min(cfg.num_topk, el)
+            + el * (cfg.expert_alignment - 1))
+
+
+def dispatch_grouped(comm, x, topk_idx, topk_weights, *, zero_padding=True) -> Grouped:
+    """Send each token to its experts' ranks, landing as expert-grouped rows for
+    ``jax.lax.ragged_dot`` (normal mode, no sort or gather in user code)::
+
+        g = jaxep.dispatch_grouped(comm, x, topk_idx, topk_weights)
+        h = jax.nn.gelu(jax.lax.ragged_dot(g.x, w_in, g.group_sizes))     # w_in [E_l, H, F]
+        out = jaxep.combine_grouped(comm, jax.lax.ragged_dot(h, w_out, g.group_sizes), g.handle)
+
+    Each received (token, local expert) pair gets its own row: a token selecting three experts
+    of a rank appears there three times, once in each expert's group (a token listing one expert
+    twice gets one row, whose weight is the sum of the two entries).
+
+    Args:
+      comm: the :class:`jaxep.Communicator`.
+      x: ``[T, H]`` bfloat16 (or float32), or the FP8 tuple ``(payload [T, H] float8_e4m3fn,
+        scales [T, H/128] float32)`` as made by :func:`jaxep.quantize_fp8` (packed UE8M0 int32
+        scales are moved as they are).
+      topk_idx: ``[T, K]`` int32 global expert ids, -1 for none; ids outside ``[-1, E)`` are
+        treated as -1 and counted in ``num_invalid``.
+      topk_weights: ``[T, K]`` float32 routing weights.
+      zero_padding: ``False`` leaves the rows after the last group unwritten (garbage) where a
+        backend can skip them. The pure-JAX (``xla``) backend writes zeros regardless. Alignment
+        pad rows inside the groups are zeros either way, and their weight is 0.
+
+    Returns:
+      :class:`Grouped` with M rows: ``EPConfig.grouped_capacity``, or by default
+      ``R * T * min(K, E_l) + E_l * (a - 1)`` (a = ``EPConfig.expert_alignment``), which never
+      drops.
+
+    Warning:
+      Under a ``grouped_capacity`` the pairs are admitted in (source rank, source token, local
+      slot) order while the rows used, each group rounded up to a multiple of a, fit in M; the
+      first pair that does not fit and every pair after it are dropped (counted in
+      ``num_dropped``), so a later pair is not squeezed into an earlier group's pad rows.
+      ``combine_grouped`` returns 0 for dropped pairs. With ``zero_padding=False`` the rows past
+      ``sum(group_sizes)`` may hold anything: ``ragged_dot`` ignores them, but do not reduce over
+      them.
+
+    Gradients: w.r.t. ``x`` the unweighted :func:`combine_grouped` of the rows' cotangents
+    (float32 accumulation; pad rows and dropped pairs contribute nothing); w.r.t.
+    ``topk_weights`` each row's weight cotangent (from ``weights`` and from
+    :func:`combine_grouped`'s weighting through ``handle.weights``) goes to every top-k entry
+    listing that expert. An FP8 ``x`` gets a zero gradient (its cotangent would be e4m3).
+
+    The pure-JAX implementation runs on every backend: there is no CUDA kernel for this op yet
+    (``comm.implementation("dispatch_grouped")`` is ``"xla"`` even on GPUs).
+    """
+    op = "dispatch_grouped"
+    idx = _checks.dispatch(comm, op, x, topk_idx, topk_weights)
+    if not isinstance(zero_padding, bool):
+        raise TypeError(f"jaxep.{op}: zero_padding must be True or False, got {zero_padding!r}")
+    impl = _backends.lookup(comm, op)
+    rows = _grouped_rows(comm, idx.shape[0])
+    gx, sizes, weights, dropped, invalid, src_index, dest_row = impl(
+        comm, x, idx, topk_weights, rows, zero_padding=zero_padding)
+    return Grouped(gx, sizes, weights, dropped, invalid,
+                   GroupedHandle(src_index, dest_row, weights))
+
+
+def combine_grouped(comm, y, handle: GroupedHandle, *, weighted=True):
+    """Bring expert outputs in grouped rows back to their tokens and sum them, weighted.
+
+    Args:
+      comm: the :class:`jaxep.Communicator`.
+      y: ``[M, H]`` bfloat16 or float32, one row per row of the :func:`dispatch_grouped` whose
+        ``handle`` is given (e.g. ``jax.lax.ragged_dot(h, w_out, g.group_sizes)``); pad rows and
+        rows after the last group are ignored (masked, so a NaN there does not spread).
+      handle: ``Grouped.handle``.
+      weighted: multiply each row by its routing weight (``handle.weights``) before summing;
+        ``False`` sums the rows unweighted.
+
+    Returns:
+      ``[T, H]`` in ``y.dtype``: per token the sum over its rows on every rank of
+      ``weight * y[row]`` (accumulated in float32); 0 for tokens sent nowhere or whose pairs were
+      all dropped.
+
+    Gradients: w.r.t. ``y`` the output cotangent dispatched along ``handle`` (times the row's
+    weight when ``weighted``; 0 on padding rows); w.r.t. ``handle.weights`` (with ``weighted``)
+    ``<g_out[token], y[row]>``, which :func:`dispatch_grouped`'s gradient sends on to
+    ``topk_weights``.
+
+    The pure-JAX implementation runs on every backend: there is no CUDA kernel for this op yet.
+    """
+    op = "combine_grouped"
+    _checks.ep_group(comm, op)
+    _checks.grouped_handle(comm, op, handle, GroupedHandle, partial(_grouped_rows, comm))
+    _checks.array(op, "y", y, 2, FLOAT_DTYPES)
+    _checks.dim(op, "y.shape[0] (rows of the grouped dispatch, M)", handle.src_index.shape[0],
+                y.shape[0])
+    _checks.hidden(comm, op, "y", y.shape[1])
+    if not isinstance(weighted, bool):
+        raise TypeError(f"jaxep.{op}: weighted must be True or False, got {weighted!r}")
+    return _backends.lookup(comm, op)(comm, y, handle, weighted=weighted)

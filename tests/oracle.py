@@ -189,6 +189,130 @@ def dispatch_weight_grad(g_w_rows, topk_idx, expert_rank, num_ranks, send_slots)
 
 
 # ------------------------------------------------------------------------------------------
+# grouped normal mode
+# ------------------------------------------------------------------------------------------
+
+
+def dispatch_grouped(xs, topk_idx, topk_weights, expert_rank, expert_slot, num_ranks,
+                     alignment=1, capacity=None):
+    """Grouped dispatch: one row per received (token, local expert) pair.
+
+    Args as :func:`dispatch`; ``alignment`` a, ``capacity`` M (None = R*T*min(K, E_l) +
+    E_l*(a-1)).
+
+    Returns per rank: dict(x (array or tuple) [M, ...], group_sizes [E_l], weights [M] float32,
+    num_dropped, num_invalid, src_index [M], rows: {(global row, global expert): row} of the
+    admitted pairs (the oracle's own bookkeeping for combine and the gradients)).
+    """
+    R = num_ranks
+    E = len(expert_rank)
+    El = E // R
+    a = alignment
+    is_tuple = isinstance(xs, tuple)
+    arrays = tuple(np.asarray(a_) for a_ in (xs if is_tuple else (xs,)))
+    w = np.asarray(topk_weights)
+    ids, bad = sanitize(topk_idx, E)
+    N = len(ids)
+    T = N // R
+    K = len(ids[0])
+    M = capacity if capacity is not None else R * T * min(K, El) + El * (a - 1)
+
+    out = []
+    for d in range(R):
+        # the pairs destined to d in (source rank, source token, local slot) order
+        pairs = []
+        for g in range(N):
+            mine = sorted((int(expert_slot[e]), e) for e in _distinct_valid(ids[g])
+                          if expert_rank[e] == d)
+            for s, e in mine:
+                weight = np.float32(0)
+                for k in range(K):
+                    if ids[g][k] == e:
+                        weight = np.float32(weight + np.float32(w[g, k]))
+                pairs.append((g, s, e, weight))
+        # admit while the rows used (groups rounded up to a multiple of a) fit in M
+        members = [[] for _ in range(El)]
+        dropped = 0
+        for i, (g, s, e, weight) in enumerate(pairs):
+            members[s].append((g, e, weight))
+            used = sum(-(-len(m) // a) * a for m in members)
+            if used > M:
+                members[s].pop()
+                dropped = len(pairs) - i
+                break
+        sizes = np.array([-(-len(m) // a) * a for m in members], np.int32)
+        rows = tuple(np.zeros((M,) + a_.shape[1:], a_.dtype) for a_ in arrays)
+        weights = np.zeros(M, np.float32)
+        src_index = np.full(M, -1, np.int32)
+        where = {}
+        start = 0
+        for s in range(El):
+            for j, (g, e, weight) in enumerate(members[s]):
+                i = start + j
+                for a_, r in zip(arrays, rows):
+                    r[i] = a_[g]
+                weights[i] = weight
+                src_index[i] = g
+                where[(g, e)] = i
+            start += sizes[s]
+        out.append(dict(x=rows if is_tuple else rows[0], group_sizes=sizes, weights=weights,
+                        num_dropped=dropped, num_invalid=sum(bad[d * T:(d + 1) * T]),
+                        src_index=src_index, rows=where))
+    return out
+
+
+def combine_grouped(ys, src_indices, weights, num_tokens, weighted=True):
+    """Grouped combine: ``ys[d] [M, H]``; per token the sum over its rows of
+    ``weights[d][row] * ys[d][row]`` (float64; unweighted with ``weighted=False``). Returns
+    global ``[R*T, H]``."""
+    R = len(ys)
+    H = np.asarray(ys[0]).shape[1]
+    out = np.zeros((R * num_tokens, H), np.float64)
+    for d in range(R):
+        y = np.asarray(ys[d]).astype(np.float64)
+        for i, g in enumerate(np.asarray(src_indices[d]).tolist()):
+            if g >= 0:
+                out[g] += (float(weights[d][i]) if weighted else 1.0) * y[i]
+    return out
+
+
+def grouped_weight_grad(g_rows, topk_idx, expert_rank, rows):
+    """Analytic gradient w.r.t. ``topk_weights`` of the grouped rows' weights: ``g_rows[d] [M]``
+    is the cotangent of rank d's row weights; each top-k entry gets its pair's row cotangent
+    (every listing of a repeated expert: the row's weight is their sum). Global ``[R*T, K]``."""
+    E = len(expert_rank)
+    ids, _ = sanitize(topk_idx, E)
+    out = np.zeros((len(ids), len(ids[0])), np.float64)
+    for g, row in enumerate(ids):
+        for k, e in enumerate(row):
+            if e < 0:
+                continue
+            d = int(expert_rank[e])
+            i = rows[d].get((g, e))
+            if i is not None:
+                out[g, k] = g_rows[d][i]
+    return out
+
+
+def combine_grouped_grads(g_out, ys, src_indices, weights, weighted=True):
+    """Analytic gradients of combine_grouped: (per rank ``g_y[d] [M, H]``, per rank
+    ``g_w[d] [M]`` of the row weights)."""
+    g_out = np.asarray(g_out).astype(np.float64)
+    g_y, g_w = [], []
+    for d in range(len(ys)):
+        y = np.asarray(ys[d]).astype(np.float64)
+        gy = np.zeros_like(y)
+        gw = np.zeros(y.shape[0], np.float64)
+        for i, g in enumerate(np.asarray(src_indices[d]).tolist()):
+            if g >= 0:
+                gy[i] = (float(weights[d][i]) if weighted else 1.0) * g_out[g]
+                gw[i] = float(np.dot(g_out[g], y[i])) if weighted else 0.0
+        g_y.append(gy)
+        g_w.append(gw)
+    return g_y, g_w
+
+
+# ------------------------------------------------------------------------------------------
 # low-latency mode
 # ------------------------------------------------------------------------------------------
 
@@ -310,6 +434,7 @@ def ll_dispatch_grad(g_rows, src_indices, num_rows):
 
 ROUTINGS = ("random", "minus_one", "invalid", "one_expert", "empty_rank", "silent_rank",
             "duplicates")
+GROUPED_ROUTINGS = ROUTINGS + ("zipf",)
 
 
 def make_routing(kind, rng, num_ranks, num_tokens, num_experts, num_topk, expert_rank):
@@ -318,13 +443,17 @@ def make_routing(kind, rng, num_ranks, num_tokens, num_experts, num_topk, expert
     random: top-k of ``|N(0,1)| + 1`` scores; minus_one: some slots -1; invalid: some ids
     E, 999, -5; one_expert: every token picks the same expert (others -1); empty_rank: no token
     selects an expert of rank 1; silent_rank: rank 0 sends nothing (all -1); duplicates: some
-    tokens list an expert twice.
+    tokens list an expert twice; zipf: experts drawn with Zipf-skewed popularity (expert i
+    about ``1 / (i+1)**1.2``), distinct per token.
     """
     R, T, E, K = num_ranks, num_tokens, num_experts, num_topk
     N = R * T
     scores = np.abs(rng.standard_normal((N, E))) + 1.0
     if kind == "empty_rank":
         scores[:, np.asarray(expert_rank) == 1 % R] = -np.inf
+    elif kind == "zipf":   # Gumbel top-k: sampling K distinct experts by Zipf popularity
+        pop = 1.0 / np.arange(1, E + 1) ** 1.2
+        scores = np.log(pop)[rng.permutation(E)][None, :] + rng.gumbel(size=(N, E))
     idx = np.argsort(-scores, axis=1, kind="stable")[:, :K].astype(np.int32)
     w = rng.uniform(0.1, 1.0, (N, K)).astype(np.float32)
     if kind == "minus_one":
@@ -343,6 +472,6 @@ def make_routing(kind, rng, num_ranks, num_tokens, num_experts, num_topk, expert
             if rng.random() < 0.5:
                 a, b = rng.choice(K, 2, replace=False)
                 idx[g, b] = idx[g, a]
-    elif kind not in ("random", "empty_rank"):
+    elif kind not in ("random", "empty_rank", "zipf"):
         raise ValueError(kind)
     return idx, w
