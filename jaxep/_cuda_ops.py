@@ -8,8 +8,8 @@ pending classes); handles and pendings come in as those classes and are read by 
 
 The kernels are never differentiated directly: the gradients below are custom VJPs made of
 other kernels (docs/design.md, "Naming chain", lists op -> function -> target -> kernel).
-Normal-mode names are plain (``_dispatch_fwd``), low-latency ones carry ``_ll_``
-(``_ll_dispatch_bwd``).
+Normal mode's VJPs are ``jaxep._normal_vjp.normal_ops`` on the kernels (the pure-JAX backend
+builds its own from the same function); low-latency names carry ``_ll_`` (``_ll_dispatch_bwd``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxep import _cuda, _xla, fp8 as _fp8
 from jaxep._checks import FLOAT_DTYPES
+from jaxep._normal_vjp import normal_ops
 from jaxep._xla import zero_cotangent
 
 # --------------------------------------------------------------------------------------------
@@ -42,51 +43,8 @@ def _combine_rows(comm, rows, src_index, send_slot):
     return _xla.combine_rows(comm, rows, src_index, send_slot)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-def dispatch(comm, x, topk_idx, topk_weights, capacity):
-    """The dispatch kernel: the fields of ``Dispatched`` in order, the handle as its two arrays
-    (``src_index``, ``send_slot``)."""
-    return _xla.dispatched_fields(_cuda.dispatch(comm, x, topk_idx, topk_weights, capacity))
-
-
-def _dispatch_fwd(comm, x, topk_idx, topk_weights, capacity):
-    out = _xla.dispatched_fields(_cuda.dispatch(comm, x, topk_idx, topk_weights, capacity))
-    _, recv_idx, _, _, _, _, _, src_index, send_slot = out
-    # x itself is not needed backwards; an FP8 x is kept only to shape its zero cotangent.
-    return out, (src_index, send_slot, recv_idx, x if isinstance(x, tuple) else None, topk_idx)
-
-
-def _dispatch_bwd(comm, capacity, res, g):
-    src_index, send_slot, recv_idx, fp8_x, topk_idx = res
-    if fp8_x is not None:
-        gx = tuple(zero_cotangent(a) for a in fp8_x)
-    else:
-        gx = _combine_rows(comm, g[0], src_index, send_slot)  # x's cotangent
-    g_w = g[2]  # topk_weights' cotangent
-    gw_rows = jnp.where(recv_idx >= 0, g_w, jnp.zeros((), g_w.dtype))
-    gw = _combine_rows(comm, gw_rows, src_index, send_slot)
-    return gx, zero_cotangent(topk_idx), gw
-
-
-dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def combine(comm, y, handle):
-    """The combine kernel along ``handle`` (a ``DispatchHandle``): ``[T, H]``."""
-    return _combine_rows(comm, y, handle.src_index, handle.send_slot)
-
-
-def _combine_fwd(comm, y, handle):
-    return _combine_rows(comm, y, handle.src_index, handle.send_slot), handle
-
-
-def _combine_bwd(comm, handle, g):
-    gy = _cuda.dispatch_rows(comm, g, handle.src_index)
-    return gy, jax.tree.map(zero_cotangent, handle)
-
-
-combine.defvjp(_combine_fwd, _combine_bwd)
+# dispatch: the fields of ``Dispatched``, the handle as its two arrays; combine: ``[T, H]``.
+dispatch, combine = normal_ops(_cuda.dispatch, _combine_rows, _cuda.dispatch_rows)
 
 # --------------------------------------------------------------------------------------------
 # Low-latency mode. Dispatch results are ``(x, counts, src_index, src_topk, recv_rows,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxep import _xla, fp8 as _fp8
+from jaxep._normal_vjp import normal_ops
 from jaxep._xla import zero_cotangent
 
 # --------------------------------------------------------------------------------------------
@@ -28,51 +29,8 @@ def dispatch_layout(comm, topk_idx):
     return _xla.dispatch_layout(comm, topk_idx)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-def dispatch(comm, x, topk_idx, topk_weights, capacity):
-    """The fields of ``Dispatched`` in order, the handle as its two arrays (``src_index``,
-    ``send_slot``)."""
-    return _xla.dispatched_fields(_xla.dispatch(comm, x, topk_idx, topk_weights, capacity))
-
-
-def _dispatch_fwd(comm, x, topk_idx, topk_weights, capacity):
-    out = _xla.dispatched_fields(_xla.dispatch(comm, x, topk_idx, topk_weights, capacity))
-    _, recv_idx, _, _, _, _, _, src_index, send_slot = out
-    # x itself is not needed backwards; an FP8 x is kept only to shape its zero cotangent.
-    return out, (src_index, send_slot, recv_idx, x if isinstance(x, tuple) else None, topk_idx)
-
-
-def _dispatch_bwd(comm, capacity, res, g):
-    src_index, send_slot, recv_idx, fp8_x, topk_idx = res
-    if fp8_x is not None:
-        gx = tuple(zero_cotangent(a) for a in fp8_x)
-    else:
-        gx = _xla.combine_rows(comm, g[0], src_index, send_slot)  # x's cotangent
-    g_w = g[2]  # topk_weights' cotangent
-    gw_rows = jnp.where(recv_idx >= 0, g_w, jnp.zeros((), g_w.dtype))
-    gw = _xla.combine_rows(comm, gw_rows, src_index, send_slot)
-    return gx, zero_cotangent(topk_idx), gw
-
-
-dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def combine(comm, y, handle):
-    """Rows back to their tokens along ``handle`` (a ``DispatchHandle``), summed: ``[T, H]``."""
-    return _xla.combine_rows(comm, y, handle.src_index, handle.send_slot)
-
-
-def _combine_fwd(comm, y, handle):
-    return _xla.combine_rows(comm, y, handle.src_index, handle.send_slot), handle
-
-
-def _combine_bwd(comm, handle, g):
-    gy = _xla.dispatch_rows(comm, g, handle.src_index)
-    return gy, jax.tree.map(zero_cotangent, handle)
-
-
-combine.defvjp(_combine_fwd, _combine_bwd)
+# dispatch: the fields of ``Dispatched``, the handle as its two arrays; combine: ``[T, H]``.
+dispatch, combine = normal_ops(_xla.dispatch, _xla.combine_rows, _xla.dispatch_rows)
 
 # --------------------------------------------------------------------------------------------
 # Grouped normal mode: results are the fields of ``Grouped`` in order, the handle as its arrays
