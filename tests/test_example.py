@@ -23,19 +23,25 @@ def _text(b) -> str:
     return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
+def run_example(cmd, timeout_s=TIMEOUT_S):
+    """Runs an example on CPU, bounded: ``(exit code, stdout, a report of both streams)``."""
+    try:
+        proc = subprocess.run(cmd, env=_env(), cwd=str(REPO), capture_output=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout_s} s\n"
+                    f"--- stdout ---\n{_text(e.stdout)}\n--- stderr ---\n{_text(e.stderr)}")
+    out, err = _text(proc.stdout), _text(proc.stderr)
+    report = f"exit code {proc.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+    return proc.returncode, out, report
+
+
 def test_train_moe_loss_falls():
     cmd = [sys.executable, str(EXAMPLE), "--platform", "cpu", "--devices", "4", "--steps", "20",
            "--tokens-per-rank", "64", "--hidden", "32", "--experts", "8", "--topk", "3",
            "--placement", "round_robin"]
-    try:
-        proc = subprocess.run(cmd, env=_env(), cwd=str(REPO), capture_output=True,
-                              timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT_S} s\n"
-                    f"--- stdout ---\n{_text(e.stdout)}\n--- stderr ---\n{_text(e.stderr)}")
-    out, err = _text(proc.stdout), _text(proc.stderr)
-    report = f"exit code {proc.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
-    assert proc.returncode == 0, report
+    returncode, out, report = run_example(cmd)
+    assert returncode == 0, report
     assert "loss fell" in out, report
 
 
