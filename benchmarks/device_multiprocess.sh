@@ -5,7 +5,7 @@
 # nvshmem4py is not in the image: carry its wheel in .whl/ (device README: `pip download
 # --no-deps nvshmem4py-cu13==0.4.1 ...`); it is installed to /tmp/site here.
 # Usage (repo root):  bash benchmarks/device_multiprocess.sh [sp|mp|all]
-# Env: SP_BUDGET, MP_BUDGET (s), SP_ARGS, MP_ARGS (pytest words), MP_K (a -k expression),
+# Env: SP_BUDGET, MP_BUDGET (s), SP_FILES, SP_ARGS, MP_ARGS (pytest words), MP_K (a -k expression),
 # OUT (logs; default device_out)
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
@@ -26,8 +26,8 @@ rc=$?; echo "build rc=$rc in $(( $(date +%s) - t0 )) s"
 [ $rc -eq 0 ] || { grep -iE "error" "$OUT/build.log" | head -40; exit 1; }
 rc_sp=skipped; rc_mp=skipped
 if [ "$STAGE" != mp ]; then
-  timeout ${SP_BUDGET:-300} python3 -m pytest tests/test_gpu.py tests/test_gpu_normal.py \
-    tests/test_gpu_ll.py tests/test_gpu_timeout.py -q -rs --timeout=200 ${SP_ARGS:-} 2>&1 \
+  timeout ${SP_BUDGET:-300} python3 -m pytest ${SP_FILES:-tests/test_gpu.py tests/test_gpu_normal.py \
+    tests/test_gpu_grouped.py tests/test_gpu_ll.py tests/test_gpu_timeout.py} -q -rs --timeout=200 ${SP_ARGS:-} 2>&1 \
     | tee "$OUT/pytest_sp.log" | tail -25
   rc_sp=${PIPESTATUS[0]}
 fi

@@ -9,131 +9,21 @@
 // acquire/release at system scope; waits are bounded by %globaltimer.
 #include "intranode.h"
 
+#include <algorithm>
+
 #include <cuda_bf16.h>
 
 #include "device_guard.h"
-#include "sync.cuh"
+#include "grouped.h"
+#include "intranode_common.cuh"
 
 namespace jaxep {
 namespace {
 
 constexpr int kPrepThreads = 1024;
-constexpr int kCopyThreads = 1024;
-constexpr int kCopyWarps = kCopyThreads / 32;
 // Combine's default SM count: pulling with more SMs only adds NVLink contention
 // (benchmarks/RESULTS.md).
 constexpr int kCombineDefaultBlocks = 32;
-
-__device__ __forceinline__ int32_t* PosTable(Workspace* ws) {
-  return reinterpret_cast<int32_t*>(ws + 1);
-}
-
-__device__ __forceinline__ const void* LoadPublished(const Workspace* peer, int i) {
-  return reinterpret_cast<const void*>(
-      __ldcg(reinterpret_cast<const unsigned long long*>(&peer->published[i])));
-}
-
-// Input `i` of peer `s` for this call: in its stage when the peer is another process, else the
-// XLA buffer it published.
-__device__ __forceinline__ const char* PeerInput(const Workspace* ws, const StageLayout& stage,
-                                                 int s, int i) {
-  const char* base = ws->stage[s];
-  return base ? base + stage.off[i] : static_cast<const char*>(LoadPublished(ws->peers[s], i));
-}
-
-// Copies this call's inputs into this rank's stage (one process per GPU), all blocks
-// grid-striding over 16-byte words; a misaligned or ragged input falls back to bytes.
-struct StageCopy {
-  char* dst;
-  const char* src[kMaxPublished];
-  int64_t off[kMaxPublished], bytes[kMaxPublished];
-};
-
-__global__ void StageKernel(StageCopy c) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int i = 0; i < kMaxPublished; ++i) {
-    if (!c.src[i] || c.bytes[i] == 0) continue;
-    const char* src = c.src[i];
-    char* dst = c.dst + c.off[i];
-    const int64_t n = c.bytes[i];
-    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
-      const int64_t words = n >> 4;
-      const int4* s = reinterpret_cast<const int4*>(src);
-      int4* d = reinterpret_cast<int4*>(dst);
-      for (int64_t j = first; j < words; j += stride) d[j] = s[j];
-      for (int64_t j = (words << 4) + first; j < n; j += stride) dst[j] = src[j];
-    } else {
-      for (int64_t j = first; j < n; j += stride) dst[j] = src[j];
-    }
-  }
-}
-
-// All threads of one block: make this device's prior writes visible system-wide, announce
-// arrival to every peer, and wait (bounded) until every peer has announced the same barrier.
-__device__ void BlockBarrier(Workspace* ws, int phase, unsigned long long timeout_ns) {
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned long long s = ws->seq + 1;
-    ws->seq = s;
-    const int num_ranks = ws->num_ranks, me = ws->rank;
-    for (int p = 0; p < num_ranks; ++p) StoreRelease(&ws->peers[p]->flags[me], s);
-    for (int p = 0; p < num_ranks; ++p) {
-      WaitAtLeast(&ws->flags[p], s, ws->error, me, p, phase, timeout_ns);
-    }
-  }
-  __syncthreads();
-}
-
-__global__ void BarrierKernel(Workspace* ws, int phase, unsigned long long timeout_ns) {
-  BlockBarrier(ws, phase, timeout_ns);
-}
-
-__global__ void PublishKernel(Workspace* ws, const void* ptr, int phase,
-                              unsigned long long timeout_ns) {
-  if (threadIdx.x == 0) ws->published[0] = ptr;
-  BlockBarrier(ws, phase, timeout_ns);
-}
-
-// ---- row copies (one warp per row) ------------------------------------------------------
-
-__device__ __forceinline__ bool Aligned(const void* p, int a) {
-  return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0;
-}
-
-__device__ __forceinline__ void CopyRow(char* dst, const char* src, int bytes, int lane) {
-  if ((bytes & 15) == 0 && Aligned(dst, 16) && Aligned(src, 16)) {
-    const int n = bytes >> 4;
-    const int4* s = reinterpret_cast<const int4*>(src);
-    int4* d = reinterpret_cast<int4*>(dst);
-    int i = lane;
-    for (; i + 96 < n; i += 128) {  // four 16-byte loads in flight per lane
-      const int4 v0 = __ldcg(s + i), v1 = __ldcg(s + i + 32), v2 = __ldcg(s + i + 64),
-                 v3 = __ldcg(s + i + 96);
-      d[i] = v0;
-      d[i + 32] = v1;
-      d[i + 64] = v2;
-      d[i + 96] = v3;
-    }
-    for (; i < n; i += 32) d[i] = __ldcg(s + i);
-  } else if ((bytes & 3) == 0 && Aligned(dst, 4) && Aligned(src, 4)) {
-    const int* s = reinterpret_cast<const int*>(src);
-    int* d = reinterpret_cast<int*>(dst);
-    for (int i = lane; i < (bytes >> 2); i += 32) d[i] = __ldcg(s + i);
-  } else {
-    for (int i = lane; i < bytes; i += 32) dst[i] = src[i];
-  }
-}
-
-__device__ __forceinline__ void ZeroRow(char* dst, int bytes, int lane) {
-  if ((bytes & 15) == 0 && Aligned(dst, 16)) {
-    int4* d = reinterpret_cast<int4*>(dst);
-    for (int i = lane; i < (bytes >> 4); i += 32) d[i] = make_int4(0, 0, 0, 0);
-  } else {
-    for (int i = lane; i < bytes; i += 32) dst[i] = 0;
-  }
-}
 
 // ---- dispatch ----------------------------------------------------------------------------
 
@@ -372,38 +262,6 @@ __global__ void __launch_bounds__(kCopyThreads, 1) GatherRowsKernel(DispatchRows
 
 // ---- combine -------------------------------------------------------------------------------
 
-__device__ __forceinline__ void Accumulate(float* acc, const int4& v, __nv_bfloat16) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
-}
-
-__device__ __forceinline__ void Accumulate(float* acc, const int4& v, float) {
-  const float* f = reinterpret_cast<const float*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) acc[i] += f[i];
-}
-
-__device__ __forceinline__ int4 Pack(const float* acc, __nv_bfloat16) {
-  int4 v;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-  return v;
-}
-
-__device__ __forceinline__ int4 Pack(const float* acc, float) {
-  int4 v;
-  float* f = reinterpret_cast<float*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) f[i] = acc[i];
-  return v;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineArgs a) {
   constexpr int kPer = 16 / sizeof(T);  // elements per 16-byte vector
@@ -462,22 +320,6 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
   }
 }
 
-int NumBlocks(int requested) { return requested > 0 ? requested : DeviceSmCount(); }
-
-// Process-per-GPU: the copy of a call's inputs into this rank's stage, before the barrier
-// that lets the peers read them.
-void LaunchStage(char* stage, const StageLayout& layout, const void* const* srcs,
-                 const int64_t* bytes, int n, cudaStream_t stream) {
-  StageCopy c{};
-  c.dst = stage;
-  for (int i = 0; i < n; ++i) {
-    c.src[i] = static_cast<const char*>(srcs[i]);
-    c.off[i] = layout.off[i];
-    c.bytes[i] = srcs[i] ? bytes[i] : 0;
-  }
-  StageKernel<<<DeviceSmCount(), kCopyThreads, 0, stream>>>(c);
-}
-
 }  // namespace
 
 int DeviceSmCount() {
@@ -489,8 +331,10 @@ int DeviceSmCount() {
   return sms;
 }
 
-size_t WorkspaceBytes(int num_ranks, int max_tokens) {
-  return sizeof(Workspace) + sizeof(int32_t) * static_cast<size_t>(num_ranks) * max_tokens;
+size_t WorkspaceBytes(int num_ranks, int max_tokens, int num_topk) {
+  const size_t tokens = static_cast<size_t>(num_ranks) * max_tokens;
+  return sizeof(Workspace) +
+         sizeof(int32_t) * (tokens * (1 + num_topk) + 2 * kMaxGroupedExperts + 1);
 }
 
 cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
@@ -554,12 +398,12 @@ cudaError_t LoadModule() {  // touch every kernel so the module is loaded now, n
   for (const void* k : kernels) {
     if (cudaError_t e = cudaFuncGetAttributes(&attr, k); e != cudaSuccess) return e;
   }
-  return cudaSuccess;
+  return LoadGroupedModule();
 }
 
 // The constant header of rank `rank`'s workspace: the peers' workspaces (and, one process per
 // GPU, their stages; null in one process) as this rank addresses them, its error record.
-Workspace WorkspaceHeader(int rank, int num_ranks, int max_tokens, ErrorRecord* error,
+Workspace WorkspaceHeader(int rank, int num_ranks, int max_tokens, int num_topk, ErrorRecord* error,
                           Workspace* const* peers, const char* const* stages) {
   Workspace h{};
   for (int p = 0; p < num_ranks; ++p) {
@@ -570,18 +414,19 @@ Workspace WorkspaceHeader(int rank, int num_ranks, int max_tokens, ErrorRecord* 
   h.rank = rank;
   h.num_ranks = num_ranks;
   h.max_tokens = max_tokens;
+  h.num_topk = num_topk;
   return h;
 }
 
 }  // namespace
 
-cudaError_t CreateWorkspaces(int num_ranks, const int* devices, int max_tokens,
+cudaError_t CreateWorkspaces(int num_ranks, const int* devices, int max_tokens, int num_topk,
                              Workspace** workspaces, ErrorRecord** host_errors) {
   if (num_ranks < 1 || num_ranks > kMaxRanks || max_tokens < 1) return cudaErrorInvalidValue;
   const DeviceGuard restore_device;
   ErrorRecord* device_errors[kMaxRanks] = {};
   for (int r = 0; r < num_ranks; ++r) workspaces[r] = nullptr, host_errors[r] = nullptr;
-  const size_t bytes = WorkspaceBytes(num_ranks, max_tokens);
+  const size_t bytes = WorkspaceBytes(num_ranks, max_tokens, num_topk);
   cudaError_t err = cudaSuccess;
   for (int r = 0; r < num_ranks && err == cudaSuccess; ++r) {
     if ((err = cudaSetDevice(devices[r])) != cudaSuccess) break;
@@ -612,7 +457,7 @@ cudaError_t CreateWorkspaces(int num_ranks, const int* devices, int max_tokens,
   }
   for (int r = 0; r < num_ranks && err == cudaSuccess; ++r) {
     const Workspace header =
-        WorkspaceHeader(r, num_ranks, max_tokens, device_errors[r], workspaces, nullptr);
+        WorkspaceHeader(r, num_ranks, max_tokens, num_topk, device_errors[r], workspaces, nullptr);
     if ((err = cudaSetDevice(devices[r])) == cudaSuccess) {
       err = cudaMemcpy(workspaces[r], &header, sizeof(header), cudaMemcpyHostToDevice);
     }
@@ -643,16 +488,17 @@ StageLayout RowsStageLayout(int64_t rows, int64_t row_bytes) {
   return l;
 }
 
-size_t StageBytes(int max_tokens, int capacity, int num_topk, int hidden) {
+size_t StageBytes(int num_ranks, int max_tokens, int capacity, int num_topk, int hidden) {
   const int64_t groups = (hidden + 127) / 128;
   const int64_t dispatch = DispatchStageLayout(max_tokens, 4 * int64_t{hidden}, 4 * groups,
                                                num_topk).bytes;
   const int64_t rows = RowsStageLayout(capacity > max_tokens ? capacity : max_tokens,
                                        4 * int64_t{hidden}).bytes;
-  return static_cast<size_t>(Align256(dispatch > rows ? dispatch : rows));
+  const int64_t grouped = GroupedCombineStageLayout(num_ranks, max_tokens, num_topk, hidden).bytes;
+  return static_cast<size_t>(Align256(std::max({dispatch, rows, grouped})));
 }
 
-cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_tokens,
+cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_tokens, int num_topk,
                                  Workspace* const* peers, const char* const* stages,
                                  ErrorRecord** host_error) {
   if (num_ranks < 1 || num_ranks > kMaxRanks || rank < 0 || rank >= num_ranks ||
@@ -664,7 +510,7 @@ cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_to
   ErrorRecord* device_error = nullptr;
   Workspace* mine = peers[rank];
   cudaError_t err = cudaSetDevice(device);
-  if (err == cudaSuccess) err = cudaMemset(mine, 0, WorkspaceBytes(num_ranks, max_tokens));
+  if (err == cudaSuccess) err = cudaMemset(mine, 0, WorkspaceBytes(num_ranks, max_tokens, num_topk));
   if (err == cudaSuccess) {
     err = cudaHostAlloc(host_error, sizeof(ErrorRecord),
                         cudaHostAllocMapped | cudaHostAllocPortable);
@@ -676,7 +522,7 @@ cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_to
   if (err == cudaSuccess) err = LoadModule();
   if (err == cudaSuccess) {
     const Workspace header =
-        WorkspaceHeader(rank, num_ranks, max_tokens, device_error, peers, stages);
+        WorkspaceHeader(rank, num_ranks, max_tokens, num_topk, device_error, peers, stages);
     err = cudaMemcpy(mine, &header, sizeof(header), cudaMemcpyHostToDevice);
   }
   if (err == cudaSuccess) err = cudaDeviceSynchronize();

@@ -32,6 +32,14 @@ enum Phase : int32_t {
   kCombineEnd = 4,
   kRowsStart = 5,
   kRowsEnd = 6,
+  // grouped.h (the low-latency phases are 11..15, low_latency.h)
+  kGroupedStart = 21,
+  kGroupedEnd = 22,
+  kGroupedCombineStart = 23,
+  kGroupedCombinePartials = 24,
+  kGroupedCombineEnd = 25,
+  kGroupedEntriesStart = 26,
+  kGroupedEntriesEnd = 27,
 };
 
 struct Workspace {
@@ -49,21 +57,22 @@ struct Workspace {
   int32_t rank;
   int32_t num_ranks;
   int32_t max_tokens;
-  int32_t pad_;
+  int32_t num_topk;  // K: sizes the grouped dispatch's row table
   // Followed by int32 pos[num_ranks][max_tokens]: for each destination rank, the index of each
-  // of my tokens among my tokens sent there (-1 when not sent).
+  // of my tokens among my tokens sent there (-1 when not sent); then the grouped dispatch's
+  // tables (grouped.h).
 };
 
 // SMs of the current device (132 if the query fails): the default grid of the copy kernels.
 int DeviceSmCount();
 
-size_t WorkspaceBytes(int num_ranks, int max_tokens);
+size_t WorkspaceBytes(int num_ranks, int max_tokens, int num_topk);
 
 // Allocates one Workspace per device (devices[r] holds rank r), enables peer access between all
 // pairs, fills the peer tables, maps one ErrorRecord per rank into host memory and loads the
 // kernels' module on every device (no lazy loading while a peer spins). Restores the current
 // device. On failure frees what it allocated.
-cudaError_t CreateWorkspaces(int num_ranks, const int* devices, int max_tokens,
+cudaError_t CreateWorkspaces(int num_ranks, const int* devices, int max_tokens, int num_topk,
                              Workspace** workspaces, ErrorRecord** host_errors);
 // Synchronises each device, then frees its Workspace and ErrorRecord.
 cudaError_t DestroyWorkspaces(int num_ranks, const int* devices, Workspace** workspaces,
@@ -82,13 +91,14 @@ StageLayout DispatchStageLayout(int64_t tokens, int64_t x_row_bytes, int64_t s_r
                                 int64_t num_topk);
 StageLayout RowsStageLayout(int64_t rows, int64_t row_bytes);
 // Bytes of a stage that holds any call of a communicator: dispatch of float32 rows (or fp8 rows
-// with their scales), combine of `capacity` float32 rows, dispatch along a handle.
-size_t StageBytes(int max_tokens, int capacity, int num_topk, int hidden);
+// with their scales), combine of `capacity` float32 rows, dispatch along a handle, and the
+// grouped combine's float32 partial rows from every rank (grouped.h).
+size_t StageBytes(int num_ranks, int max_tokens, int capacity, int num_topk, int hidden);
 
 // Initialises this process's rank of an EP group spanning processes: `peers[p]` is rank p's
 // Workspace mapped into this process (peers[rank] is this process's own, zeroed here), `stages[p]`
 // rank p's stage. Maps an ErrorRecord into host memory, loads the kernels and synchronises.
-cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_tokens,
+cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_tokens, int num_topk,
                                  Workspace* const* peers, const char* const* stages,
                                  ErrorRecord** host_error);
 

@@ -11,6 +11,11 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchLayoutFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepCombineFfi);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchRowsFfi);
+// Expert-grouped normal mode (cuda/grouped.h): "jaxep_dispatch_grouped_ffi",
+// "jaxep_combine_grouped_ffi", "jaxep_grouped_entries_ffi".
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepDispatchGroupedFfi);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepCombineGroupedFfi);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxepGroupedEntriesFfi);
 // Low-latency mode (cuda/low_latency.h): ffi/ll_dispatch.cc defines "jaxep_ll_dispatch_send_ffi",
 // "jaxep_ll_dispatch_send_ce_ffi", "jaxep_ll_dispatch_recv_ffi", "jaxep_ll_dispatch_ffi";
 // ffi/ll_combine.cc "jaxep_ll_combine_send_ffi", "jaxep_ll_combine_send_reduced_ffi",

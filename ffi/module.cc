@@ -19,6 +19,7 @@
 #include "layout.h"
 #endif
 #include "registry.h"
+#include "grouped.h"
 #ifdef JAXEP_WITH_CUDA
 #include "ll_copy_engines.h"  // LLCopyEngineSends
 #endif
@@ -57,6 +58,9 @@ NB_MODULE(_jaxep_ext, m) {
         d["jaxep_dispatch_ffi"] = Encapsulate(JaxepDispatchFfi);
         d["jaxep_combine_ffi"] = Encapsulate(JaxepCombineFfi);
         d["jaxep_dispatch_rows_ffi"] = Encapsulate(JaxepDispatchRowsFfi);
+        d["jaxep_dispatch_grouped_ffi"] = Encapsulate(JaxepDispatchGroupedFfi);
+        d["jaxep_combine_grouped_ffi"] = Encapsulate(JaxepCombineGroupedFfi);
+        d["jaxep_grouped_entries_ffi"] = Encapsulate(JaxepGroupedEntriesFfi);
         d["jaxep_ll_dispatch_send_ffi"] = Encapsulate(JaxepLLDispatchSendFfi);
         d["jaxep_ll_dispatch_send_ce_ffi"] = Encapsulate(JaxepLLDispatchSendCeFfi);
         d["jaxep_ll_dispatch_recv_ffi"] = Encapsulate(JaxepLLDispatchRecvFfi);
@@ -78,6 +82,7 @@ NB_MODULE(_jaxep_ext, m) {
         d["max_ranks"] = jaxep::kMaxRanks;
         d["max_topk"] = jaxep::kMaxTopkIntranode;
         d["max_experts"] = jaxep::kMaxExpertsIntranode;
+        d["grouped_max_local_experts"] = jaxep::kMaxGroupedExperts;
         d["layout_max_ranks"] = jaxep::kLayoutMaxRanks;
         d["layout_max_experts"] = jaxep::kLayoutMaxExperts;
         d["ll_max_topk"] = jaxep::kLLMaxTopk;

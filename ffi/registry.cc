@@ -55,6 +55,13 @@ const char* PhaseName(int phase) {
     case kCombineEnd: return "combine (end barrier)";
     case kRowsStart: return "dispatch along handle (start barrier)";
     case kRowsEnd: return "dispatch along handle (end barrier)";
+    case kGroupedStart: return "dispatch_grouped (start barrier)";
+    case kGroupedEnd: return "dispatch_grouped (end barrier)";
+    case kGroupedCombineStart: return "combine_grouped (start barrier)";
+    case kGroupedCombinePartials: return "combine_grouped (partial rows barrier)";
+    case kGroupedCombineEnd: return "combine_grouped (end barrier)";
+    case kGroupedEntriesStart: return "dispatch_grouped weight gradient (start barrier)";
+    case kGroupedEntriesEnd: return "dispatch_grouped weight gradient (end barrier)";
     case kLLDispatchSend: return "ll_dispatch send (waiting for the destination to release its buffer)";
     case kLLDispatchRecv: return "ll_dispatch receive (waiting for the source's rows)";
     case kLLCombineSend: return "ll_combine send (waiting for the destination to release its buffer)";
@@ -99,7 +106,8 @@ std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, in
     g.max_tokens = max_tokens;
     g.ll_cfg = ll;
     cudaError_t err =
-        CreateWorkspaces(n, g.devices.data(), max_tokens, g.ws.data(), g.errors.data());
+        CreateWorkspaces(n, g.devices.data(), max_tokens, ll.num_topk, g.ws.data(),
+                         g.errors.data());
     if (err != cudaSuccess) {
       for (auto& done : made) Free(done);
       return std::string("creating the intranode workspaces failed: ") + cudaGetErrorName(err) +
@@ -135,7 +143,7 @@ std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, in
   }
   if (bytes_per_device && !groups.empty()) {
     const int n = static_cast<int>(groups[0].size());
-    *bytes_per_device = WorkspaceBytes(n, max_tokens);
+    *bytes_per_device = WorkspaceBytes(n, max_tokens, ll.num_topk);
     if (ll.enabled) {
       *bytes_per_device +=
           LLWorkspaceBytes(n, max_tokens, ll.num_topk, ll.num_local_experts, ll.hidden,
@@ -151,8 +159,8 @@ ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, c
   auto up = [](size_t n) { return (n + 4095) & ~size_t{4095}; };
   ProcessRegion p;
   p.workspace_off = 0;
-  p.stage_off = up(WorkspaceBytes(num_ranks, max_tokens));
-  p.stage_bytes = StageBytes(max_tokens, capacity, ll.num_topk, ll.hidden);
+  p.stage_off = up(WorkspaceBytes(num_ranks, max_tokens, ll.num_topk));
+  p.stage_bytes = StageBytes(num_ranks, max_tokens, capacity, ll.num_topk, ll.hidden);
   p.ll_off = up(p.stage_off + p.stage_bytes);
   p.total = p.ll_off;
   if (ll.enabled) {
@@ -195,7 +203,8 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
   g.stage = const_cast<char*>(stages[rank]);
   g.stage_bytes = region.stage_bytes;
   g.errors = {nullptr};
-  cudaError_t err = InitProcessWorkspace(device, rank, n, max_tokens, peers, stages, &g.errors[0]);
+  cudaError_t err = InitProcessWorkspace(device, rank, n, max_tokens, ll.num_topk, peers, stages,
+                                         &g.errors[0]);
   if (err != cudaSuccess) {
     return std::string("initialising the process-per-GPU workspace failed: ") +
            cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
@@ -240,7 +249,7 @@ WorkspaceRef FindWorkspace(int64_t id, int device) {
         return {g.ws[r], g.errors[r], g.ranks[r], n, g.max_tokens,
                 g.ll.empty() ? nullptr : g.ll[r],
                 LLShape{n, g.ll_cfg.num_local_experts, g.ll_cfg.hidden}, g.ll_cfg.num_topk,
-                g.ll_ce ? &g.ll_ce[r] : nullptr, g.stage, g.stage_bytes};
+                g.ll_ce ? &g.ll_ce[r] : nullptr, g.stage, g.stage_bytes, g.ll_cfg.num_topk};
       }
     }
   }

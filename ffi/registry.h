@@ -25,6 +25,7 @@ struct WorkspaceRef {
   LLCopyEngines* ll_ce = nullptr;  // this device's copy-engine send state, when allocated
   char* stage = nullptr;  // one process per GPU: this rank's stage (inputs copied for the peers)
   size_t stage_bytes = 0;
+  int num_topk = 0;  // K the workspace's grouped row table was sized for
 };
 
 // Sizes of a communicator's low-latency buffers (allocated when `enabled`); K, E_l and H are

@@ -10,8 +10,7 @@ A receive runs on the backend whose send made its pending transfer (``pending.in
 send kernel's, None from the pure-JAX send); ``_checks.pending`` has already refused a CUDA
 pending on a communicator whose ops run pure JAX.
 
-An op without a CUDA kernel (``dispatch_grouped``, ``combine_grouped``) has only an ``"xla"``
-entry, and ``Communicator.implementation`` never says ``"cuda"`` for it.
+Every op has both entries; ``Communicator.implementation`` says where the kernels cannot run.
 """
 
 from __future__ import annotations
@@ -29,9 +28,8 @@ IMPLEMENTATIONS = {
     "ll_combine": {"cuda": _cuda_ops.ll_combine, "xla": _xla_ops.ll_combine},
     "ll_combine_send": {"cuda": _cuda_ops.ll_combine_send, "xla": _xla_ops.ll_combine_send},
     "ll_combine_recv": {"cuda": _cuda_ops.ll_combine_recv, "xla": _xla_ops.ll_combine_recv},
-    # No CUDA kernel yet: Communicator.implementation says "xla" for these on every backend.
-    "dispatch_grouped": {"xla": _xla_ops.dispatch_grouped},
-    "combine_grouped": {"xla": _xla_ops.combine_grouped},
+    "dispatch_grouped": {"cuda": _cuda_ops.dispatch_grouped, "xla": _xla_ops.dispatch_grouped},
+    "combine_grouped": {"cuda": _cuda_ops.combine_grouped, "xla": _xla_ops.combine_grouped},
 }
 
 # op -> the op whose ``comm.implementation`` decides it

@@ -207,6 +207,7 @@ def grouped_handle(comm, op: str, handle, handle_cls, rows):
     instance(op, handle, handle_cls, "handle must be a GroupedHandle (Grouped.handle)")
     array(op, "handle.src_index", handle.src_index, 1)
     array(op, "handle.dest_row", handle.dest_row, 2)
+    array(op, "handle.dest_rank", handle.dest_rank, 2)
     array(op, "handle.weights", handle.weights, 1)
     if not jnp.issubdtype(handle.weights.dtype, jnp.floating):
         raise TypeError(f"jaxep.{op}: handle.weights must be floating (float32), "
@@ -214,6 +215,7 @@ def grouped_handle(comm, op: str, handle, handle_cls, rows):
     t = handle.dest_row.shape[0]
     what = "this GroupedHandle"
     belongs(comm, op, what, "handle.dest_row", (t, comm.cfg.num_topk), handle.dest_row.shape, t)
+    belongs(comm, op, what, "handle.dest_rank", handle.dest_row.shape, handle.dest_rank.shape)
     belongs(comm, op, what, "handle.src_index", (rows(t),), handle.src_index.shape)
     belongs(comm, op, what, "handle.weights", (rows(t),), handle.weights.shape)
 

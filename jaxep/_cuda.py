@@ -177,6 +177,7 @@ LAYOUT_MAX_EXPERTS = int(_LIMITS.get("layout_max_experts", 0))
 MAX_RANKS = int(_LIMITS.get("max_ranks", 0))
 MAX_TOPK = int(_LIMITS.get("max_topk", 0))
 MAX_EXPERTS = int(_LIMITS.get("max_experts", 0))
+GROUPED_MAX_LOCAL_EXPERTS = int(_LIMITS.get("grouped_max_local_experts", 0))
 
 
 def intranode_create(groups, max_tokens: int, *, low_latency: bool = False, num_topk: int = 0,
@@ -239,11 +240,12 @@ def ll_copy_engine_sends(comm) -> list[int]:
     return [int(_ext.ll_copy_engine_sends(comm.comm_id, d)) for g in comm.ep_groups() for d in g]
 
 
-def _ep_call(comm, target, out_types, *args):
-    """An intranode op on this rank's shards (the communicator's id and limits as attributes)."""
+def _ep_call(comm, target, out_types, *args, **attrs):
+    """An intranode op on this rank's shards (the communicator's id and limits as attributes,
+    then the op's own ``attrs``)."""
     return _ffi(target, out_types, args, comm.cfg.axis_names, comm_id=np.int64(comm.comm_id),
                 num_sms=np.int32(comm.cfg.num_sms or 0),
-                timeout_ns=np.int64(int(comm.cfg.timeout_s * 1e9)))
+                timeout_ns=np.int64(int(comm.cfg.timeout_s * 1e9)), **attrs)
 
 
 def dispatch(comm, x, topk_idx, topk_weights, capacity: int) -> dict:
@@ -278,6 +280,51 @@ def dispatch_rows(comm, rows, src_index):
     """``out[c] = rows_src[src_index[c]]`` (zeros where -1): dispatch along a cached handle."""
     out = jax.ShapeDtypeStruct(src_index.shape + rows.shape[1:], rows.dtype)
     return _ep_call(comm, DISPATCH_ROWS_TARGET, out, rows, src_index)
+
+
+# ---- expert-grouped normal mode ----------------------------------------------------------
+
+DISPATCH_GROUPED_TARGET = "jaxep_dispatch_grouped_ffi"
+COMBINE_GROUPED_TARGET = "jaxep_combine_grouped_ffi"
+GROUPED_ENTRIES_TARGET = "jaxep_grouped_entries_ffi"
+
+
+def dispatch_grouped(comm, x, topk_idx, topk_weights, rows: int, *, zero_padding: bool) -> dict:
+    """Grouped dispatch kernel into ``rows`` (M) rows: the fields of ``jaxep.Grouped`` by name
+    (``x``, ``group_sizes``, ``weights``, ``num_dropped``, ``num_invalid``) and the handle's
+    ``src_index``, ``dest_row``, ``dest_rank``."""
+    t, k = topk_idx.shape
+    payload, scales = x if isinstance(x, tuple) else (x, jnp.zeros((t, 0), jnp.float32))
+    sds = jax.ShapeDtypeStruct
+    i32 = jnp.int32
+    out_types = (
+        sds((rows,) + payload.shape[1:], payload.dtype), sds((rows,) + scales.shape[1:], scales.dtype),
+        sds((comm.num_local_experts,), i32), sds((rows,), jnp.float32), sds((rows,), i32),
+        sds((t, k), i32), sds((t, k), i32), sds((2,), i32))
+    gx, gs, sizes, weights, src_index, dest_row, dest_rank, meta = _ep_call(
+        comm, DISPATCH_GROUPED_TARGET, out_types, payload, scales, topk_idx,
+        topk_weights.astype(jnp.float32), jnp.asarray(comm.expert_rank),
+        jnp.asarray(comm.expert_slot), alignment=np.int32(comm.cfg.expert_alignment),
+        zero_padding=bool(zero_padding))
+    return dict(x=(gx, gs) if isinstance(x, tuple) else gx, group_sizes=sizes, weights=weights,
+                num_dropped=meta[0], num_invalid=meta[1], src_index=src_index,
+                dest_row=dest_row, dest_rank=dest_rank)
+
+
+def combine_grouped(comm, y, weights, dest_row, dest_rank, *, weighted: bool):
+    """``out[t] = sum over t's rows on every rank of weights[row] * y[row]`` (1 for each row
+    without ``weighted``), float32 accumulation, bf16 or f32 ``y``: ``[T, H]``."""
+    out = jax.ShapeDtypeStruct((dest_row.shape[0],) + y.shape[1:], y.dtype)
+    return _ep_call(comm, COMBINE_GROUPED_TARGET, out, y, weights.astype(jnp.float32), dest_row,
+                    dest_rank, weighted=bool(weighted))
+
+
+def grouped_entries(comm, vals, dest_row, dest_rank):
+    """``out[t, k] = vals_r[dest_row[t, k]]`` on rank ``r = dest_rank[t, k]`` (0 where -1):
+    each top-k entry's value of its grouped row, ``[T, K]`` float32."""
+    out = jax.ShapeDtypeStruct(dest_row.shape, jnp.float32)
+    return _ep_call(comm, GROUPED_ENTRIES_TARGET, out, vals.astype(jnp.float32), dest_row,
+                    dest_rank)
 
 
 # ---- low-latency mode (one process, several GPUs) -----------------------------------------

@@ -14,6 +14,7 @@ builds its own from the same function); low-latency names carry ``_ll_`` (``_ll_
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -45,6 +46,85 @@ def _combine_rows(comm, rows, src_index, send_slot):
 
 # dispatch: the fields of ``Dispatched``, the handle as its two arrays; combine: ``[T, H]``.
 dispatch, combine = normal_ops(_cuda.dispatch, _combine_rows, _cuda.dispatch_rows)
+
+# --------------------------------------------------------------------------------------------
+# Grouped normal mode: results are the fields of ``Grouped`` in order, then the handle's
+# ``src_index``, ``dest_row``, ``dest_rank`` (as ``_xla_ops``'s).
+# --------------------------------------------------------------------------------------------
+
+
+def dispatch_grouped(comm, x, topk_idx, topk_weights, rows, *, zero_padding):
+    """The grouped dispatch kernel into ``rows`` (M) rows."""
+    return _dispatch_grouped(comm, rows, bool(zero_padding), x, topk_idx, topk_weights)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _dispatch_grouped(comm, rows, zero_padding, x, topk_idx, topk_weights):
+    return _dispatch_grouped_fwd(comm, rows, zero_padding, x, topk_idx, topk_weights)[0]
+
+
+def _dispatch_grouped_fwd(comm, rows, zero_padding, x, topk_idx, topk_weights):
+    out = _cuda.dispatch_grouped(comm, x, topk_idx, topk_weights, rows,
+                                 zero_padding=zero_padding)
+    # An FP8 x is kept only to shape its zero cotangent; topk_weights only for its dtype.
+    res = (out["dest_row"], out["dest_rank"], topk_idx, x if isinstance(x, tuple) else None,
+           jnp.zeros((0,), topk_weights.dtype))
+    return _xla.grouped_fields(out), res
+
+
+def _dispatch_grouped_bwd(comm, rows, zero_padding, res, g):
+    dest_row, dest_rank, topk_idx, fp8_x, w_like = res
+    if fp8_x is not None:
+        gx = tuple(zero_cotangent(a) for a in fp8_x)
+    else:  # the rows' cotangents summed per token, unweighted (float32 accumulation)
+        gx = _cuda.combine_grouped(comm, g[0], jnp.zeros(g[0].shape[:1], jnp.float32), dest_row,
+                                   dest_rank, weighted=False)
+    # Each row's weight cotangent goes to every top-k entry listing its expert: the first
+    # listing names the row (dest_row), repeats take the first listing's.
+    first = _cuda.grouped_entries(comm, g[2], dest_row, dest_rank)
+    idx, _ = _xla.sanitize(comm, topk_idx)
+    same = idx[:, :, None] == idx[:, None, :]
+    gw = jnp.take_along_axis(first, jnp.argmax(same, axis=-1), axis=1)
+    gw = jnp.where(idx >= 0, gw, 0.0).astype(w_like.dtype)
+    return gx, zero_cotangent(topk_idx), gw
+
+
+_dispatch_grouped.defvjp(_dispatch_grouped_fwd, _dispatch_grouped_bwd)
+
+
+def combine_grouped(comm, y, handle, *, weighted):
+    """The grouped combine kernel along ``handle`` (a ``GroupedHandle``): ``[T, H]``."""
+    return _combine_grouped(comm, bool(weighted), y, handle)
+
+
+def _combine_grouped_kernel(comm, weighted, y, handle):
+    return _cuda.combine_grouped(comm, y, handle.weights, handle.dest_row, handle.dest_rank,
+                                 weighted=weighted)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _combine_grouped(comm, weighted, y, handle):
+    return _combine_grouped_kernel(comm, weighted, y, handle)
+
+
+def _combine_grouped_fwd(comm, weighted, y, handle):
+    return _combine_grouped_kernel(comm, weighted, y, handle), (y, handle)
+
+
+def _combine_grouped_bwd(comm, weighted, res, g):
+    y, handle = res
+    # The output cotangent dispatched along the handle (zeros on padding rows).
+    g_rows = _cuda.dispatch_rows(comm, g, handle.src_index).astype(jnp.float32)
+    if weighted:
+        gy = g_rows * handle.weights.astype(jnp.float32)[:, None]
+        gw = _xla.grouped_row_dots(g_rows, y, handle.src_index).astype(handle.weights.dtype)
+    else:
+        gy, gw = g_rows, zero_cotangent(handle.weights)
+    g_handle = dataclasses.replace(jax.tree.map(zero_cotangent, handle), weights=gw)
+    return gy.astype(y.dtype), g_handle
+
+
+_combine_grouped.defvjp(_combine_grouped_fwd, _combine_grouped_bwd)
 
 # --------------------------------------------------------------------------------------------
 # Low-latency mode. Dispatch results are ``(x, counts, src_index, src_topk, recv_rows,

@@ -368,7 +368,8 @@ def dispatch_grouped(comm, x, topk_idx, topk_weights, rows):
     """Grouped dispatch; ``x`` an array or a tuple of arrays (fp8 payload, scales).
 
     Returns a dict with the fields of :class:`jaxep.Grouped` (``handle`` as its arrays
-    ``src_index [M]``, ``dest_row [T, K]``; the handle's ``weights`` are ``weights``), plus
+    ``src_index [M]``, ``dest_row``, ``dest_rank [T, K]``; the handle's ``weights`` are
+    ``weights``), plus
     the receiver's layout ``pos`` and the sanitised ``idx`` for the weights' gradient.
     Padding rows are always zeros here (``zero_padding`` does not apply).
     """
@@ -388,18 +389,19 @@ def dispatch_grouped(comm, x, topk_idx, topk_weights, rows):
         src_index)
     out_x = tuple(move(a) for a in x) if isinstance(x, tuple) else move(x)
     dest_row = grouped_dest_rows(comm, idx, _a2a(comm, pos))
+    dest_rank = jnp.where(dest_row >= 0, _lookup(comm.expert_rank, idx), -1).astype(jnp.int32)
     return dict(x=out_x, group_sizes=group_sizes, weights=w_rows, num_dropped=num_dropped,
-                num_invalid=num_invalid, src_index=src_index, dest_row=dest_row, pos=pos,
-                idx=idx)
+                num_invalid=num_invalid, src_index=src_index, dest_row=dest_row,
+                dest_rank=dest_rank, pos=pos, idx=idx)
 
 
 GROUPED_FIELDS = ("x", "group_sizes", "weights", "num_dropped", "num_invalid", "src_index",
-                  "dest_row")
+                  "dest_row", "dest_rank")
 
 
 def grouped_fields(out: dict) -> tuple:
     """A grouped dispatch's dict as the tuple of :class:`jaxep.Grouped`'s fields in order (the
-    handle's ``src_index`` and ``dest_row`` last)."""
+    handle's ``src_index``, ``dest_row`` and ``dest_rank`` last)."""
     return tuple(out[f] for f in GROUPED_FIELDS)
 
 
@@ -425,6 +427,13 @@ def grouped_dispatch_rows(comm, rows, src_index):
     r = comm.num_ranks
     recv = _a2a(comm, jnp.broadcast_to(rows[None], (r,) + rows.shape))
     return _gather_rows(recv.reshape((-1,) + rows.shape[1:]), src_index)
+
+
+def grouped_row_dots(g_rows, y, src_index):
+    """``[M]`` float32: each row's ``<g_rows[m], y[m]>``, 0 on padding rows (masked, so a NaN
+    in a padding row of ``y`` does not reach the weights' gradient)."""
+    dots = jnp.sum(g_rows.astype(jnp.float32) * y.astype(jnp.float32), axis=-1)
+    return jnp.where(src_index >= 0, dots, 0.0)
 
 
 def grouped_weight_grad(comm, g_rows, pos, idx):

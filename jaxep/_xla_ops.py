@@ -34,7 +34,7 @@ dispatch, combine = normal_ops(_xla.dispatch, _xla.combine_rows, _xla.dispatch_r
 
 # --------------------------------------------------------------------------------------------
 # Grouped normal mode: results are the fields of ``Grouped`` in order, the handle as its arrays
-# ``src_index`` and ``dest_row`` last (its ``weights`` are ``Grouped.weights``).
+# ``src_index``, ``dest_row`` and ``dest_rank`` last (its ``weights`` are ``Grouped.weights``).
 # --------------------------------------------------------------------------------------------
 
 
@@ -96,7 +96,7 @@ def _combine_grouped_bwd(comm, weighted, res, g):
     if weighted:
         w = handle.weights.astype(jnp.float32)
         gy = g_rows * w[:, None]
-        gw = jnp.sum(g_rows * y.astype(jnp.float32), axis=-1).astype(handle.weights.dtype)
+        gw = _xla.grouped_row_dots(g_rows, y, handle.src_index).astype(handle.weights.dtype)
     else:
         gy, gw = g_rows, zero_cotangent(handle.weights)
     g_handle = dataclasses.replace(jax.tree.map(zero_cotangent, handle), weights=gw)

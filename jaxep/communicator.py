@@ -27,8 +27,9 @@ INTRANODE_OPS = frozenset({"dispatch", "combine"})
 # (EPConfig.low_latency), hidden % 16 == 0 and routing tables that fit in shared memory.
 LL_OPS = frozenset({"ll_dispatch", "ll_combine"})
 LL_AUTO_MAX_BYTES = 512 << 20
-# dispatch_grouped / combine_grouped have no CUDA kernel yet: they run the pure-JAX path on every
-# backend (implementation() says "xla" for them).
+# The grouped ops need the intranode transport and at most 512 local experts (the layout's
+# per-expert tables live in shared memory).
+GROUPED_OPS = frozenset({"dispatch_grouped", "combine_grouped"})
 ALL_OPS = ("dispatch_layout", "dispatch", "combine", "ll_dispatch", "ll_combine",
            "dispatch_grouped", "combine_grouped")
 FAILURE_EXIT_CODE = 75  # the process's exit status when jaxep ends it (EPConfig.failure_exit_s)
@@ -220,8 +221,11 @@ class Communicator:
     def implementation(self, op: str) -> str:
         """Which implementation runs ``op`` on this communicator: ``"cuda"`` or ``"xla"``.
 
-        ``dispatch_grouped`` and ``combine_grouped`` have no CUDA kernel yet: ``"xla"`` even on
-        a CUDA communicator."""
+        The rule: ``"xla"`` unless the backend is ``"cuda"``; then ``dispatch_layout`` runs its
+        kernel within its limits, the normal-mode ops (grouped ones too) where this process has
+        a transport for the EP group (``transport``; grouped ones with at most
+        ``_cuda.GROUPED_MAX_LOCAL_EXPERTS`` local experts), the low-latency ops where the
+        communicator has low-latency buffers."""
         if op not in ALL_OPS:
             raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
         if self.backend != "cuda":
@@ -231,6 +235,9 @@ class Communicator:
         if op in INTRANODE_OPS and self._intranode:
             return "cuda"
         if op in LL_OPS and self._low_latency:
+            return "cuda"
+        if (op in GROUPED_OPS and self._intranode
+                and self.num_local_experts <= _cuda.GROUPED_MAX_LOCAL_EXPERTS):
             return "cuda"
         return "xla"
 

@@ -208,12 +208,15 @@ class GroupedHandle:
       dest_row: ``[T, K]`` int32, for each local token's top-k entry the row it occupies in its
         destination rank's grouped output; -1 for -1 and invalid ids, for dropped pairs, and for
         a repeated listing of an expert (only the token's first listing names the shared row).
+      dest_rank: ``[T, K]`` int32, the rank holding that row (the expert's rank); -1 where
+        ``dest_row`` is -1.
       weights: ``[M]`` float32, each row's routing weight (``Grouped.weights``); differentiable:
         :func:`combine_grouped`'s weighting sends its gradient back to ``topk_weights``.
     """
 
     src_index: jax.Array
     dest_row: jax.Array
+    dest_rank: jax.Array
     weights: jax.Array
 
 
@@ -279,8 +282,8 @@ def dispatch_grouped(comm, x, topk_idx, topk_weights, *, zero_padding=True) -> G
       topk_idx: ``[T, K]`` int32 global expert ids, -1 for none; ids outside ``[-1, E)`` are
         treated as -1 and counted in ``num_invalid``.
       topk_weights: ``[T, K]`` float32 routing weights.
-      zero_padding: ``False`` leaves the rows after the last group unwritten (garbage) where a
-        backend can skip them. The pure-JAX (``xla``) backend writes zeros regardless. Alignment
+      zero_padding: ``False`` leaves the rows after the last group unwritten (garbage): the
+        CUDA kernels skip them; the pure-JAX (``xla``) backend writes zeros regardless. Alignment
         pad rows inside the groups are zeros either way, and their weight is 0.
 
     Returns:
@@ -303,8 +306,9 @@ def dispatch_grouped(comm, x, topk_idx, topk_weights, *, zero_padding=True) -> G
     :func:`combine_grouped`'s weighting through ``handle.weights``) goes to every top-k entry
     listing that expert. An FP8 ``x`` gets a zero gradient (its cotangent would be e4m3).
 
-    The pure-JAX implementation runs on every backend: there is no CUDA kernel for this op yet
-    (``comm.implementation("dispatch_grouped")`` is ``"xla"`` even on GPUs).
+    Runs on ``comm.implementation("dispatch_grouped")``: the CUDA kernels write each received
+    row once per local expert straight into its group (at most 512 local experts), else the
+    pure-JAX path.
     """
     op = "dispatch_grouped"
     idx = _checks.dispatch(comm, op, x, topk_idx, topk_weights)
@@ -312,10 +316,10 @@ def dispatch_grouped(comm, x, topk_idx, topk_weights, *, zero_padding=True) -> G
         raise TypeError(f"jaxep.{op}: zero_padding must be True or False, got {zero_padding!r}")
     impl = _backends.lookup(comm, op)
     rows = _grouped_rows(comm, idx.shape[0])
-    gx, sizes, weights, dropped, invalid, src_index, dest_row = impl(
+    gx, sizes, weights, dropped, invalid, src_index, dest_row, dest_rank = impl(
         comm, x, idx, topk_weights, rows, zero_padding=zero_padding)
     return Grouped(gx, sizes, weights, dropped, invalid,
-                   GroupedHandle(src_index, dest_row, weights))
+                   GroupedHandle(src_index, dest_row, dest_rank, weights))
 
 
 def combine_grouped(comm, y, handle: GroupedHandle, *, weighted=True):
@@ -340,7 +344,9 @@ def combine_grouped(comm, y, handle: GroupedHandle, *, weighted=True):
     ``<g_out[token], y[row]>``, which :func:`dispatch_grouped`'s gradient sends on to
     ``topk_weights``.
 
-    The pure-JAX implementation runs on every backend: there is no CUDA kernel for this op yet.
+    Runs on ``comm.implementation("combine_grouped")``; the CUDA kernel pulls each token's rows
+    from the ranks holding them (float32 accumulation in top-k order, so it matches the pure-JAX
+    path, which adds per-rank partial sums in rank order, within float32 rounding).
     """
     op = "combine_grouped"
     _checks.ep_group(comm, op)

@@ -281,7 +281,13 @@ def scenario_ops():
     normal_section(w)
     t1 = time.monotonic()
     log(f"normal mode: {w.cases} cases in {t1 - t0:.1f} s")
+    import mp_gpu_grouped
+
     n = w.cases
+    log("grouped normal mode")
+    mp_gpu_grouped.grouped_section(w)
+    log(f"grouped normal mode: {w.cases - n} cases in {time.monotonic() - t1:.1f} s")
+    t1, n = time.monotonic(), w.cases
     log("low-latency mode")
     ll_section(w)
     log(f"low-latency mode: {w.cases - n} cases in {time.monotonic() - t1:.1f} s")

@@ -193,20 +193,28 @@ def test_grouped_zero_padding_false_on_xla_writes_zeros():
     check_grouped(4, cfg, "random", seed=8, zero_padding=False)
 
 
-def test_grouped_runs_xla_on_every_backend():
+def test_grouped_rule(monkeypatch):
     comm = get_comm(2, jaxep.EPConfig(num_experts=4, num_topk=2, hidden=128,
                                       max_tokens_per_rank=4))
     for op in ("dispatch_grouped", "combine_grouped"):
         assert comm.implementation(op) == "xla"
-        assert set(jaxep._backends.IMPLEMENTATIONS[op]) == {"xla"}
-    # a communicator whose other ops run CUDA still says "xla" for the grouped ops
+        assert set(jaxep._backends.IMPLEMENTATIONS[op]) == {"cuda", "xla"}
+    # where the normal-mode kernels run, the grouped ones do, up to their local-expert limit
     fake = object.__new__(jaxep.Communicator)
     fake.__dict__.update(comm.__dict__)
     fake.backend = "cuda"
     fake._intranode = True
+    monkeypatch.setattr(jaxep._cuda, "GROUPED_MAX_LOCAL_EXPERTS", 2)
+    assert fake.implementation("dispatch") == "cuda"
+    assert fake.implementation("dispatch_grouped") == "cuda"
+    assert fake.implementation("combine_grouped") == "cuda"
+    monkeypatch.setattr(jaxep._cuda, "GROUPED_MAX_LOCAL_EXPERTS", 1)  # E_l = 2 > 1
     assert fake.implementation("dispatch") == "cuda"
     assert fake.implementation("dispatch_grouped") == "xla"
     assert fake.implementation("combine_grouped") == "xla"
+    fake._intranode = False
+    monkeypatch.setattr(jaxep._cuda, "GROUPED_MAX_LOCAL_EXPERTS", 2)
+    assert fake.implementation("dispatch_grouped") == "xla"
     assert {"dispatch_grouped", "combine_grouped"} <= set(jaxep.__all__)
 
 
