@@ -2,6 +2,7 @@
 correctness checks of the three variants included) and writes the JSON and the PNG."""
 
 import json
+import math
 import sys
 
 from conftest import REPO, subprocess_env
@@ -25,10 +26,12 @@ def test_bench_moe_layer_smoke(tmp_path):
     got = {(r["variant"], r["gemm"]) for r in res["results"]}
     want = {(v, g) for v in ("sort", "grouped", "xla") for g in (False, True)}
     assert want | {("copy", False), ("gemm", False)} == got, got
-    assert all(r["us"] > 0 for r in res["results"])
+    # Timings of 2 chained calls on a shared CPU are noise (a difference of two wall times can
+    # even be negative): check they are there, not their values.
+    assert all(math.isfinite(r["us"]) for r in res["results"])
     for key in ("sort_over_grouped", "xla_over_grouped", "grouped_over_copy",
                 "layer_sort_over_grouped", "comm_share_grouped"):
-        assert res["ratios"][key] > 0, res["ratios"]
+        assert math.isfinite(res["ratios"][key]), res["ratios"]
     shape = res["shape"]
     assert shape["ranks"] == 4 and shape["experts"] == 8 and not shape["zero_padding"]
     # 1.25 x the mean received pairs per rank (all K=8 experts of each token valid: T*K).
