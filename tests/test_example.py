@@ -23,10 +23,11 @@ def _text(b) -> str:
     return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
-def run_example(cmd, timeout_s=TIMEOUT_S):
-    """Runs an example on CPU, bounded: ``(exit code, stdout, a report of both streams)``."""
+def run_example(cmd, timeout_s=TIMEOUT_S, env=None):
+    """Runs an example (or a benchmark) on CPU, bounded: ``(exit code, stdout, a report of both
+    streams)``. ``env``: the child's environment (default: the CPU one, no device count)."""
     try:
-        proc = subprocess.run(cmd, env=_env(), cwd=str(REPO), capture_output=True,
+        proc = subprocess.run(cmd, env=env or _env(), cwd=str(REPO), capture_output=True,
                               timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(cmd)} did not finish within {timeout_s} s\n"
