@@ -18,6 +18,14 @@ struct CommAttrs {
   int64_t timeout_ns;  // bound of every wait on a peer
 };
 
+// The `prereduce` attribute of the low-latency combine targets, as the public `prereduce`
+// argument (jaxep/low_latency.py): False, True, "float32".
+enum Prereduce : int32_t {
+  kPrereduceNone = 0,     // one row per (token, expert) entry comes back
+  kPrereduceOutDtype = 1, // per (token, expert rank) partial sums in y's dtype
+  kPrereduceFloat32 = 2,  // per (token, expert rank) partial sums in float32
+};
+
 }  // namespace jaxep
 
 #define JAXEP_COMM_ATTR_MEMBERS                                       \

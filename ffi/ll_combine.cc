@@ -14,6 +14,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "attrs.h"
 #include "checks.h"
 #include "handlers.h"
 #include "ll_common.h"
@@ -26,6 +27,20 @@ namespace ffi = xla::ffi;
 
 namespace jaxep {
 namespace {
+
+// The `prereduce` attribute (attrs.h) as the kernels' flags: whether the send pre-reduced, and
+// in float32. `send`: the pre-reduced send's, which has no kPrereduceNone.
+ffi::Error DecodePrereduce(const char* op, int32_t prereduce, bool send, bool& reduced,
+                           bool& float32_partials) {
+  if (prereduce < (send ? kPrereduceOutDtype : kPrereduceNone) || prereduce > kPrereduceFloat32) {
+    return Invalid(op, "prereduce must be " + std::string(send ? "" : "0 (none), ") +
+                           "1 (partials in y's dtype) or 2 (float32 partials), got " +
+                           std::to_string(prereduce));
+  }
+  reduced = prereduce != kPrereduceNone;
+  float32_partials = prereduce == kPrereduceFloat32;
+  return ffi::Error::Success();
+}
 
 // y [E_l, R*T, H] of a combine send, bfloat16 or float32: its element bytes, R*T and T.
 ffi::Error CheckCombineY(const char* op, const ffi::AnyBuffer& y, const WorkspaceRef& ref,
@@ -151,8 +166,10 @@ ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::An
                                     ffi::Buffer<ffi::S32> recv_rows, ffi::Buffer<ffi::S32> topk_idx,
                                     ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::S32> info,
                                     int64_t comm_id, int32_t num_sms, int64_t timeout_ns,
-                                    bool float32_partials) {
-  const char* op = "ll_combine_send_reduced";  // the target's name; float32_partials is an attr
+                                    int32_t prereduce) {
+  const char* op = "ll_combine_send_reduced";
+  bool reduced = true, float32_partials = false;
+  JAXEP_RETURN_IF_ERROR(DecodePrereduce(op, prereduce, /*send=*/true, reduced, float32_partials));
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   LLCombineSendReducedArgs a;
@@ -168,8 +185,10 @@ ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ff
                              ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
                              ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
                              ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
-                             int64_t timeout_ns, bool reduced, bool float32_partials) {
+                             int64_t timeout_ns, int32_t prereduce) {
   const char* op = "ll_combine_recv";
+  bool reduced = false, float32_partials = false;
+  JAXEP_RETURN_IF_ERROR(DecodePrereduce(op, prereduce, /*send=*/false, reduced, float32_partials));
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {2}));
@@ -188,17 +207,19 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                          ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
                          ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
                          ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
-                         int64_t timeout_ns, bool prereduce, bool float32_partials) {
-  const char* op = "ll_combine";  // the target's name (prereduce is an attribute)
+                         int64_t timeout_ns, int32_t prereduce) {
+  const char* op = "ll_combine";
+  bool reduced = false, float32_partials = false;
+  JAXEP_RETURN_IF_ERROR(DecodePrereduce(op, prereduce, /*send=*/false, reduced, float32_partials));
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
   LLCombineRecvArgs r;
   JAXEP_RETURN_IF_ERROR(CombineRecvArgs(op, ref, topk_idx, weights, expert_rank, out, rows,
-                                        num_sms, timeout_ns, prereduce, float32_partials, r));
+                                        num_sms, timeout_ns, reduced, float32_partials, r));
   if (y.element_type() != out->element_type()) return Invalid(op, "out must match y's dtype");
   r.info = nullptr;
   int64_t T = 0;
-  if (prereduce) {
+  if (reduced) {
     LLCombineSendReducedArgs s;
     JAXEP_RETURN_IF_ERROR(CombineSendReducedArgs(op, ref, y, recv_rows, topk_idx, weights,
                                                  float32_partials, num_sms, timeout_ns, s, T));
@@ -254,7 +275,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendReducedFfi, jaxep::LLCombineSend
                                               .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
                                               .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
                                               .Ret<ffi::Buffer<ffi::S32>>())  // info [2]
-                                  .Attr<bool>("float32_partials"),
+                                  .Attr<int32_t>("prereduce"),  // attrs.h: Prereduce
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineFfi, jaxep::LLCombineImpl,
@@ -267,8 +288,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineFfi, jaxep::LLCombineImpl,
                                                      .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx
                                                      .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights
                                                      .Arg<ffi::Buffer<ffi::S32>>())  // expert_rank
-                                  .Attr<bool>("prereduce")
-                                  .Attr<bool>("float32_partials"),
+                                  .Attr<int32_t>("prereduce"),  // attrs.h: Prereduce
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
@@ -277,8 +297,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
                                                      .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx
                                                      .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights
                                                      .Arg<ffi::Buffer<ffi::S32>>())  // expert_rank
-                                  .Attr<bool>("reduced")
-                                  .Attr<bool>("float32_partials"),
+                                  .Attr<int32_t>("prereduce"),  // attrs.h: Prereduce
                               {ffi::Traits::kCmdBufferCompatible});
 
 #endif  // JAXEP_WITH_CUDA
