@@ -128,9 +128,8 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
   const auto type = y.element_type();
-  if (type != ffi::DataType::BF16 && type != ffi::DataType::F32) {
-    return Invalid(op, "y must be bfloat16 or float32");
-  }
+  const int elem = RowElemBytes(type);
+  if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
   auto slot_dims = send_slot.dimensions();
   if (slot_dims.size() != 2 || slot_dims[1] != ref.num_ranks) {
     return Invalid(op, "send_slot must be [T, R=" + std::to_string(ref.num_ranks) + "], got " +
@@ -148,7 +147,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.ws = ref.ws;
   a.num_tokens = static_cast<int>(T);
   a.row_elems = static_cast<int>(row_elems);
-  a.dtype = type == ffi::DataType::BF16 ? 0 : 1;
+  a.elem_bytes = elem;
   a.y = y.untyped_data();
   a.send_slot = send_slot.typed_data();
   a.out = out->untyped_data();

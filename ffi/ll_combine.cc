@@ -53,7 +53,7 @@ ffi::Error DecodePrereduce(const char* op, int32_t prereduce, bool send, bool& r
 ffi::Error CheckCombineY(const char* op, const ffi::AnyBuffer& y, const WorkspaceRef& ref,
                          int& elem, int64_t& RT, int64_t& T) {
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
-  elem = ElemBytes(y.element_type());
+  elem = RowElemBytes(y.element_type());
   if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
   auto dims = y.dimensions();
   if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
@@ -128,7 +128,7 @@ ffi::Error CombineRecvArgs(const char* op, const WorkspaceRef& ref, ffi::Buffer<
   const int64_t T = idx_dims[0];
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", weights, {T, K}));
-  const int elem = ElemBytes(out->element_type());
+  const int elem = RowElemBytes(out->element_type());
   if (elem != 2 && elem != 4) return Invalid(op, "out must be bfloat16 or float32");
   JAXEP_RETURN_IF_ERROR(Shape(op, "out", *out, {T, H}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "expert_rank", expert_rank, {R * ref.ll_shape.num_local_experts}));

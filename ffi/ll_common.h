@@ -40,15 +40,6 @@ Args LLArgs(const WorkspaceRef& ref, const CommAttrs& attrs) {
   return a;
 }
 
-inline int ElemBytes(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F8E4M3FN: return 1;
-    case ffi::DataType::BF16: return 2;
-    case ffi::DataType::F32: return 4;
-    default: return 0;
-  }
-}
-
 // The context that every LL target binds first.
 inline auto LLBind() {
   return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>();

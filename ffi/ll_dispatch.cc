@@ -76,9 +76,8 @@ ffi::Error DispatchSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuf
   }
   const int64_t T = idx_dims[0];
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
-  if (x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F32) {
-    return Invalid(op, "x must be bfloat16 or float32");
-  }
+  const int x_elem = RowElemBytes(x.element_type());
+  if (x_elem != 2 && x_elem != 4) return Invalid(op, "x must be bfloat16 or float32");
   JAXEP_RETURN_IF_ERROR(Shape(op, "x", x, {T, H}));
   if (fp8 && H % 128) return Invalid(op, "fp8 needs hidden % 128 == 0, got " + Str(H));
   const int64_t E = R * El;
@@ -95,7 +94,7 @@ ffi::Error DispatchSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuf
   a.num_tokens = static_cast<int>(T);
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(E);
-  a.x_dtype = x.element_type() == ffi::DataType::BF16 ? 0 : 1;
+  a.x_elem_bytes = x_elem;
   a.fp8 = fp8;
   a.round_scale = round_scale;
   a.x = x.untyped_data();
@@ -145,7 +144,7 @@ ffi::Error DispatchRecvArgs(const char* op, const WorkspaceRef& ref,
   const int64_t RT = dims[1];
   T = RT / R;
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
-  const int elem = ElemBytes(x->element_type());
+  const int elem = RowElemBytes(x->element_type());
   if (!elem) return Invalid(op, "x must be float8_e4m3fn, bfloat16 or float32");
   const bool fp8 = elem == 1;
   if (weighted && fp8) return Invalid(op, "weighted rows need bfloat16 or float32");
@@ -229,7 +228,7 @@ ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
     return Invalid(op, "x has T=" + Str(s.num_tokens) + " tokens, the output rows are for T=" +
                            Str(T));
   }
-  const int want_elem = fp8 ? 1 : ElemBytes(x.element_type());
+  const int want_elem = fp8 ? 1 : RowElemBytes(x.element_type());
   if (r.elem_bytes != want_elem) {
     return Invalid(op, "output payload must have " + Str(want_elem) + "-byte elements (fp8=" +
                            (fp8 ? "true" : "false") + "), got " + Str(r.elem_bytes));
