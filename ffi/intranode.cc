@@ -55,10 +55,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   const int64_t T = idx_dims[0], K = idx_dims[1];
   const int64_t E = expert_rank.dimensions().size() == 1 ? expert_rank.dimensions()[0] : -1;
   const int64_t C = recv_x->dimensions().size() == 0 ? -1 : recv_x->dimensions()[0];
-  if (T > ref.max_tokens) {
-    return Invalid(op, "T=" + std::to_string(T) + " exceeds the workspace's max_tokens=" +
-                           std::to_string(ref.max_tokens));
-  }
+  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   if (K > kMaxTopkIntranode) {
     return Invalid(op, "K must be <= " + std::to_string(kMaxTopkIntranode) + ", got " +
                            std::to_string(K));
