@@ -358,7 +358,7 @@ cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
   }
   PublishKernel<<<1, 32, 0, stream>>>(a.ws, a.y, kCombineStart, a.timeout_ns);
   const int blocks = a.num_sms > 0 ? a.num_sms : kCombineDefaultBlocks;
-  if (a.dtype == 0) {
+  if (a.elem_bytes == 2) {
     CombineReduceKernel<__nv_bfloat16><<<blocks, kCopyThreads, 0, stream>>>(a);
   } else {
     CombineReduceKernel<float><<<blocks, kCopyThreads, 0, stream>>>(a);

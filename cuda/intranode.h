@@ -132,7 +132,7 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream);
 struct CombineArgs {
   Workspace* ws;
   int num_tokens, row_elems;  // T, elements per row
-  int dtype;                  // 0 = bfloat16, 1 = float32
+  int elem_bytes;             // 2 = bfloat16, 4 = float32
   const void* y;              // [C, row]
   const int32_t* send_slot;   // [T, R]
   void* out;                  // [T, row]

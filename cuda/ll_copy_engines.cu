@@ -116,7 +116,7 @@ cudaError_t LaunchLLDispatchSend(const LLDispatchSendArgs& args, cudaStream_t st
   LLCopyEngines& c = *engines;
   std::lock_guard<std::mutex> lock(c.mutex);
   a.buffer = kLLFirstCopyBuffer + static_cast<int>(c.calls & 1);
-  const int elem = static_cast<int>(LLElemBytes(a.fp8, a.x_dtype == 0 ? 2 : 4));
+  const int elem = static_cast<int>(LLElemBytes(a.fp8, a.x_elem_bytes));
   const size_t bytes = static_cast<size_t>(LLBundleUsedBytes(
       c.layout.counts_bytes, a.num_tokens, c.layout.meta_ints, elem, a.shape.hidden));
   cudaGraphExec_t copies = nullptr;

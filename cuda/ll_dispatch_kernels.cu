@@ -500,7 +500,7 @@ cudaError_t LaunchLLDispatchSendKernel(const LLDispatchSendArgs& a, cudaStream_t
   const int items = a.num_tokens * Chunks(a.shape.hidden);
   // One block more than the rows need: the last one writes the counts (see the kernel).
   const int blocks = DefaultBlocks(a.num_sms, (items + kWarps - 1) / kWarps + 1);
-  if (a.x_dtype == 0) {
+  if (a.x_elem_bytes == 2) {
     LLDispatchSendKernel<__nv_bfloat16><<<blocks, kThreads, smem, stream>>>(a);
   } else {
     LLDispatchSendKernel<float><<<blocks, kThreads, smem, stream>>>(a);
@@ -529,7 +529,7 @@ cudaError_t LaunchLLDispatch(const LLDispatchSendArgs& s, const LLDispatchRecvAr
   const int blocks = min(DefaultBlocks(s.num_sms, 1 << 20), DeviceSmCount());
   LLDispatchSendArgs sa = s;
   sa.buffer = -1;  // an SM send
-  const bool bf16 = s.x_dtype == 0;
+  const bool bf16 = s.x_elem_bytes == 2;
   switch (r.elem_bytes) {
     case 1:
       return bf16 ? LaunchAllResident(LLDispatchKernel<__nv_bfloat16, 1>, blocks, smem, stream, sa, r)

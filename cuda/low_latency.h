@@ -143,7 +143,7 @@ struct LLDispatchSendArgs {
   LLWorkspace* ws;
   LLShape shape;  // host copy of the workspace's sizes (launch configuration)
   int num_tokens, num_topk, num_experts;  // T (<= max_tokens), K (== workspace K), E
-  int x_dtype;                            // 0 = bfloat16, 1 = float32
+  int x_elem_bytes;                       // 2 = bfloat16, 4 = float32
   bool fp8, round_scale;
   const void* x;                // [T, H]
   const int32_t* topk_idx;      // [T, K] global ids; outside [0, E) = none (counted if != -1)

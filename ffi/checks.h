@@ -19,6 +19,17 @@ inline std::string Dims(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
+// The kernels' one encoding of the element type of the rows they read and write as a type: its
+// bytes, 1 = float8_e4m3fn, 2 = bfloat16, 4 = float32 (0: a type no kernel reads rows of).
+inline int RowElemBytes(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F8E4M3FN: return 1;
+    case ffi::DataType::BF16: return 2;
+    case ffi::DataType::F32: return 4;
+    default: return 0;
+  }
+}
+
 inline ffi::Error Invalid(const char* op, const std::string& what) {
   return ffi::Error::InvalidArgument(std::string("jaxep_") + op + "_ffi: " + what);
 }

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "attrs.h"
 #include "checks.h"
 #include "handlers.h"
 #include "intranode.h"
@@ -44,21 +45,17 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::ResultBuffer<ffi::S32> src_index,
                         ffi::ResultBuffer<ffi::S32> send_slot,
                         ffi::ResultBuffer<ffi::S32> tokens_per_expert,
-                        ffi::ResultBuffer<ffi::S32> meta, int64_t comm_id, int32_t num_sms,
-                        int64_t timeout_ns) {
+                        ffi::ResultBuffer<ffi::S32> meta, CommAttrs attrs) {
   const char* op = "dispatch";
   WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
   const int64_t R = ref.num_ranks;
   auto idx_dims = topk_idx.dimensions();
   if (idx_dims.size() != 2) return Invalid(op, "topk_idx must be [T, K], got " + Dims(idx_dims));
   const int64_t T = idx_dims[0], K = idx_dims[1];
   const int64_t E = expert_rank.dimensions().size() == 1 ? expert_rank.dimensions()[0] : -1;
   const int64_t C = recv_x->dimensions().size() == 0 ? -1 : recv_x->dimensions()[0];
-  if (T > ref.max_tokens) {
-    return Invalid(op, "T=" + std::to_string(T) + " exceeds the workspace's max_tokens=" +
-                           std::to_string(ref.max_tokens));
-  }
+  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   if (K > kMaxTopkIntranode) {
     return Invalid(op, "K must be <= " + std::to_string(kMaxTopkIntranode) + ", got " +
                            std::to_string(K));
@@ -111,8 +108,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   a.send_slot = send_slot->typed_data();
   a.tokens_per_expert = tokens_per_expert->typed_data();
   a.meta = meta->typed_data();
-  a.num_sms = num_sms;
-  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  a.num_sms = attrs.num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(attrs.timeout_ns);
   if (ref.stage) {
     a.stage = ref.stage;
     a.stage_layout = DispatchStageLayout(T, a.x_row_bytes, a.s_row_bytes, K);
@@ -123,14 +120,13 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
 
 ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                        ffi::Buffer<ffi::S32> send_slot, ffi::Result<ffi::AnyBuffer> out,
-                       int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+                       CommAttrs attrs) {
   const char* op = "combine";
   WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
   const auto type = y.element_type();
-  if (type != ffi::DataType::BF16 && type != ffi::DataType::F32) {
-    return Invalid(op, "y must be bfloat16 or float32");
-  }
+  const int elem = RowElemBytes(type);
+  if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
   auto slot_dims = send_slot.dimensions();
   if (slot_dims.size() != 2 || slot_dims[1] != ref.num_ranks) {
     return Invalid(op, "send_slot must be [T, R=" + std::to_string(ref.num_ranks) + "], got " +
@@ -148,12 +144,12 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.ws = ref.ws;
   a.num_tokens = static_cast<int>(T);
   a.row_elems = static_cast<int>(row_elems);
-  a.dtype = type == ffi::DataType::BF16 ? 0 : 1;
+  a.elem_bytes = elem;
   a.y = y.untyped_data();
   a.send_slot = send_slot.typed_data();
   a.out = out->untyped_data();
-  a.num_sms = num_sms;
-  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  a.num_sms = attrs.num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(attrs.timeout_ns);
   if (ref.stage) {
     a.stage = ref.stage;
     a.stage_layout = RowsStageLayout(C, static_cast<int64_t>(y.size_bytes()) / (C ? C : 1));
@@ -164,10 +160,10 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
 
 ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer rows,
                             ffi::Buffer<ffi::S32> src_index, ffi::Result<ffi::AnyBuffer> out,
-                            int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+                            CommAttrs attrs) {
   const char* op = "dispatch_rows";
   WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(Lookup(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
   if (src_index.dimensions().size() != 1 || rows.dimensions().size() == 0) {
     return Invalid(op, "src_index must be [C] and rows [T, ...], got " +
                            Dims(src_index.dimensions()) + " and " + Dims(rows.dimensions()));
@@ -187,8 +183,8 @@ ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   a.rows = rows.untyped_data();
   a.src_index = src_index.typed_data();
   a.out = out->untyped_data();
-  a.num_sms = num_sms;
-  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  a.num_sms = attrs.num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(attrs.timeout_ns);
   if (ref.stage) {
     a.stage = ref.stage;
     a.stage_layout = RowsStageLayout(T, a.row_bytes);
@@ -218,9 +214,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepDispatchFfi, jaxep::DispatchImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()       // send_slot [T, R]
                                   .Ret<ffi::Buffer<ffi::S32>>()       // tokens_per_expert [E_l]
                                   .Ret<ffi::Buffer<ffi::S32>>()       // meta [3]
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns"),
+                                  .Attrs<jaxep::CommAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepCombineFfi, jaxep::CombineImpl,
@@ -230,9 +224,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepCombineFfi, jaxep::CombineImpl,
                                   .Arg<ffi::AnyBuffer>()         // y [C, ...]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // send_slot [T, R]
                                   .Ret<ffi::AnyBuffer>()         // out [T, ...]
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns"),
+                                  .Attrs<jaxep::CommAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepDispatchRowsFfi, jaxep::DispatchRowsImpl,
@@ -242,9 +234,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepDispatchRowsFfi, jaxep::DispatchRowsImpl,
                                   .Arg<ffi::AnyBuffer>()         // rows [T, ...]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // src_index [C]
                                   .Ret<ffi::AnyBuffer>()         // out [C, ...]
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int32_t>("num_sms")
-                                  .Attr<int64_t>("timeout_ns"),
+                                  .Attrs<jaxep::CommAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 #endif  // JAXEP_WITH_CUDA

@@ -14,6 +14,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "attrs.h"
 #include "checks.h"
 #include "handlers.h"
 #include "ll_common.h"
@@ -27,11 +28,32 @@ namespace ffi = xla::ffi;
 namespace jaxep {
 namespace {
 
+// The attributes of the combine targets that take `prereduce` (JAXEP_REGISTER_ATTRS below);
+// jaxep_ll_combine_send_ffi has CommAttrs only.
+struct LLCombineAttrs {
+  CommAttrs comm;
+  int32_t prereduce;  // Prereduce (attrs.h)
+};
+
+// The `prereduce` attribute (attrs.h) as the kernels' flags: whether the send pre-reduced, and
+// in float32. `send`: the pre-reduced send's, which has no kPrereduceNone.
+ffi::Error DecodePrereduce(const char* op, int32_t prereduce, bool send, bool& reduced,
+                           bool& float32_partials) {
+  if (prereduce < (send ? kPrereduceOutDtype : kPrereduceNone) || prereduce > kPrereduceFloat32) {
+    return Invalid(op, "prereduce must be " + std::string(send ? "" : "0 (none), ") +
+                           "1 (partials in y's dtype) or 2 (float32 partials), got " +
+                           std::to_string(prereduce));
+  }
+  reduced = prereduce != kPrereduceNone;
+  float32_partials = prereduce == kPrereduceFloat32;
+  return ffi::Error::Success();
+}
+
 // y [E_l, R*T, H] of a combine send, bfloat16 or float32: its element bytes, R*T and T.
 ffi::Error CheckCombineY(const char* op, const ffi::AnyBuffer& y, const WorkspaceRef& ref,
                          int& elem, int64_t& RT, int64_t& T) {
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
-  elem = ElemBytes(y.element_type());
+  elem = RowElemBytes(y.element_type());
   if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
   auto dims = y.dimensions();
   if (dims.size() != 3 || dims[0] != El || dims[1] % R || dims[2] != H) {
@@ -47,7 +69,7 @@ ffi::Error CheckCombineY(const char* op, const ffi::AnyBuffer& y, const Workspac
 // dispatch's tokens per rank.
 ffi::Error CombineSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuffer y,
                            ffi::Buffer<ffi::S32> src_index, ffi::Buffer<ffi::S32> src_topk,
-                           ffi::Buffer<ffi::S32> counts, int32_t num_sms, int64_t timeout_ns,
+                           ffi::Buffer<ffi::S32> counts, const CommAttrs& comm,
                            LLCombineSendArgs& a, int64_t& T) {
   const int64_t El = ref.ll_shape.num_local_experts;
   int elem = 0;
@@ -56,7 +78,7 @@ ffi::Error CombineSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuff
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_index", src_index, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", src_topk, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "counts", counts, {El}));
-  a = LLArgs<LLCombineSendArgs>(ref, num_sms, timeout_ns);
+  a = LLArgs<LLCombineSendArgs>(ref, comm);
   a.num_tokens = static_cast<int>(T);
   a.elem_bytes = elem;
   a.y = y.untyped_data();
@@ -70,8 +92,8 @@ ffi::Error CombineSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuff
 ffi::Error CombineSendReducedArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuffer y,
                                   ffi::Buffer<ffi::S32> recv_rows, ffi::Buffer<ffi::S32> topk_idx,
                                   ffi::Buffer<ffi::F32> weights, bool float32_partials,
-                                  int32_t num_sms, int64_t timeout_ns,
-                                  LLCombineSendReducedArgs& a, int64_t& T) {
+                                  const CommAttrs& comm, LLCombineSendReducedArgs& a,
+                                  int64_t& T) {
   const int64_t R = ref.num_ranks, El = ref.ll_shape.num_local_experts, K = ref.ll_topk;
   int elem = 0;
   int64_t RT = 0;
@@ -79,7 +101,7 @@ ffi::Error CombineSendReducedArgs(const char* op, const WorkspaceRef& ref, ffi::
   JAXEP_RETURN_IF_ERROR(Shape(op, "recv_rows", recv_rows, {RT, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_idx", topk_idx, {T, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", weights, {T, K}));
-  a = LLArgs<LLCombineSendReducedArgs>(ref, num_sms, timeout_ns);
+  a = LLArgs<LLCombineSendReducedArgs>(ref, comm);
   a.num_tokens = static_cast<int>(T);
   a.num_experts = static_cast<int>(R * El);
   a.elem_bytes = elem;
@@ -96,8 +118,8 @@ ffi::Error CombineSendReducedArgs(const char* op, const WorkspaceRef& ref, ffi::
 ffi::Error CombineRecvArgs(const char* op, const WorkspaceRef& ref, ffi::Buffer<ffi::S32> topk_idx,
                            ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> expert_rank,
                            ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> rows,
-                           int32_t num_sms, int64_t timeout_ns, bool reduced,
-                           bool float32_partials, LLCombineRecvArgs& a) {
+                           const CommAttrs& comm, bool reduced, bool float32_partials,
+                           LLCombineRecvArgs& a) {
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, K = ref.ll_topk;
   auto idx_dims = topk_idx.dimensions();
   if (idx_dims.size() != 2 || idx_dims[1] != K) {
@@ -106,7 +128,7 @@ ffi::Error CombineRecvArgs(const char* op, const WorkspaceRef& ref, ffi::Buffer<
   const int64_t T = idx_dims[0];
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", weights, {T, K}));
-  const int elem = ElemBytes(out->element_type());
+  const int elem = RowElemBytes(out->element_type());
   if (elem != 2 && elem != 4) return Invalid(op, "out must be bfloat16 or float32");
   JAXEP_RETURN_IF_ERROR(Shape(op, "out", *out, {T, H}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "expert_rank", expert_rank, {R * ref.ll_shape.num_local_experts}));
@@ -116,7 +138,7 @@ ffi::Error CombineRecvArgs(const char* op, const WorkspaceRef& ref, ffi::Buffer<
     if (rows->element_type() != out->element_type()) return Invalid(op, "rows must match out's dtype");
     JAXEP_RETURN_IF_ERROR(Shape(op, "rows", *rows, {T, K, H}));
   }
-  a = LLArgs<LLCombineRecvArgs>(ref, num_sms, timeout_ns);
+  a = LLArgs<LLCombineRecvArgs>(ref, comm);
   a.num_tokens = static_cast<int>(T);
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(R * ref.ll_shape.num_local_experts);
@@ -134,14 +156,13 @@ ffi::Error CombineRecvArgs(const char* op, const WorkspaceRef& ref, ffi::Buffer<
 ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                              ffi::Buffer<ffi::S32> src_index, ffi::Buffer<ffi::S32> src_topk,
                              ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::S32> info,
-                             int64_t comm_id, int32_t num_sms, int64_t timeout_ns) {
+                             CommAttrs attrs) {
   const char* op = "ll_combine_send";
   WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, attrs.comm_id, device, ref));
   LLCombineSendArgs a;
   int64_t T = 0;
-  JAXEP_RETURN_IF_ERROR(CombineSendArgs(op, ref, y, src_index, src_topk, counts, num_sms,
-                                        timeout_ns, a, T));
+  JAXEP_RETURN_IF_ERROR(CombineSendArgs(op, ref, y, src_index, src_topk, counts, attrs, a, T));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
   a.info = info->typed_data();
   return LaunchStatus(op, LaunchLLCombineSend(a, stream));
@@ -150,15 +171,17 @@ ffi::Error LLCombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer
 ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                                     ffi::Buffer<ffi::S32> recv_rows, ffi::Buffer<ffi::S32> topk_idx,
                                     ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::S32> info,
-                                    int64_t comm_id, int32_t num_sms, int64_t timeout_ns,
-                                    bool float32_partials) {
-  const char* op = "ll_combine_send_reduced";  // the target's name; float32_partials is an attr
+                                    LLCombineAttrs attrs) {
+  const char* op = "ll_combine_send_reduced";
+  bool reduced = true, float32_partials = false;
+  JAXEP_RETURN_IF_ERROR(
+      DecodePrereduce(op, attrs.prereduce, /*send=*/true, reduced, float32_partials));
   WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, attrs.comm.comm_id, device, ref));
   LLCombineSendReducedArgs a;
   int64_t T = 0;
   JAXEP_RETURN_IF_ERROR(CombineSendReducedArgs(op, ref, y, recv_rows, topk_idx, weights,
-                                               float32_partials, num_sms, timeout_ns, a, T));
+                                               float32_partials, attrs.comm, a, T));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {2}));
   a.info = info->typed_data();
   return LaunchStatus(op, LaunchLLCombineSendReduced(a, stream));
@@ -167,15 +190,17 @@ ffi::Error LLCombineSendReducedImpl(cudaStream_t stream, int32_t device, ffi::An
 ffi::Error LLCombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> info,
                              ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
                              ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
-                             ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
-                             int64_t timeout_ns, bool reduced, bool float32_partials) {
+                             ffi::Result<ffi::AnyBuffer> rows, LLCombineAttrs attrs) {
   const char* op = "ll_combine_recv";
+  bool reduced = false, float32_partials = false;
+  JAXEP_RETURN_IF_ERROR(
+      DecodePrereduce(op, attrs.prereduce, /*send=*/false, reduced, float32_partials));
   WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, attrs.comm.comm_id, device, ref));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {2}));
   LLCombineRecvArgs a;
   JAXEP_RETURN_IF_ERROR(CombineRecvArgs(op, ref, topk_idx, weights, expert_rank, out, rows,
-                                        num_sms, timeout_ns, reduced, float32_partials, a));
+                                        attrs.comm, reduced, float32_partials, a));
   a.info = info.typed_data();
   return LaunchStatus(op, LaunchLLCombineRecv(a, stream));
 }
@@ -187,27 +212,29 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
                          ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> recv_rows,
                          ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
                          ffi::Buffer<ffi::S32> expert_rank, ffi::Result<ffi::AnyBuffer> out,
-                         ffi::Result<ffi::AnyBuffer> rows, int64_t comm_id, int32_t num_sms,
-                         int64_t timeout_ns, bool prereduce, bool float32_partials) {
-  const char* op = "ll_combine";  // the target's name (prereduce is an attribute)
+                         ffi::Result<ffi::AnyBuffer> rows, LLCombineAttrs attrs) {
+  const char* op = "ll_combine";
+  bool reduced = false, float32_partials = false;
+  JAXEP_RETURN_IF_ERROR(
+      DecodePrereduce(op, attrs.prereduce, /*send=*/false, reduced, float32_partials));
   WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, attrs.comm.comm_id, device, ref));
   LLCombineRecvArgs r;
   JAXEP_RETURN_IF_ERROR(CombineRecvArgs(op, ref, topk_idx, weights, expert_rank, out, rows,
-                                        num_sms, timeout_ns, prereduce, float32_partials, r));
+                                        attrs.comm, reduced, float32_partials, r));
   if (y.element_type() != out->element_type()) return Invalid(op, "out must match y's dtype");
   r.info = nullptr;
   int64_t T = 0;
-  if (prereduce) {
+  if (reduced) {
     LLCombineSendReducedArgs s;
     JAXEP_RETURN_IF_ERROR(CombineSendReducedArgs(op, ref, y, recv_rows, topk_idx, weights,
-                                                 float32_partials, num_sms, timeout_ns, s, T));
+                                                 float32_partials, attrs.comm, s, T));
     s.info = nullptr;
     return LaunchStatus(op, LaunchLLCombineReduced(s, r, stream));
   }
   LLCombineSendArgs s;
-  JAXEP_RETURN_IF_ERROR(CombineSendArgs(op, ref, y, src_index, src_topk, counts, num_sms,
-                                        timeout_ns, s, T));
+  JAXEP_RETURN_IF_ERROR(
+      CombineSendArgs(op, ref, y, src_index, src_topk, counts, attrs.comm, s, T));
   if (T != r.num_tokens) {
     return Invalid(op, "y has rows for T=" + Str(T) + " tokens per rank, topk_idx has T=" +
                            Str(r.num_tokens));
@@ -224,37 +251,40 @@ ffi::Error LLCombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
 }  // namespace
 }  // namespace jaxep
 
+JAXEP_REGISTER_ATTRS(jaxep::LLCombineAttrs, ffi::StructMember<int32_t>("prereduce"));
+
 namespace {
 using jaxep::LLBind;
-using jaxep::WithLLAttrs;
 
-// The results of a combine receive (the recv target and the one-kernel target), then the LL
+// The results of a combine receive (the recv target and the one-kernel target), then their
 // attributes, after a binding's operands.
 template <typename Binding>
 auto WithCombineResults(Binding b) {
-  return WithLLAttrs(std::move(b)
-                         .template Ret<ffi::AnyBuffer>()    // out [T, H]
-                         .template Ret<ffi::AnyBuffer>());  // rows [T, K, H] or empty
+  return std::move(b)
+      .template Ret<ffi::AnyBuffer>()  // out [T, H]
+      .template Ret<ffi::AnyBuffer>()  // rows [T, K, H] or empty
+      .template Attrs<jaxep::LLCombineAttrs>();
 }
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendFfi, jaxep::LLCombineSendImpl,
-                              WithLLAttrs(LLBind()
-                                              .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
-                                              .Arg<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
-                                              .Arg<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
-                                              .Arg<ffi::Buffer<ffi::S32>>()  // counts [E_l]
-                                              .Ret<ffi::Buffer<ffi::S32>>()),  // info [2]
+                              LLBind()
+                                  .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_index [E_l, R*T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // src_topk [E_l, R*T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // counts [E_l]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [2]
+                                  .Attrs<jaxep::CommAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineSendReducedFfi, jaxep::LLCombineSendReducedImpl,
-                              WithLLAttrs(LLBind()
-                                              .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
-                                              .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
-                                              .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
-                                              .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
-                                              .Ret<ffi::Buffer<ffi::S32>>())  // info [2]
-                                  .Attr<bool>("float32_partials"),
+                              LLBind()
+                                  .Arg<ffi::AnyBuffer>()         // y [E_l, R*T, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows [R*T, K]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights [T, K]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // info [2]
+                                  .Attrs<jaxep::LLCombineAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineFfi, jaxep::LLCombineImpl,
@@ -266,9 +296,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineFfi, jaxep::LLCombineImpl,
                                                      .Arg<ffi::Buffer<ffi::S32>>()  // recv_rows
                                                      .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx
                                                      .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights
-                                                     .Arg<ffi::Buffer<ffi::S32>>())  // expert_rank
-                                  .Attr<bool>("prereduce")
-                                  .Attr<bool>("float32_partials"),
+                                                     .Arg<ffi::Buffer<ffi::S32>>()),  // expert_rank
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
@@ -276,9 +304,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLCombineRecvFfi, jaxep::LLCombineRecvImpl,
                                                      .Arg<ffi::Buffer<ffi::S32>>()  // info [2]
                                                      .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx
                                                      .Arg<ffi::Buffer<ffi::F32>>()  // topk_weights
-                                                     .Arg<ffi::Buffer<ffi::S32>>())  // expert_rank
-                                  .Attr<bool>("reduced")
-                                  .Attr<bool>("float32_partials"),
+                                                     .Arg<ffi::Buffer<ffi::S32>>()),  // expert_rank
                               {ffi::Traits::kCmdBufferCompatible});
 
 #endif  // JAXEP_WITH_CUDA

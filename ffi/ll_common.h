@@ -1,15 +1,15 @@
 // Shared by the low-latency FFI handlers (ll_dispatch.cc, ll_combine.cc): finding a
-// communicator's low-latency buffers, the launch-argument fields every LL kernel has, element
-// sizes, and the binding parts every LL target has.
+// communicator's low-latency buffers, the launch-argument fields every LL kernel has, and the
+// context every LL target binds.
 #pragma once
 #ifdef JAXEP_WITH_CUDA
 
 #include <cstdint>
 #include <string>
-#include <utility>
 
 #include <cuda_runtime_api.h>
 
+#include "attrs.h"
 #include "checks.h"
 #include "lookup.h"
 #include "low_latency.h"
@@ -31,36 +31,18 @@ inline ffi::Error LookupLL(const char* op, int64_t comm_id, int32_t device, Work
 
 // A launch-argument struct of an LL kernel with the fields every one of them has filled in.
 template <typename Args>
-Args LLArgs(const WorkspaceRef& ref, int32_t num_sms, int64_t timeout_ns) {
+Args LLArgs(const WorkspaceRef& ref, const CommAttrs& attrs) {
   Args a{};
   a.ws = ref.ll;
   a.shape = ref.ll_shape;
-  a.num_sms = num_sms;
-  a.timeout_ns = static_cast<unsigned long long>(timeout_ns);
+  a.num_sms = attrs.num_sms;
+  a.timeout_ns = static_cast<unsigned long long>(attrs.timeout_ns);
   return a;
-}
-
-inline int ElemBytes(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F8E4M3FN: return 1;
-    case ffi::DataType::BF16: return 2;
-    case ffi::DataType::F32: return 4;
-    default: return 0;
-  }
 }
 
 // The context that every LL target binds first.
 inline auto LLBind() {
   return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>();
-}
-
-// The attributes that every LL target has, after a binding's operands and results.
-template <typename Binding>
-auto WithLLAttrs(Binding b) {
-  return std::move(b)
-      .template Attr<int64_t>("comm_id")
-      .template Attr<int32_t>("num_sms")
-      .template Attr<int64_t>("timeout_ns");
 }
 
 }  // namespace jaxep

@@ -15,6 +15,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "attrs.h"
 #include "checks.h"
 #include "handlers.h"
 #include "ll_common.h"
@@ -27,6 +28,22 @@ namespace ffi = xla::ffi;
 
 namespace jaxep {
 namespace {
+
+// The attributes of each dispatch target: CommAttrs, then the target's own (JAXEP_REGISTER_ATTRS
+// below lists them by name, in this order).
+struct LLDispatchSendAttrs {  // jaxep_ll_dispatch_send_ffi and jaxep_ll_dispatch_send_ce_ffi
+  CommAttrs comm;
+  bool fp8, round_scale;
+  bool copy_engine;  // true exactly for the copy-engine target
+};
+struct LLDispatchRecvAttrs {  // jaxep_ll_dispatch_recv_ffi
+  CommAttrs comm;
+  bool ue8m0, zero_padding, weighted;
+};
+struct LLDispatchAttrs {  // jaxep_ll_dispatch_ffi
+  CommAttrs comm;
+  bool fp8, round_scale, ue8m0, zero_padding;
+};
 
 // The copy-engine state of a send that asks for it (else null). Its copies must be enqueued by
 // the host on every call: its FFI target is not command-buffer compatible, and should a capture
@@ -49,7 +66,7 @@ ffi::Error CopyEngines(const char* op, bool requested, cudaStream_t stream,
 ffi::Error DispatchSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuffer x,
                             ffi::Buffer<ffi::S32> topk_idx, const ffi::Buffer<ffi::F32>* weights,
                             ffi::Buffer<ffi::S32> expert_rank, ffi::Buffer<ffi::S32> expert_slot,
-                            int32_t num_sms, int64_t timeout_ns, bool fp8, bool round_scale,
+                            const CommAttrs& comm, bool fp8, bool round_scale,
                             LLDispatchSendArgs& a) {
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, K = ref.ll_topk;
   const int64_t El = ref.ll_shape.num_local_experts;
@@ -59,9 +76,8 @@ ffi::Error DispatchSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuf
   }
   const int64_t T = idx_dims[0];
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
-  if (x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::F32) {
-    return Invalid(op, "x must be bfloat16 or float32");
-  }
+  const int x_elem = RowElemBytes(x.element_type());
+  if (x_elem != 2 && x_elem != 4) return Invalid(op, "x must be bfloat16 or float32");
   JAXEP_RETURN_IF_ERROR(Shape(op, "x", x, {T, H}));
   if (fp8 && H % 128) return Invalid(op, "fp8 needs hidden % 128 == 0, got " + Str(H));
   const int64_t E = R * El;
@@ -74,11 +90,11 @@ ffi::Error DispatchSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuf
     return Invalid(op, "routing tables need " + Str(smem) + " bytes of shared memory, over the " +
                            Str(kLLMaxSharedBytes) + " limit (T=" + Str(T) + ", E=" + Str(E) + ")");
   }
-  a = LLArgs<LLDispatchSendArgs>(ref, num_sms, timeout_ns);
+  a = LLArgs<LLDispatchSendArgs>(ref, comm);
   a.num_tokens = static_cast<int>(T);
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(E);
-  a.x_dtype = x.element_type() == ffi::DataType::BF16 ? 0 : 1;
+  a.x_elem_bytes = x_elem;
   a.fp8 = fp8;
   a.round_scale = round_scale;
   a.x = x.untyped_data();
@@ -92,20 +108,19 @@ ffi::Error DispatchSendArgs(const char* op, const WorkspaceRef& ref, ffi::AnyBuf
 ffi::Error LLDispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                               ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
                               ffi::Buffer<ffi::S32> expert_rank, ffi::Buffer<ffi::S32> expert_slot,
-                              ffi::ResultBuffer<ffi::S32> info, int64_t comm_id, int32_t num_sms,
-                              int64_t timeout_ns, bool fp8, bool round_scale, bool copy_engine) {
-  const char* op = copy_engine ? "ll_dispatch_send_ce" : "ll_dispatch_send";  // target names
+                              ffi::ResultBuffer<ffi::S32> info, LLDispatchSendAttrs attrs) {
+  const char* op = attrs.copy_engine ? "ll_dispatch_send_ce" : "ll_dispatch_send";  // targets
   WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, attrs.comm.comm_id, device, ref));
   LLDispatchSendArgs a;
   JAXEP_RETURN_IF_ERROR(DispatchSendArgs(op, ref, x, topk_idx,
                                          weights.element_count() > 0 ? &weights : nullptr,
-                                         expert_rank, expert_slot, num_sms, timeout_ns, fp8,
-                                         round_scale, a));
+                                         expert_rank, expert_slot, attrs.comm, attrs.fp8,
+                                         attrs.round_scale, a));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", *info, {4}));
   a.info = info->typed_data();
   LLCopyEngines* engines = nullptr;
-  JAXEP_RETURN_IF_ERROR(CopyEngines(op, copy_engine, stream, ref, &engines));
+  JAXEP_RETURN_IF_ERROR(CopyEngines(op, attrs.copy_engine, stream, ref, &engines));
   return LaunchStatus(op, LaunchLLDispatchSend(a, stream, engines));
 }
 
@@ -117,8 +132,8 @@ ffi::Error DispatchRecvArgs(const char* op, const WorkspaceRef& ref,
                             ffi::ResultBuffer<ffi::S32> src_index,
                             ffi::ResultBuffer<ffi::S32> src_topk,
                             ffi::ResultBuffer<ffi::S32> recv_rows,
-                            ffi::ResultBuffer<ffi::S32> num_invalid, int32_t num_sms,
-                            int64_t timeout_ns, bool ue8m0, bool zero_padding, bool weighted,
+                            ffi::ResultBuffer<ffi::S32> num_invalid, const CommAttrs& comm,
+                            bool ue8m0, bool zero_padding, bool weighted,
                             LLDispatchRecvArgs& a, int64_t& T) {
   const int64_t R = ref.num_ranks, H = ref.ll_shape.hidden, El = ref.ll_shape.num_local_experts;
   auto dims = x->dimensions();
@@ -129,7 +144,7 @@ ffi::Error DispatchRecvArgs(const char* op, const WorkspaceRef& ref,
   const int64_t RT = dims[1];
   T = RT / R;
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
-  const int elem = ElemBytes(x->element_type());
+  const int elem = RowElemBytes(x->element_type());
   if (!elem) return Invalid(op, "x must be float8_e4m3fn, bfloat16 or float32");
   const bool fp8 = elem == 1;
   if (weighted && fp8) return Invalid(op, "weighted rows need bfloat16 or float32");
@@ -150,7 +165,7 @@ ffi::Error DispatchRecvArgs(const char* op, const WorkspaceRef& ref,
   JAXEP_RETURN_IF_ERROR(Shape(op, "src_topk", *src_topk, {El, RT}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "recv_rows", *recv_rows, {RT, int64_t{ref.ll_topk}}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "num_invalid", *num_invalid, {}));
-  a = LLArgs<LLDispatchRecvArgs>(ref, num_sms, timeout_ns);
+  a = LLArgs<LLDispatchRecvArgs>(ref, comm);
   a.num_tokens = static_cast<int>(T);
   a.elem_bytes = elem;
   a.fp8 = fp8;
@@ -173,18 +188,16 @@ ffi::Error LLDispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
                               ffi::ResultBuffer<ffi::S32> src_index,
                               ffi::ResultBuffer<ffi::S32> src_topk,
                               ffi::ResultBuffer<ffi::S32> recv_rows,
-                              ffi::ResultBuffer<ffi::S32> num_invalid, int64_t comm_id,
-                              int32_t num_sms, int64_t timeout_ns, bool ue8m0, bool zero_padding,
-                              bool weighted) {
+                              ffi::ResultBuffer<ffi::S32> num_invalid, LLDispatchRecvAttrs attrs) {
   const char* op = "ll_dispatch_recv";
   WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, attrs.comm.comm_id, device, ref));
   JAXEP_RETURN_IF_ERROR(Shape(op, "info", info, {4}));
   LLDispatchRecvArgs a;
   int64_t T = 0;
   JAXEP_RETURN_IF_ERROR(DispatchRecvArgs(op, ref, x, scales, counts, src_index, src_topk,
-                                         recv_rows, num_invalid, num_sms, timeout_ns, ue8m0,
-                                         zero_padding, weighted, a, T));
+                                         recv_rows, num_invalid, attrs.comm, attrs.ue8m0,
+                                         attrs.zero_padding, attrs.weighted, a, T));
   a.info = info.typed_data();
   return LaunchStatus(op, LaunchLLDispatchRecv(a, stream));
 }
@@ -197,26 +210,25 @@ ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                           ffi::ResultBuffer<ffi::S32> src_index,
                           ffi::ResultBuffer<ffi::S32> src_topk,
                           ffi::ResultBuffer<ffi::S32> recv_rows,
-                          ffi::ResultBuffer<ffi::S32> num_invalid, int64_t comm_id,
-                          int32_t num_sms, int64_t timeout_ns, bool fp8, bool round_scale,
-                          bool ue8m0, bool zero_padding) {
+                          ffi::ResultBuffer<ffi::S32> num_invalid, LLDispatchAttrs attrs) {
   const char* op = "ll_dispatch";
   WorkspaceRef ref;
-  JAXEP_RETURN_IF_ERROR(LookupLL(op, comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(LookupLL(op, attrs.comm.comm_id, device, ref));
+  const bool fp8 = attrs.fp8;
   LLDispatchSendArgs s;
   JAXEP_RETURN_IF_ERROR(DispatchSendArgs(op, ref, x, topk_idx, nullptr, expert_rank, expert_slot,
-                                         num_sms, timeout_ns, fp8, round_scale, s));
+                                         attrs.comm, fp8, attrs.round_scale, s));
   s.info = nullptr;
   LLDispatchRecvArgs r;
   int64_t T = 0;
   JAXEP_RETURN_IF_ERROR(DispatchRecvArgs(op, ref, out, scales, counts, src_index, src_topk,
-                                         recv_rows, num_invalid, num_sms, timeout_ns, ue8m0,
-                                         zero_padding, /*weighted=*/false, r, T));
+                                         recv_rows, num_invalid, attrs.comm, attrs.ue8m0,
+                                         attrs.zero_padding, /*weighted=*/false, r, T));
   if (T != s.num_tokens) {
     return Invalid(op, "x has T=" + Str(s.num_tokens) + " tokens, the output rows are for T=" +
                            Str(T));
   }
-  const int want_elem = fp8 ? 1 : ElemBytes(x.element_type());
+  const int want_elem = fp8 ? 1 : RowElemBytes(x.element_type());
   if (r.elem_bytes != want_elem) {
     return Invalid(op, "output payload must have " + Str(want_elem) + "-byte elements (fp8=" +
                            (fp8 ? "true" : "false") + "), got " + Str(r.elem_bytes));
@@ -228,36 +240,43 @@ ffi::Error LLDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
 }  // namespace
 }  // namespace jaxep
 
+JAXEP_REGISTER_ATTRS(jaxep::LLDispatchSendAttrs, ffi::StructMember<bool>("fp8"),
+                     ffi::StructMember<bool>("round_scale"),
+                     ffi::StructMember<bool>("copy_engine"));
+JAXEP_REGISTER_ATTRS(jaxep::LLDispatchRecvAttrs, ffi::StructMember<bool>("ue8m0"),
+                     ffi::StructMember<bool>("zero_padding"),
+                     ffi::StructMember<bool>("weighted"));
+JAXEP_REGISTER_ATTRS(jaxep::LLDispatchAttrs, ffi::StructMember<bool>("fp8"),
+                     ffi::StructMember<bool>("round_scale"), ffi::StructMember<bool>("ue8m0"),
+                     ffi::StructMember<bool>("zero_padding"));
+
 namespace {
 using jaxep::LLBind;
-using jaxep::WithLLAttrs;
 
 // Both dispatch send targets bind the same operands and attributes.
 auto LLDispatchSendBinding() {
-  return WithLLAttrs(LLBind()
-                         .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
-                         .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
-                         .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
-                         .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
-                         .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
-                         .Ret<ffi::Buffer<ffi::S32>>())  // info [4]
-      .Attr<bool>("fp8")
-      .Attr<bool>("round_scale")
-      .Attr<bool>("copy_engine");  // true exactly for the copy-engine target
+  return LLBind()
+      .Arg<ffi::AnyBuffer>()         // x [T, H] bf16 / f32
+      .Arg<ffi::Buffer<ffi::S32>>()  // topk_idx [T, K]
+      .Arg<ffi::Buffer<ffi::F32>>()  // weights [T, K] or [0]
+      .Arg<ffi::Buffer<ffi::S32>>()  // expert_rank [E]
+      .Arg<ffi::Buffer<ffi::S32>>()  // expert_slot [E]
+      .Ret<ffi::Buffer<ffi::S32>>()  // info [4]
+      .Attrs<jaxep::LLDispatchSendAttrs>();
 }
 
-// The results of a dispatch receive (the recv target and the one-kernel target), then the
-// LL attributes, after a binding's operands.
+// The results of a dispatch receive (the recv target and the one-kernel target), after a
+// binding's operands.
 template <typename Binding>
 auto WithDispatchResults(Binding b) {
-  return WithLLAttrs(std::move(b)
-                         .template Ret<ffi::AnyBuffer>()          // x [E_l, R*T, H]
-                         .template Ret<ffi::AnyBuffer>()          // scales (empty without fp8)
-                         .template Ret<ffi::Buffer<ffi::S32>>()   // counts [E_l]
-                         .template Ret<ffi::Buffer<ffi::S32>>()   // src_index [E_l, R*T]
-                         .template Ret<ffi::Buffer<ffi::S32>>()   // src_topk [E_l, R*T]
-                         .template Ret<ffi::Buffer<ffi::S32>>()   // recv_rows [R*T, K]
-                         .template Ret<ffi::Buffer<ffi::S32>>());  // num_invalid []
+  return std::move(b)
+      .template Ret<ffi::AnyBuffer>()          // x [E_l, R*T, H]
+      .template Ret<ffi::AnyBuffer>()          // scales (empty without fp8)
+      .template Ret<ffi::Buffer<ffi::S32>>()   // counts [E_l]
+      .template Ret<ffi::Buffer<ffi::S32>>()   // src_index [E_l, R*T]
+      .template Ret<ffi::Buffer<ffi::S32>>()   // src_topk [E_l, R*T]
+      .template Ret<ffi::Buffer<ffi::S32>>()   // recv_rows [R*T, K]
+      .template Ret<ffi::Buffer<ffi::S32>>();  // num_invalid []
 }
 
 }  // namespace
@@ -273,9 +292,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchSendCeFfi, jaxep::LLDispatchSendImp
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchRecvFfi, jaxep::LLDispatchRecvImpl,
                               WithDispatchResults(
                                   LLBind().Arg<ffi::Buffer<ffi::S32>>())  // info [4] of the send
-                                  .Attr<bool>("ue8m0")
-                                  .Attr<bool>("zero_padding")
-                                  .Attr<bool>("weighted"),
+                                  .Attrs<jaxep::LLDispatchRecvAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchFfi, jaxep::LLDispatchImpl,
@@ -285,10 +302,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepLLDispatchFfi, jaxep::LLDispatchImpl,
                                       .Arg<ffi::Buffer<ffi::S32>>()    // topk_idx [T, K]
                                       .Arg<ffi::Buffer<ffi::S32>>()    // expert_rank [E]
                                       .Arg<ffi::Buffer<ffi::S32>>())   // expert_slot [E]
-                                  .Attr<bool>("fp8")
-                                  .Attr<bool>("round_scale")
-                                  .Attr<bool>("ue8m0")
-                                  .Attr<bool>("zero_padding"),
+                                  .Attrs<jaxep::LLDispatchAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});
 
 #endif  // JAXEP_WITH_CUDA

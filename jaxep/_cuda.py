@@ -430,13 +430,20 @@ def ll_combine_send(comm, y, src_index, src_topk, counts):
                     src_index, src_topk, counts)
 
 
+def _prereduce_attr(prereduce) -> np.int32:
+    """The LL combine targets' ``prereduce`` attribute (``ffi/attrs.h``, ``Prereduce``) of the
+    public ``prereduce`` option: 0 = False (rows per entry), 1 = True (partial sums in y's dtype),
+    2 = ``"float32"`` (float32 partial sums)."""
+    return np.int32(2 if prereduce == "float32" else 1 if prereduce else 0)
+
+
 def ll_combine_send_reduced(comm, y, recv_rows, topk_idx, weights, *, prereduce=True):
     """Send phase of the pre-reduced combine: exchanges the top-k ``weights [T, K]``, then sends
     per source token the float32 sum of its weighted rows of ``y`` held here, in y's dtype
     (``prereduce=True``) or float32 (``"float32"``); a token's single row here as it is."""
     return _ll_call(comm, LL_COMBINE_SEND_REDUCED_TARGET, jax.ShapeDtypeStruct((2,), jnp.int32),
                     y, recv_rows, topk_idx, weights.astype(jnp.float32),
-                    float32_partials=prereduce == "float32")
+                    prereduce=_prereduce_attr(prereduce))
 
 
 def _ll_combined_types(comm, topk_idx, dtype, want_rows):
@@ -452,7 +459,7 @@ def ll_combine_recv(comm, info, topk_idx, weights, dtype, *, want_rows=False, pr
     out, rows = _ll_call(comm, LL_COMBINE_RECV_TARGET,
                          _ll_combined_types(comm, topk_idx, dtype, want_rows), info,
                          topk_idx, weights.astype(jnp.float32), jnp.asarray(comm.expert_rank),
-                         reduced=bool(prereduce), float32_partials=prereduce == "float32")
+                         prereduce=_prereduce_attr(prereduce))
     return out, (rows if want_rows else None)
 
 
@@ -465,6 +472,5 @@ def ll_combine(comm, y, src_index, src_topk, counts, recv_rows, topk_idx, weight
     out, rows = _ll_call(comm, LL_COMBINE_TARGET,
                          _ll_combined_types(comm, topk_idx, y.dtype, want_rows), y, src_index,
                          src_topk, counts, recv_rows, topk_idx, weights.astype(jnp.float32),
-                         jnp.asarray(comm.expert_rank), prereduce=bool(prereduce),
-                         float32_partials=prereduce == "float32")
+                         jnp.asarray(comm.expert_rank), prereduce=_prereduce_attr(prereduce))
     return out, (rows if want_rows else None)
