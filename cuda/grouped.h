@@ -55,7 +55,7 @@ size_t GroupedLayoutSharedLimit();
 struct GroupedCombineArgs {
   Workspace* ws;
   int num_tokens, num_topk, rows, row_elems;  // T, K, M, elements per row
-  int dtype;                    // 0 = bfloat16, 1 = float32 (y and out)
+  int elem_bytes;               // of y and out: 2 = bfloat16, 4 = float32
   bool weighted;
   const void* y;                // [M, row]
   const float* weights;         // [M]

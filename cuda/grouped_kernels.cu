@@ -610,7 +610,7 @@ cudaError_t LaunchDispatchGrouped(const GroupedDispatchArgs& a, cudaStream_t str
 
 cudaError_t LaunchCombineGrouped(const GroupedCombineArgs& a, cudaStream_t stream) {
   const int blocks = NumBlocks(a.num_sms);
-  const bool bf16 = a.dtype == 0;
+  const bool bf16 = a.elem_bytes == 2;
   if (!a.stage) {
     const Published p{{a.y, a.weights, nullptr, nullptr}};
     PublishAllKernel<<<1, 32, 0, stream>>>(a.ws, p, kGroupedCombineStart, a.timeout_ns);

@@ -42,7 +42,6 @@ struct CombineGroupedAttrs {
 JAXEP_REGISTER_ATTRS(jaxep::DispatchGroupedAttrs, ::xla::ffi::StructMember<int32_t>("alignment"),
                      ::xla::ffi::StructMember<bool>("zero_padding"));
 JAXEP_REGISTER_ATTRS(jaxep::CombineGroupedAttrs, ::xla::ffi::StructMember<bool>("weighted"));
-JAXEP_REGISTER_ATTRS(jaxep::CommAttrs);
 
 namespace jaxep {
 namespace {
@@ -186,7 +185,7 @@ ffi::Error CombineGroupedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   a.num_topk = static_cast<int>(K);
   a.rows = static_cast<int>(M);
   a.row_elems = static_cast<int>(row_elems);
-  a.dtype = type == ffi::DataType::BF16 ? 0 : 1;
+  a.elem_bytes = RowElemBytes(type);
   a.weighted = attrs.weighted;
   a.y = y.untyped_data();
   a.weights = weights.typed_data();
