@@ -449,7 +449,7 @@ __global__ void __launch_bounds__(kCopyThreads, 1) GroupedCombineKernel(GroupedC
       row = a.dest_row[static_cast<size_t>(t) * K + lane];
       r = a.dest_rank[static_cast<size_t>(t) * K + lane];
     }
-    const bool has = row >= 0 && r >= 0 && r < R;
+    const bool has = row >= 0 && row < a.rows && r >= 0 && r < R;  // a foreign handle stays in bounds
     const unsigned mask = __ballot_sync(0xffffffffu, has);
     if (has) {
       const int q = __popc(mask & lt);
@@ -490,7 +490,7 @@ __global__ void __launch_bounds__(kCopyThreads, 1) GroupedPartialKernel(GroupedC
       row = __ldcg(s_drow[s] + static_cast<size_t>(t) * K + lane);
       r = __ldcg(s_drank[s] + static_cast<size_t>(t) * K + lane);
     }
-    const bool has = row >= 0 && r == me;
+    const bool has = row >= 0 && row < a.rows && r == me;
     const unsigned mask = __ballot_sync(0xffffffffu, has);
     if (!mask) continue;
     if (has) {
@@ -556,7 +556,8 @@ __global__ void GroupedEntriesKernel(GroupedEntriesArgs a) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= a.num_tokens * a.num_topk) return;
   const int row = a.dest_row[i], r = a.dest_rank[i];
-  a.out[i] = row >= 0 && r >= 0 && r < ws->num_ranks ? __ldcg(s_vals[r] + row) : 0.f;
+  a.out[i] = row >= 0 && row < a.rows && r >= 0 && r < ws->num_ranks ? __ldcg(s_vals[r] + row)
+                                                                      : 0.f;
 }
 
 size_t LayoutSharedLimit() {

@@ -7,6 +7,7 @@
 #ifdef JAXEP_WITH_CUDA
 
 #include <algorithm>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -111,6 +112,7 @@ ffi::Error DispatchGroupedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuff
                            Dims(out_x->dimensions()) + " / " + Dims(out_scales->dimensions()));
   }
   if (attrs.alignment < 1) return Invalid(op, "alignment must be >= 1, got " + S(attrs.alignment));
+  if (M > INT32_MAX) return Invalid(op, "M must be < 2^31 rows, got " + S(M));
   JAXEP_RETURN_IF_ERROR(Shape(op, "topk_weights", topk_weights, {T, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "expert_slot", expert_slot, {E}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "group_sizes", *group_sizes, {El}));
@@ -170,6 +172,7 @@ ffi::Error CombineGroupedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   if (row_dims.size() != 2) return Invalid(op, "dest_row must be [T, K], got " + Dims(row_dims));
   const int64_t T = row_dims[0], K = row_dims[1], M = Rows(y);
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
+  if (M > INT32_MAX) return Invalid(op, "M must be < 2^31 rows, got " + S(M));
   if (K > kMaxTopkIntranode) return Invalid(op, "K must be <= " + S(kMaxTopkIntranode) + ", got " + S(K));
   JAXEP_RETURN_IF_ERROR(Shape(op, "dest_rank", dest_rank, {T, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "weights", weights, {M}));
@@ -215,6 +218,7 @@ ffi::Error GroupedEntriesImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   }
   const int64_t T = row_dims[0], K = row_dims[1], M = vals.dimensions()[0];
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
+  if (M > INT32_MAX) return Invalid(op, "M must be < 2^31 rows, got " + S(M));
   JAXEP_RETURN_IF_ERROR(Shape(op, "dest_rank", dest_rank, {T, K}));
   JAXEP_RETURN_IF_ERROR(Shape(op, "out", *out, {T, K}));
   GroupedEntriesArgs a{};

@@ -142,6 +142,21 @@ def test_grouped_alignment_and_capacity(num_ranks):
 
 
 @pytest.mark.parametrize("num_ranks", RANKS)
+def test_grouped_many_rounds_wide_tables(num_ranks):
+    """R*T > 1024 source tokens: the layout's rounds carry group counts and opened blocks over;
+    E_l = 256 // R slots (several bitmap words per lane); a capacity with alignment whose drop
+    point falls in a later round."""
+    T = 2100 // num_ranks
+    wide = cfg_of(num_experts=256, max_tokens_per_rank=T)
+    for trial, kind in enumerate(("random", "zipf")):
+        run_case(num_ranks, wide, T, kind, seed_of("wide", num_ranks, trial))
+    cap = cfg_of(num_experts=256, max_tokens_per_rank=T, expert_alignment=8,
+                 grouped_capacity=num_ranks * T * 8 * 5 // 8)
+    want = run_case(num_ranks, cap, T, "random", seed_of("widecap", num_ranks))
+    assert int(np.sum(want["num_dropped"])) > 0, "test setup: the capacity dropped nothing"
+
+
+@pytest.mark.parametrize("num_ranks", RANKS)
 @pytest.mark.parametrize("fp8", ["f32", "ue8m0"])
 def test_grouped_fp8(num_ranks, fp8):
     cfg = cfg_of(hidden=640)
