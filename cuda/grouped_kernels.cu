@@ -401,19 +401,17 @@ __device__ __forceinline__ void WeightedSum(Tout* dst, const Tin* const* src, co
     const int nv = elems / kPer;
     for (int i = lane; i < nv; i += 32) {
       float acc[kPer] = {};
-      int d = 0;
-      for (; d + 4 <= n; d += 4) {  // four rows' loads in flight
-        const int4 v0 = __ldcg(reinterpret_cast<const int4*>(src[d]) + i);
-        const int4 v1 = __ldcg(reinterpret_cast<const int4*>(src[d + 1]) + i);
-        const int4 v2 = __ldcg(reinterpret_cast<const int4*>(src[d + 2]) + i);
-        const int4 v3 = __ldcg(reinterpret_cast<const int4*>(src[d + 3]) + i);
-        AccumulateScaled<Tin>(acc, v0, w[d]);
-        AccumulateScaled<Tin>(acc, v1, w[d + 1]);
-        AccumulateScaled<Tin>(acc, v2, w[d + 2]);
-        AccumulateScaled<Tin>(acc, v3, w[d + 3]);
-      }
-      for (; d < n; ++d) {
-        AccumulateScaled<Tin>(acc, __ldcg(reinterpret_cast<const int4*>(src[d]) + i), w[d]);
+      for (int d = 0; d < n; d += 8) {  // up to eight rows' loads in flight (n <= K <= 32)
+        int4 v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          v[j] = d + j < n ? __ldcg(reinterpret_cast<const int4*>(src[d + j]) + i)
+                           : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          if (d + j < n) AccumulateScaled<Tin>(acc, v[j], w[d + j]);
+        }
       }
       StoreVector<Tin, Tout>(dst, i, acc);
     }
