@@ -149,6 +149,45 @@ def byte_model(a, r, el, recv, pairs, m):
     return dict(min=bmin, sort=sort, grouped=grouped, xla=grouped)
 
 
+def kernel_breakdown(fn, args, repeats=5):
+    """Device time per kernel of one call of ``fn(*args)`` (jitted, blocking), median over
+    ``repeats`` calls, from a ``jax.profiler`` trace of the first GPU: ``{kernel: us}`` in
+    launch order, and ``"total"``: from the first kernel's start to the last one's end."""
+    import glob
+    import tempfile
+
+    jax.block_until_ready(fn(*args))
+    per_call = {}
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(repeats):
+                jax.block_until_ready(fn(*args))
+        path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[0]
+        data = jax.profiler.ProfileData.from_file(path)
+        plane = next((p for p in data.planes if p.name.startswith("/device:GPU")), None)
+        if plane is None:  # not a GPU: no kernel timeline
+            return {}
+        events = sorted((ev.start_ns, ev.end_ns, ev.name) for line in plane.lines
+                        for ev in line.events if ev.duration_ns > 0
+                        and not line.name.lower().startswith(("xla ops", "xla modules",
+                                                              "steps", "source")))
+    calls = [[]]
+    for ev in events:  # a call ends where the gap to the next kernel exceeds 50 us
+        if calls[-1] and ev[0] - calls[-1][-1][1] > 50_000:
+            calls.append([])
+        calls[-1].append(ev)
+    calls = [c for c in calls if c][-repeats:]
+    for c in calls:
+        for s0, e0, name in c:
+            short = name.split("(")[0].split("<")[0].replace("jaxep::", "")
+            short = short.split("::")[-1][:48]
+            per_call.setdefault(short, []).append((e0 - s0) / 1e3)
+        per_call.setdefault("total", []).append((c[-1][1] - c[0][0]) / 1e3)
+    n = len(calls)
+    return {k: float(np.sum(v)) / n if k != "total" else float(np.median(v))
+            for k, v in per_call.items()}
+
+
 def machine_name(env):
     kind = env["device"].lower().replace("nvidia", "").strip().split()
     return f"{env['ranks']}x{kind[-1] if kind else env['platform']}"
@@ -205,6 +244,8 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, default=2e-2, help="bf16 agreement (relative to max)")
+    p.add_argument("--kernels", action="store_true",
+                   help="also profile one grouped call and one copy: device time per kernel")
     p.add_argument("--machine", default=None, help="name in the default --out (e.g. 1xh200)")
     p.add_argument("--out", default=None,
                    help="JSON path (default benchmarks/results/moe_layer_<machine>.json); the "
@@ -314,6 +355,15 @@ def main():
             row["gemm_tflops"] = gemm_flops / row["us"] / 1e6
         rows.append(row)
 
+    breakdown = {}
+    if a.kernels:  # where the grouped layer's time goes, per kernel (one call, device time)
+        one = {key: per_rank(lambda *v, f=jobs[key][0]: f(None, *v)) for key in
+               (("grouped", False), ("copy", False))}
+        for (v, _), f in one.items():
+            breakdown[v] = kernel_breakdown(f, jobs[v, False][1])
+            log(f"kernels of one {v} call (device us, first GPU): " + ", ".join(
+                f"{k} {val:.1f}" for k, val in breakdown[v].items()))
+
     us = {(x_["variant"], x_["gemm"]): x_["us"] for x_ in rows}
     ratios = {"sort_over_grouped": us["sort", False] / us["grouped", False],
               "xla_over_grouped": us["xla", False] / us["grouped", False],
@@ -362,7 +412,8 @@ def main():
         json.dump(dict(args=vars(a), environment=env, shape=shape, bytes=nbytes,
                        byte_model=__doc__.split("Byte model")[1].split("\n\n    python")[0],
                        timing="bench_normal.py chained calls: device time + launch gaps",
-                       correctness=errors, results=rows, ratios=ratios, targets=TARGETS,
+                       correctness=errors, results=rows, kernels=breakdown, ratios=ratios,
+                       targets=TARGETS,
                        targets_met=met, target_shape=target_shape), f, indent=1)
     png = os.path.splitext(out)[0] + ".png"
     plot(png, rows, f"MoE layer, R={r} {env['device']}, T={t} H={h} K={k} E={e} F={a.ffn}, "
