@@ -38,6 +38,9 @@ both barriers and lets XLA's scheduler overlap (e.g. an async all-to-all) if it 
 On the CUDA backend, "dispatch fp8 nopad ce" is the nopad dispatch with copy-engine sends
 (``ll_dispatch_send(copy_engine=True)``); its "send" is the pack kernel, and the trace's copies
 are reported as "bundle copy" / "flag copy" (``trace_ll_overlap.py`` shows one call's timeline).
+Copy-engine sends exist in one process only: with one process per GPU (``--distributed`` or
+``--coordinator/--num-processes/--process-id``, as in ``bench_normal.py``: process 0 prints and
+writes the JSON) that op is left out.
 
 Bandwidth follows DeepEP's LL figures: logical = bytes of all (token, expert) rows a rank
 receives, its own included, per-rank average (NVL: rows from other ranks only), / full time.
@@ -64,8 +67,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_normal import (add_timing_args, backend_usable, compile_all, csv,  # noqa: E402
-                          make_routing, measure, start_run)
+from bench_normal import (add_distributed_args, add_timing_args, backend_usable,  # noqa: E402
+                          compile_all, csv, is_main, make_routing, measure, put, start_run)
 
 import jaxep  # noqa: E402
 
@@ -169,13 +172,13 @@ def run_case(mesh, backend, t, a, with_overlap, log):
     cfg = jaxep.EPConfig(num_experts=a.experts, num_topk=a.topk, hidden=a.hidden,
                          max_tokens_per_rank=t, low_latency=backend == "cuda" or None,
                          num_sms=a.num_sms,
-                         ll_copy_engine=backend == "cuda")
+                         ll_copy_engine=backend == "cuda" and jax.process_count() == 1)
     comm = jaxep.Communicator(mesh, cfg, backend=backend)
     out = NamedSharding(mesh, spec)
     per_rank = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))  # noqa: E731
     idx_np, w_np = make_routing(np.random.default_rng(a.seed), r * t, a.experts, a.topk,
                                 "random", 0.0)
-    idx, w = jax.device_put(idx_np, out), jax.device_put(w_np, out)
+    idx, w = put(mesh, idx_np), put(mesh, w_np)
     normal = lambda k, *shape: jax.jit(  # noqa: E731
         lambda k: jax.random.normal(k, shape, jnp.bfloat16), out_shardings=out)(k)
     keys = jax.random.split(jax.random.key(a.seed), 3)
@@ -195,6 +198,7 @@ def run_case(mesh, backend, t, a, with_overlap, log):
             functools.partial(jaxep.ll_dispatch_recv, zero_padding=False),
             (x, idx), a.hidden + a.hidden // 128 * 4)
         # the same with copy-engine sends: the kernel packs locally, copy engines move the rows
+        # (one process only)
         ce_send = functools.partial(jaxep.ll_dispatch_send, fp8=True, copy_engine=True)
         ce_recv = functools.partial(jaxep.ll_dispatch_recv, zero_padding=False)
         # the same in two kernels (ll_dispatch is one): the send / recv split
@@ -204,9 +208,10 @@ def run_case(mesh, backend, t, a, with_overlap, log):
             functools.partial(jaxep.ll_dispatch_send, fp8=True),
             functools.partial(jaxep.ll_dispatch_recv, zero_padding=False),
             (x, idx), a.hidden + a.hidden // 128 * 4)
-        ops["dispatch fp8 nopad ce"] = (
-            lambda c, *v: ce_recv(c, ce_send(c, *v)), ce_send, ce_recv,
-            (x, idx), a.hidden + a.hidden // 128 * 4)
+        if cfg.ll_copy_engine:
+            ops["dispatch fp8 nopad ce"] = (
+                lambda c, *v: ce_recv(c, ce_send(c, *v)), ce_send, ce_recv,
+                (x, idx), a.hidden + a.hidden // 128 * 4)
     ops["combine bf16"] = (functools.partial(jaxep.ll_combine, prereduce=False),
                            jaxep.ll_combine_send, jaxep.ll_combine_recv,
                            (y, idx, w, handle), 2 * a.hidden)
@@ -262,7 +267,8 @@ def run_case(mesh, backend, t, a, with_overlap, log):
     kernels, isolated = {}, {}
     if on_cuda:
         from jaxep import _cuda
-        log(f"  copy-engine sends enqueued per GPU: {_cuda.ll_copy_engine_sends(comm)}")
+        if cfg.ll_copy_engine:
+            log(f"  copy-engine sends enqueued per GPU: {_cuda.ll_copy_engine_sends(comm)}")
         for name in ops:
             _, send, recv, op_args, _ = ops[name]
             chain = compiled[name, a.calls + 1]
@@ -365,7 +371,9 @@ def main():
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--backends", type=csv(str), default=["cuda", "xla"])
+    p.add_argument("--backends", type=csv(str), default=["cuda", "xla"],
+                   help="comma-separated; 'cuda' alone where several processes share one GPU "
+                        "(XLA collectives fail there)")
     p.add_argument("--also-bf16", action="store_true", help="also time BF16 ll_dispatch")
     p.add_argument("--matmul-m", type=int, default=256, help="rows M of the overlapped matmul")
     p.add_argument("--no-overlap", action="store_true", help="skip the overlap measurement")
@@ -376,6 +384,7 @@ def main():
     p.add_argument("--num-sms", type=int, default=None,
                    help="EPConfig.num_sms: blocks per LL kernel (default: every SM)")
     add_timing_args(p)
+    add_distributed_args(p)
     a = p.parse_args()
     mesh, env, log = start_run(a, f"H={a.hidden}, K={a.topk}, E={a.experts}")
     r = mesh.size
@@ -395,11 +404,11 @@ def main():
           f"span = send start to recv end on one GPU (device time of the op, profiler)")
     table(rows, overlap, a, big)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
-    if a.json:
+    if a.json and is_main():
         with open(a.json, "w") as f:
             json.dump(dict(args=vars(a), environment=env, bytes="per-rank average",
                            reference_us=REFERENCE, results=rows, overlap=overlap), f, indent=1)
-    if a.plot:
+    if a.plot and is_main():
         plot(a.plot, rows)
 
 

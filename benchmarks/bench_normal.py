@@ -16,6 +16,13 @@ which then holds one copy per call; so by default the chain is 1 + N % 10 calls 
 loop control (~10 us per iteration on GPU, DESIGN §4) adds ~1 us per call to both backends. The
 JSON has the compiled temp memory of the 1-call and the chained function.
 
+One process per GPU: the same programs on the same global mesh, one process per device, with
+``--distributed`` (SLURM / OpenMPI) or ``--coordinator/--num-processes/--process-id`` (a plain
+launcher: ``benchmarks/launch_local.py``); every process times the chains, process 0 prints and
+writes the JSON (the others' stdout is silenced after their first line). Host inputs are placed
+with ``jax.make_array_from_callback`` (no collective: that also works between processes sharing
+one GPU, where only ``--backends cuda`` runs).
+
 Bandwidth follows DeepEP: logical = bytes of all rows a rank receives (its own included),
 NVLink = bytes of the rows that come from another rank, both the per-rank AVERAGE (the JSON also
 has the maximum), counted in NumPy from the routing, divided by the time. Row bytes: BF16 2H,
@@ -31,6 +38,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,6 +48,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxep
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "examples"))
+from distributed_args import (add_distributed_args, init_distributed,  # noqa: E402
+                              wants_distributed)
 
 OPS = ("dispatch bf16", "dispatch fp8", "combine bf16")
 
@@ -160,7 +173,7 @@ def run_group(mesh, backend, t, e, sms, routings, a, log):
     if not ops:
         log("  skipped: num_sms only matters to the CUDA kernels")
         return []
-    shard = lambda v: jax.device_put(v, NamedSharding(mesh, spec))  # noqa: E731
+    shard = lambda v: put(mesh, v)  # noqa: E731
 
     def per_rank(f):
         return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))
@@ -265,9 +278,23 @@ def git(*args):
         return None
 
 
+def put(mesh, v):
+    """Host array ``v`` (the same in every process) split along its leading dim over ``mesh``'s
+    "ep" axis, without a collective (``jax.device_put`` onto devices of several processes checks
+    the value is the same everywhere with one, which fails between processes sharing a GPU)."""
+    v = np.asarray(v)
+    return jax.make_array_from_callback(v.shape, NamedSharding(mesh, P("ep")), lambda i: v[i])
+
+
+def is_main() -> bool:
+    """Process 0 (or the only one): the one that prints and writes files."""
+    return jax.process_index() == 0
+
+
 def environment(devices, r):
     status = git("status", "--porcelain", "--untracked-files=no")
     return dict(device=devices[0].device_kind, platform=devices[0].platform, ranks=r,
+                processes=jax.process_count(),
                 jax=jax.__version__, jaxep=jaxep.__version__, commit=git("rev-parse", "HEAD"),
                 dirty=None if status is None else bool(status))
 
@@ -284,16 +311,31 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
 
 
 def start_run(a, sizes: str):
-    """Mesh over the first ``a.ranks`` devices (all by default), the environment record and a
-    flushing log, after logging the run's header line (shared with bench_ll.py)."""
+    """Joins the multi-process job if ``a`` asks to (``add_distributed_args``); mesh over the
+    first ``a.ranks`` devices (all by default, every process's), the environment record and a
+    flushing log, after logging the run's header line (shared with bench_ll.py and
+    bench_moe_layer.py). In a multi-process job only process 0 keeps its stdout."""
+    if wants_distributed(a):
+        init_distributed(a)
     devices = jax.devices()
     r = a.ranks or len(devices)
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()} of {jax.process_count()}: local devices "
+              f"{jax.local_devices()}, {len(devices)} in all"
+              + ("" if is_main() else "; stdout silenced from here (process 0 reports)"),
+              flush=True)
+        if r != len(devices):
+            raise SystemExit(f"--ranks {r}: with several processes the mesh takes every device "
+                             f"({len(devices)})")
+        if not is_main():
+            sys.stdout = open(os.devnull, "w")
     mesh = Mesh(np.array(devices[:r]), ("ep",))
     env = environment(devices, r)
     log = lambda s: print(s, flush=True)  # noqa: E731
     dirty = " (dirty)" if env["dirty"] else ""
-    log(f"R={r} x {env['device']}, jax {env['jax']}, commit {env['commit']}{dirty}, {sizes}, "
-        f"N={a.calls} chained calls (unroll {a.unroll or 'all'}), {a.repeats} repeats")
+    procs = f" in {env['processes']} processes" if env["processes"] > 1 else ""
+    log(f"R={r} x {env['device']}{procs}, jax {env['jax']}, commit {env['commit']}{dirty}, "
+        f"{sizes}, N={a.calls} chained calls (unroll {a.unroll or 'all'}), {a.repeats} repeats")
     return mesh, env, log
 
 
@@ -319,8 +361,11 @@ def main():
     p.add_argument("--zipf-alpha", type=float, default=1.2)
     p.add_argument("--num-sms", type=csv(sms_value), default=[None, 24],
                    help="'none' = EPConfig default")
-    p.add_argument("--backends", type=csv(str), default=["cuda", "xla"])
+    p.add_argument("--backends", type=csv(str), default=["cuda", "xla"],
+                   help="comma-separated; 'cuda' alone where several processes share one GPU "
+                        "(XLA collectives fail there)")
     add_timing_args(p)
+    add_distributed_args(p)
     a = p.parse_args()
     mesh, env, log = start_run(a, f"H={a.hidden}, K={a.topk}")
     r = mesh.size
@@ -342,11 +387,11 @@ def main():
     table(f"token sweep (E={base[0]}, {base[1]}, num_sms={sms_name(base[2])})",
           [x for x in rows if (x["experts"], x["routing"], x["num_sms"]) == base])
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s", flush=True)
-    if a.json:
+    if a.json and is_main():
         with open(a.json, "w") as f:
             json.dump(dict(args=vars(a), environment=env, bytes="per-rank average (max too)",
                            results=rows), f, indent=1)
-    if a.plot:
+    if a.plot and is_main():
         plot(a.plot, rows, base)
 
 

@@ -41,6 +41,8 @@ import os
 import sys
 import time
 
+from distributed_args import add_distributed_args, init_distributed, wants_distributed
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -61,21 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--aux-weight", type=float, default=1e-2, help="load-balancing loss weight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--distributed", action="store_true",
-                   help="jax.distributed.initialize() from SLURM / OpenMPI (one process per GPU)")
-    p.add_argument("--coordinator", default=None, help="host:port of process 0 (plain launcher)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    add_distributed_args(p)
     return p.parse_args(argv)
-
-
-def init_distributed(args):
-    """Joins the multi-process job when asked to (before any other jax call)."""
-    if args.coordinator or args.num_processes or args.process_id is not None:
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
 
 
 if __name__ == "__main__":
@@ -83,7 +72,7 @@ if __name__ == "__main__":
     # Virtual CPU devices must be requested before jax is imported; the flag only affects the
     # CPU platform, so it is harmless where jax picks GPUs.
     flags = os.environ.get("XLA_FLAGS", "")
-    multi = ARGS.distributed or ARGS.coordinator or ARGS.num_processes
+    multi = wants_distributed(ARGS)
     if (ARGS.platform in (None, "cpu") and not multi
             and "xla_force_host_platform_device_count" not in flags):
         count = f"--xla_force_host_platform_device_count={ARGS.devices or 8}"
