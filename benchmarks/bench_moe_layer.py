@@ -441,8 +441,13 @@ def main():
                        grouped_over_plain_max=GROUPED_OVER_PLAIN_MAX,
                        grouped_over_plain_met=bool(met22)), f, indent=1)
     png = os.path.splitext(out)[0] + ".png"
-    plot(png, rows, f"MoE layer, R={r} {env['device']}, T={t} H={h} K={k} E={e} F={a.ffn}, "
-                    f"{a.routing}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        png = "no plot (matplotlib is not installed)"
+    else:
+        plot(png, rows, f"MoE layer, R={r} {env['device']}, T={t} H={h} K={k} E={e} "
+                        f"F={a.ffn}, {a.routing}")
     log(f"wrote {out} and {png}")
     for c in comms.values():
         c.close()
