@@ -156,6 +156,13 @@ def byte_model(a, r, el, recv, pairs, m):
     return dict(min=bmin, sort=sort, grouped=grouped, xla=grouped)
 
 
+def kernel_name(name):
+    """``void jaxep::(anonymous namespace)::GroupedCombineKernel<__nv_bfloat16>(...)`` ->
+    ``GroupedCombineKernel<__nv_bfloat16>``; XLA's fusion names unchanged."""
+    name = name.replace("(anonymous namespace)", "").removeprefix("void ")
+    return name.split("(")[0].split("::")[-1][:48]
+
+
 def kernel_breakdown(fn, args, repeats=5):
     """Device time per kernel of one call of ``fn(*args)`` (jitted, blocking), median over
     ``repeats`` calls, from a ``jax.profiler`` trace of the first GPU: ``{kernel: us}`` in
@@ -186,8 +193,7 @@ def kernel_breakdown(fn, args, repeats=5):
     calls = [c for c in calls if c][-repeats:]
     for c in calls:
         for s0, e0, name in c:
-            short = name.split("(")[0].split("<")[0].replace("jaxep::", "")
-            short = short.split("::")[-1][:48]
+            short = kernel_name(name)
             per_call.setdefault(short, []).append((e0 - s0) / 1e3)
         per_call.setdefault("total", []).append((c[-1][1] - c[0][0]) / 1e3)
     n = len(calls)
