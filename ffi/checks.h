@@ -19,6 +19,16 @@ inline std::string Dims(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
+// Bytes of one row of a buffer whose leading dim counts rows, from its trailing dims, so that a
+// buffer of no rows (T = 0) has the row size of one with C rows (0 for a rank-0 buffer).
+inline int64_t RowBytes(const ffi::AnyBuffer& b) {
+  auto dims = b.dimensions();
+  if (dims.size() == 0) return 0;
+  int64_t bytes = static_cast<int64_t>(ffi::ByteWidth(b.element_type()));
+  for (size_t i = 1; i < dims.size(); ++i) bytes *= dims[i];
+  return bytes;
+}
+
 // The kernels' one encoding of the element type of the rows they read and write as a type: its
 // bytes, 1 = float8_e4m3fn, 2 = bfloat16, 4 = float32 (0: a type no kernel reads rows of).
 inline int RowElemBytes(ffi::DataType t) {

@@ -49,15 +49,6 @@ namespace {
 
 std::string S(int64_t v) { return std::to_string(v); }
 
-// Bytes of one row of a buffer whose leading dim counts rows (0 for a rank-0 buffer).
-int64_t RowBytesOf(const ffi::AnyBuffer& b) {
-  auto dims = b.dimensions();
-  if (dims.size() == 0) return 0;
-  int64_t bytes = static_cast<int64_t>(ffi::ByteWidth(b.element_type()));
-  for (size_t i = 1; i < dims.size(); ++i) bytes *= dims[i];
-  return bytes;
-}
-
 int64_t Rows(const ffi::AnyBuffer& b) {
   return b.dimensions().size() == 0 ? -1 : b.dimensions()[0];
 }
@@ -106,8 +97,8 @@ ffi::Error DispatchGroupedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuff
     return Invalid(op, "x and scales must have T=" + S(T) + " rows, got " + Dims(x.dimensions()) +
                            " and " + Dims(scales.dimensions()));
   }
-  if (M < 0 || out_x->element_type() != x.element_type() || RowBytesOf(*out_x) != RowBytesOf(x) ||
-      Rows(*out_scales) != M || RowBytesOf(*out_scales) != RowBytesOf(scales)) {
+  if (M < 0 || out_x->element_type() != x.element_type() || RowBytes(*out_x) != RowBytes(x) ||
+      Rows(*out_scales) != M || RowBytes(*out_scales) != RowBytes(scales)) {
     return Invalid(op, "out_x / out_scales must be x / scales with M rows, got " +
                            Dims(out_x->dimensions()) + " / " + Dims(out_scales->dimensions()));
   }
@@ -136,8 +127,8 @@ ffi::Error DispatchGroupedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuff
   a.expert_rank = expert_rank.typed_data();
   a.expert_slot = expert_slot.typed_data();
   a.x = x.untyped_data();
-  a.x_row_bytes = static_cast<int>(RowBytesOf(x));
-  a.s_row_bytes = static_cast<int>(RowBytesOf(scales));
+  a.x_row_bytes = static_cast<int>(RowBytes(x));
+  a.s_row_bytes = static_cast<int>(RowBytes(scales));
   a.scales = a.s_row_bytes ? scales.untyped_data() : nullptr;
   a.out_x = out_x->untyped_data();
   a.out_scales = a.s_row_bytes ? out_scales->untyped_data() : nullptr;

@@ -25,16 +25,6 @@ namespace ffi = xla::ffi;
 namespace jaxep {
 namespace {
 
-// Bytes of one row of a buffer whose leading dim counts rows, from its trailing dims, so that a
-// buffer of no rows (T = 0) has the row size of one with C rows (0 for a rank-0 buffer).
-int64_t RowBytes(const ffi::AnyBuffer& b) {
-  auto dims = b.dimensions();
-  if (dims.size() == 0) return 0;
-  int64_t bytes = static_cast<int64_t>(ffi::ByteWidth(b.element_type()));
-  for (size_t i = 1; i < dims.size(); ++i) bytes *= dims[i];
-  return bytes;
-}
-
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::AnyBuffer scales, ffi::Buffer<ffi::S32> topk_idx,
                         ffi::Buffer<ffi::F32> topk_weights, ffi::Buffer<ffi::S32> expert_rank,
