@@ -14,7 +14,6 @@ builds its own from the same function); low-latency names carry ``_ll_`` (``_ll_
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxep import _cuda, _xla, fp8 as _fp8
 from jaxep._checks import FLOAT_DTYPES
-from jaxep._normal_vjp import normal_ops
+from jaxep._normal_vjp import combine_grouped_op, normal_ops
 from jaxep._xla import zero_cotangent
 
 # --------------------------------------------------------------------------------------------
@@ -92,39 +91,14 @@ def _dispatch_grouped_bwd(comm, rows, zero_padding, res, g):
 _dispatch_grouped.defvjp(_dispatch_grouped_fwd, _dispatch_grouped_bwd)
 
 
-def combine_grouped(comm, y, handle, *, weighted):
-    """The grouped combine kernel along ``handle`` (a ``GroupedHandle``): ``[T, H]``."""
-    return _combine_grouped(comm, bool(weighted), y, handle)
-
-
-def _combine_grouped_kernel(comm, weighted, y, handle):
+def _combine_grouped_rows(comm, y, handle, weighted):
     return _cuda.combine_grouped(comm, y, handle.weights, handle.dest_row, handle.dest_rank,
                                  weighted=weighted)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _combine_grouped(comm, weighted, y, handle):
-    return _combine_grouped_kernel(comm, weighted, y, handle)
-
-
-def _combine_grouped_fwd(comm, weighted, y, handle):
-    return _combine_grouped_kernel(comm, weighted, y, handle), (y, handle)
-
-
-def _combine_grouped_bwd(comm, weighted, res, g):
-    y, handle = res
-    # The output cotangent dispatched along the handle (zeros on padding rows).
-    g_rows = _cuda.dispatch_rows(comm, g, handle.src_index).astype(jnp.float32)
-    if weighted:
-        gy = g_rows * handle.weights.astype(jnp.float32)[:, None]
-        gw = _xla.grouped_row_dots(g_rows, y, handle.src_index).astype(handle.weights.dtype)
-    else:
-        gy, gw = g_rows, zero_cotangent(handle.weights)
-    g_handle = dataclasses.replace(jax.tree.map(zero_cotangent, handle), weights=gw)
-    return gy.astype(y.dtype), g_handle
-
-
-_combine_grouped.defvjp(_combine_grouped_fwd, _combine_grouped_bwd)
+# The grouped combine kernel along a ``GroupedHandle``: ``[T, H]``; its gradient w.r.t. ``y``
+# is the dispatch-rows kernel along ``src_index`` (M rows).
+combine_grouped = combine_grouped_op(_combine_grouped_rows, _cuda.dispatch_rows)
 
 # --------------------------------------------------------------------------------------------
 # Low-latency mode. Dispatch results are ``(x, counts, src_index, src_topk, recv_rows,

@@ -3,17 +3,19 @@
 Dispatch's gradient w.r.t. ``x`` is a combine of the cotangent rows, w.r.t. ``topk_weights`` a
 combine of the received weights' cotangent; combine's gradient w.r.t. ``y`` is a dispatch of the
 output cotangent along the handle. ``normal_ops`` builds ``dispatch`` and ``combine`` from a
-backend's three primitives, so ``jaxep._cuda_ops`` and ``jaxep._xla_ops`` differ only in those.
+backend's three primitives, so ``jaxep._cuda_ops`` and ``jaxep._xla_ops`` differ only in those;
+``combine_grouped_op`` does the same for ``combine_grouped`` from two.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from jaxep._xla import dispatched_fields, zero_cotangent
+from jaxep._xla import dispatched_fields, grouped_row_dots, zero_cotangent
 
 
 def normal_ops(dispatch_prim, combine_rows, dispatch_rows):
@@ -68,3 +70,41 @@ def normal_ops(dispatch_prim, combine_rows, dispatch_rows):
 
     combine.defvjp(combine_fwd, combine_bwd)
     return dispatch, combine
+
+
+def combine_grouped_op(combine_kernel, dispatch_rows):
+    """``combine_grouped(comm, y, handle, *, weighted)`` with its custom VJP on a backend's
+    primitives: ``combine_kernel(comm, y, handle, weighted) -> [T, H]`` (rows summed back per
+    token, weighted or not) and ``dispatch_rows(comm, rows, src_index) -> [M, ...]`` (a token's
+    row to each grouped row of it, zeros on padding rows).
+
+    Gradients: w.r.t. ``y`` the output cotangent dispatched along ``handle.src_index`` (times
+    the row's weight when ``weighted``); w.r.t. ``handle.weights`` each row's ``<g, y>``
+    (masked on padding rows); the handle's other arrays get zero cotangents.
+    """
+
+    @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+    def op(comm, weighted, y, handle):
+        return combine_kernel(comm, y, handle, weighted)
+
+    def fwd(comm, weighted, y, handle):
+        return combine_kernel(comm, y, handle, weighted), (y, handle)
+
+    def bwd(comm, weighted, res, g):
+        y, handle = res
+        g_rows = dispatch_rows(comm, g, handle.src_index).astype(jnp.float32)
+        if weighted:
+            gy = g_rows * handle.weights.astype(jnp.float32)[:, None]
+            gw = grouped_row_dots(g_rows, y, handle.src_index).astype(handle.weights.dtype)
+        else:
+            gy, gw = g_rows, zero_cotangent(handle.weights)
+        g_handle = dataclasses.replace(jax.tree.map(zero_cotangent, handle), weights=gw)
+        return gy.astype(y.dtype), g_handle
+
+    op.defvjp(fwd, bwd)
+
+    def combine_grouped(comm, y, handle, *, weighted):
+        """Grouped rows back to their tokens along ``handle`` (a ``GroupedHandle``): ``[T, H]``."""
+        return op(comm, bool(weighted), y, handle)
+
+    return combine_grouped

@@ -9,14 +9,13 @@ low-latency mode is differentiated by plain autodiff.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 from jaxep import _xla, fp8 as _fp8
-from jaxep._normal_vjp import normal_ops
+from jaxep._normal_vjp import combine_grouped_op, normal_ops
 from jaxep._xla import zero_cotangent
 
 # --------------------------------------------------------------------------------------------
@@ -71,39 +70,13 @@ def _dispatch_grouped_bwd(comm, rows, res, g):
 _dispatch_grouped.defvjp(_dispatch_grouped_fwd, _dispatch_grouped_bwd)
 
 
-def combine_grouped(comm, y, handle, *, weighted):
-    """Grouped rows back to their tokens along ``handle`` (a ``GroupedHandle``): ``[T, H]``."""
-    return _combine_grouped(comm, bool(weighted), y, handle)
-
-
-def _combine_grouped_impl(comm, weighted, y, handle):
+def _combine_grouped_rows(comm, y, handle, weighted):
     return _xla.combine_grouped(comm, y, handle.src_index, handle.dest_row.shape[0],
                                 handle.weights if weighted else None)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _combine_grouped(comm, weighted, y, handle):
-    return _combine_grouped_impl(comm, weighted, y, handle)
-
-
-def _combine_grouped_fwd(comm, weighted, y, handle):
-    return _combine_grouped_impl(comm, weighted, y, handle), (y, handle)
-
-
-def _combine_grouped_bwd(comm, weighted, res, g):
-    y, handle = res
-    g_rows = _xla.grouped_dispatch_rows(comm, g, handle.src_index).astype(jnp.float32)
-    if weighted:
-        w = handle.weights.astype(jnp.float32)
-        gy = g_rows * w[:, None]
-        gw = _xla.grouped_row_dots(g_rows, y, handle.src_index).astype(handle.weights.dtype)
-    else:
-        gy, gw = g_rows, zero_cotangent(handle.weights)
-    g_handle = dataclasses.replace(jax.tree.map(zero_cotangent, handle), weights=gw)
-    return gy.astype(y.dtype), g_handle
-
-
-_combine_grouped.defvjp(_combine_grouped_fwd, _combine_grouped_bwd)
+# Grouped rows back to their tokens along a ``GroupedHandle``: ``[T, H]``.
+combine_grouped = combine_grouped_op(_combine_grouped_rows, _xla.grouped_dispatch_rows)
 
 # --------------------------------------------------------------------------------------------
 # Low-latency mode. Dispatch results are ``(x, counts, src_index, src_topk, recv_rows,
