@@ -20,6 +20,9 @@ import jaxep
 import oracle
 from conftest import ep_call, make_mesh
 from jaxep import _xla  # only as the autodiff reference of the custom VJPs
+from test_grads import R as GR  # ranks of the gradient tests
+from test_grads import close, total
+from test_grads import routing as grad_routing
 from test_ops import PLACEMENTS, assert_bits_equal, np_bf16, per_rank
 
 # ------------------------------------------------------------------------------------------
@@ -222,35 +225,11 @@ def test_grouped_rule(monkeypatch):
 # gradients
 # ------------------------------------------------------------------------------------------
 
-GR = 4  # ranks of the gradient tests
-
 
 def grad_comm(capacity=None, alignment=1):
     return get_comm(GR, jaxep.EPConfig(num_experts=16, num_topk=3, hidden=128,
                                        max_tokens_per_rank=8, placement="round_robin",
                                        grouped_capacity=capacity, expert_alignment=alignment))
-
-
-def grad_routing(comm, seed):
-    """A routing mixing duplicates, -1, invalid ids and a token sent nowhere."""
-    rng = np.random.default_rng(seed)
-    T = comm.cfg.max_tokens_per_rank
-    idx, w = oracle.make_routing("duplicates", rng, GR, T, comm.cfg.num_experts,
-                                 comm.cfg.num_topk, comm.expert_rank)
-    idx[1, -1] = -1
-    idx[2, 0] = comm.cfg.num_experts          # invalid
-    idx[3] = -1                               # a token sent nowhere
-    return rng, idx, w
-
-
-def total(comm, local_loss):
-    """Global scalar: the sum over ranks of ``local_loss`` (shard_map'ed, grad taken outside)."""
-    f = ep_call(comm, lambda *a: local_loss(*a)[None])
-    return lambda *a: jnp.sum(f(*a))
-
-
-def close(actual, expected, tol=1e-5):
-    np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=tol, atol=tol)
 
 
 def public_loss(comm, remat=False):
