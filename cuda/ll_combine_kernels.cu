@@ -37,6 +37,12 @@ __device__ __forceinline__ char* CombineSlot(const LLWorkspace* ws, LLWorkspace*
   return Region(w, ws->layout.combine_off) + idx * ws->layout.slot_bytes;
 }
 
+// Staging slot i (rdma.cuh): a row of y (plain combine) or a (source, token) pair
+// (pre-reduced), as this rank puts it to a peer in another node.
+__device__ __forceinline__ char* StagingSlot(LLWorkspace* ws, int64_t i) {
+  return Region(ws, LLStagingSlotOffset(ws->layout, ws->num_ranks, i));
+}
+
 // Pre-reduction weights [T_max][K] that source `src` pushed to `w` for parity p (addressed as
 // CombineSlot). Each is one 8-byte word, the weight's bits with the low 32 bits of the call
 // number above them, so that a reader knows from the word itself that it has arrived (an
@@ -133,7 +139,7 @@ __device__ __forceinline__ void WaitCombineRead(LLWorkspace* ws, unsigned long l
 __device__ __forceinline__ void FinishCombineSend(LLWorkspace* ws, unsigned long long seq,
                                                   int32_t* info) {
   const int me = ws->rank, p = static_cast<int>(seq & 1);
-  SignalPeers(ws, [&](int d) { return &ws->peers[d]->combine_arrived[p][me]; });
+  SignalPeers(ws, [&](LLWorkspace* w) { return &w->combine_arrived[p][me]; });
   if (LastToFinish(ws, kCombineSendTicket)) {
     ws->combine_sends = seq;
     if (info) {
@@ -207,7 +213,15 @@ __device__ __forceinline__ unsigned long long CombineSend(const LLCombineSendArg
       BulkWaitStageFree();  // the stage's previous store has read it
       BulkLoad(buf, reinterpret_cast<const char*>(static_cast<const T*>(a.y) + r * H) + off,
                bytes, &s_bar[warp][st], (j / kBulkStages) & 1u);
-      BulkStore(CombineSlot(ws, ws->peers[s], p, t, k) + off, buf, bytes);
+      if (!Remote(ws, s)) {
+        BulkStore(CombineSlot(ws, ws->peers[s], p, t, k) + off, buf, bytes);
+        continue;
+      }
+      // Another node: staged in row r's slot, then put once the bulk store has landed.
+      char* staged = StagingSlot(ws, static_cast<int64_t>(r)) + off;
+      BulkStore(staged, buf, bytes);
+      BulkStoresDone();
+      PutThread(ws, s, CombineSlot(ws, ws, p, t, k) + off, staged, bytes);
     }
     BulkStoresDone();
   }
@@ -322,7 +336,13 @@ __device__ __forceinline__ unsigned long long CombineSendReduced(
       }
     }
     const unsigned long long v = TaggedWeight(first && e >= 0 && e < E ? w : 0.f, seq);
-    for (int d = 0; d < R; ++d) CombineWeights(ws, ws->peers[d], p, me)[i] = v;
+    for (int d = 0; d < R; ++d) {
+      if (Remote(ws, d)) {
+        PutWord(ws, d, CombineWeights(ws, ws, p, me) + i, v);
+      } else {
+        CombineWeights(ws, ws->peers[d], p, me)[i] = v;
+      }
+    }
   }
 
   // 2. Warp per (source token, group of chunks c = g, g + G, ...; G spreads the tokens over
@@ -339,17 +359,30 @@ __device__ __forceinline__ unsigned long long CombineSendReduced(
     if (row >= ws->num_local_experts * R * Tn) row = -1;  // not from this dispatch's recv
     const unsigned entries = __ballot_sync(kFull, row >= 0);
     if (!entries) continue;
-    char* slot = CombineSlot(ws, ws->peers[s], p, t, me);
+    // Another node: the sum is staged in the pair's slot, then put chunk by chunk.
+    const bool remote = Remote(ws, s);
+    char* slot = remote ? StagingSlot(ws, pair) : CombineSlot(ws, ws->peers[s], p, t, me);
+    int out_bytes = static_cast<int>(sizeof(T));
     if (__popc(entries) == 1) {
       SumRowsTo<T, T>(y, H, row, 1.f, entries, g, G, reinterpret_cast<T*>(slot));
-      continue;
-    }
-    const float w = row >= 0 ? WaitTaggedWeight(CombineWeights(ws, ws, p, s) + t * K + lane,
-                                                seq, ws, s, a.timeout_ns) : 0.f;
-    if (a.float32_partials) {
-      SumRowsTo<T, float>(y, H, row, w, entries, g, G, reinterpret_cast<float*>(slot));
     } else {
-      SumRowsTo<T, T>(y, H, row, w, entries, g, G, reinterpret_cast<T*>(slot));
+      const float w = row >= 0 ? WaitTaggedWeight(CombineWeights(ws, ws, p, s) + t * K + lane,
+                                                  seq, ws, s, a.timeout_ns) : 0.f;
+      if (a.float32_partials) {
+        SumRowsTo<T, float>(y, H, row, w, entries, g, G, reinterpret_cast<float*>(slot));
+        out_bytes = 4;
+      } else {
+        SumRowsTo<T, T>(y, H, row, w, entries, g, G, reinterpret_cast<T*>(slot));
+      }
+    }
+    if (remote) {  // warp-uniform
+      __syncwarp();
+      char* dst = CombineSlot(ws, ws, p, t, me);
+      for (int c = g; c < chunks; c += G) {
+        const size_t off = static_cast<size_t>(c) * kLLChunk * out_bytes;
+        PutWarp(ws, s, dst + off, slot + off,
+                static_cast<size_t>(min(kLLChunk, H - c * kLLChunk)) * out_bytes);
+      }
     }
   }
 
@@ -443,7 +476,7 @@ __device__ __forceinline__ void CombineRecv(const LLCombineRecvArgs& a, unsigned
     if (active) Store16(static_cast<T*>(a.out) + static_cast<size_t>(t) * H + h0, acc);
   }
 
-  AcknowledgePeers(ws, [&](int src) { return &ws->peers[src]->combine_read[p][me]; });
+  AcknowledgePeers(ws, [&](LLWorkspace* w) { return &w->combine_read[p][me]; });
 }
 
 template <typename T>

@@ -7,8 +7,8 @@
 // must never serve them), completion counters with acquire/release at system scope (one
 // release per block and peer, side by side: SignalPeers); waits are bounded.
 //
-// The .cu files are compiled without relocatable device code, so each kernel file is a module
-// of its own with its own copy of these: everything here is inline.
+// Everything here is inline: each kernel file gets its own copy. A peer in another node is
+// reached with NVSHMEM puts and signals instead of stores (rdma.cuh).
 #pragma once
 
 #include <cstddef>
@@ -19,6 +19,7 @@
 
 #include "intranode.h"  // DeviceSmCount
 #include "low_latency.h"
+#include "rdma.cuh"
 #include "sync.cuh"
 
 namespace jaxep {
@@ -90,27 +91,47 @@ __device__ __forceinline__ unsigned long long BlockShare() {
   return blockIdx.x == 0 ? kLLCallTotal - (gridDim.x - 1) : 1;
 }
 
+// The workspace through which this rank addresses rank d's: d's mapped workspace in this
+// node; in another node this rank's own, whose addresses are the puts' (rdma.cuh).
+__device__ __forceinline__ LLWorkspace* Peer(LLWorkspace* ws, int d) {
+  return Remote(ws, d) ? ws : ws->peers[d];
+}
+
 // Every thread of a block, once the block's part of the call is done (its writes issued, its
-// reads of a peer's data consumed): thread d < R adds the block's share to counter(d), at peer
-// d, with release semantics (the __syncthreads brings in the other threads' operations). The
-// R releases of a block, and those of all blocks, run side by side.
+// reads of a peer's data consumed): thread d < R adds the block's share to counter(w), w the
+// workspace addressing rank d (Peer), with release semantics (the __syncthreads brings in the
+// other threads' operations); to a rank in another node after the block's puts are complete,
+// with a signal. The R releases of a block, and those of all blocks, run side by side.
 template <typename Counter>
-__device__ __forceinline__ void SignalPeers(const LLWorkspace* ws, Counter counter) {
+__device__ __forceinline__ void SignalPeers(LLWorkspace* ws, Counter counter) {
+  PutsDone(ws);
   __syncthreads();
-  if (static_cast<int>(threadIdx.x) < ws->num_ranks) AddRelease(counter(threadIdx.x), BlockShare());
+  const int d = static_cast<int>(threadIdx.x);
+  if (d >= ws->num_ranks) return;
+  if (Remote(ws, d)) {
+    SignalAdd(ws, d, counter(ws), BlockShare());
+  } else {
+    AddRelease(counter(ws->peers[d]), BlockShare());
+  }
 }
 
 // Every thread of a block that has read peers' data into a buffer of its own, once it is done
-// with it: thread d < R adds the block's share to counter(d), at peer d, telling the peer
-// that it may rewrite the buffer. An acknowledgement orders reads only, and after the
-// __syncthreads every read whose value the block uses has returned it (the values feed stores,
-// shuffles or branches before it; a speculative load whose value is never used, such as the
-// row of a token that was not sent, cannot matter), so a plain relaxed add does: no
-// system-scope fence, which would make the block wait for its output writes first.
+// with it: thread d < R adds the block's share to counter(Peer(ws, d)), telling rank d that it
+// may rewrite the buffer. An acknowledgement orders reads only, and after the __syncthreads
+// every read whose value the block uses has returned it (the values feed stores, shuffles or
+// branches before it; a speculative load whose value is never used, such as the row of a token
+// that was not sent, cannot matter), so a plain relaxed add does: no system-scope fence, which
+// would make the block wait for its output writes first.
 template <typename Counter>
-__device__ __forceinline__ void AcknowledgePeers(const LLWorkspace* ws, Counter counter) {
+__device__ __forceinline__ void AcknowledgePeers(LLWorkspace* ws, Counter counter) {
   __syncthreads();
-  if (static_cast<int>(threadIdx.x) < ws->num_ranks) AddRelaxed(counter(threadIdx.x), BlockShare());
+  const int d = static_cast<int>(threadIdx.x);
+  if (d >= ws->num_ranks) return;
+  if (Remote(ws, d)) {
+    SignalAdd(ws, d, counter(ws), BlockShare());
+  } else {
+    AddRelaxed(counter(ws->peers[d]), BlockShare());
+  }
 }
 
 // Every thread of a send, after SignalPeers (or a __syncthreads): true in one thread (not a

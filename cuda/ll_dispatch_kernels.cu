@@ -36,6 +36,10 @@ __device__ __forceinline__ char* InboxBundle(const LLWorkspace* ws, LLWorkspace*
 __device__ __forceinline__ char* OutboxBundle(LLWorkspace* ws, int buffer, int dest) {
   return Region(ws, LLOutboxOffset(ws->layout, ws->num_ranks, buffer, dest));
 }
+// The bundle of SM buffer `buffer` that this rank puts to `dest` in another node, staged.
+__device__ __forceinline__ char* StagingBundle(LLWorkspace* ws, int buffer, int dest) {
+  return Region(ws, LLStagingBundleOffset(ws->layout, ws->num_ranks, buffer, dest));
+}
 
 // The parts of one bundle of a call with T rows (see LLBundleUsedBytes).
 struct BundleParts {
@@ -128,10 +132,19 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
   const int p = outbox ? a.buffer : static_cast<int>(sm_sends & 1);
   const unsigned long long call = ws->dispatch_uses[p] + 1;  // this call's number at buffer p
   const int elem = static_cast<int>(LLElemBytes(a.fp8, sizeof(TIn)));
-  // Where the bundle for destination d goes.
+  // Where the bundle for destination d is written: d's inbox, or the outbox (copy-engine
+  // send), or the staging area (d in another node: `own`, this rank's inbox bundle of the
+  // same buffer and source, gives the puts' destination addresses).
   auto bundle = [&](int d) {
-    char* base = outbox && d != me ? OutboxBundle(ws, p, d) : InboxBundle(ws, ws->peers[d], p, me);
+    char* base = outbox && d != me ? OutboxBundle(ws, p, d)
+                 : Remote(ws, d)   ? StagingBundle(ws, p, d)
+                                   : InboxBundle(ws, ws->peers[d], p, me);
     return BundleParts(ws, base, T, elem);
+  };
+  const BundleParts own(ws, InboxBundle(ws, ws, p, me), T, elem);
+  // An int of d's bundle (the same field of `own` for a remote d).
+  auto store_int = [&](int d, int32_t* field_of_d, int32_t* field_of_own, int32_t v) {
+    if (Remote(ws, d)) PutInt(ws, d, field_of_own, v); else *field_of_d = v;
   };
 
   int32_t* s_rank = smem;                                        // [E]
@@ -206,15 +219,26 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
       Load16(reinterpret_cast<const TIn*>(raw), v, false);
       scale = Quantize16(v, a.round_scale, q);
     }
-    for (unsigned todo = active ? ranks : 0u; todo; todo &= todo - 1) {
-      char* slot = bundle(__ffs(todo) - 1).Row(t);
-      if (a.fp8) {
+    for (unsigned todo = ranks; todo; todo &= todo - 1) {  // warp-uniform
+      const int d = __ffs(todo) - 1;
+      char* slot = bundle(d).Row(t);
+      if (active && a.fp8) {
         *reinterpret_cast<int4*>(slot + h0) = q;
         if ((lane & 7) == 0) reinterpret_cast<float*>(slot + H)[h0 / 128] = scale;
-      } else {
+      } else if (active) {
         int4* dst = reinterpret_cast<int4*>(slot + static_cast<size_t>(h0) * sizeof(TIn));
 #pragma unroll
         for (int j = 0; j < kVec; ++j) dst[j] = raw[j];
+      }
+      if (Remote(ws, d)) {  // the staged chunk (and its FP8 scales) to d, by the whole warp
+        __syncwarp();
+        const int c0 = c * kLLChunk, n = min(kLLChunk, H - c0);
+        PutWarp(ws, d, own.Row(t) + static_cast<size_t>(c0) * elem, slot + static_cast<size_t>(c0) * elem,
+                static_cast<size_t>(n) * elem);
+        if (a.fp8) {
+          PutWarp(ws, d, own.Row(t) + H + c0 / 128 * 4, slot + H + c0 / 128 * 4,
+                  static_cast<size_t>(n / 128) * 4);
+        }
       }
     }
     if (c != 0) continue;  // warp-uniform
@@ -231,15 +255,17 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
     }
     for (int d = 0; d < R; ++d) {
       int32_t* meta = bundle(d).Meta(ws, t);
+      int32_t* own_meta = own.Meta(ws, t);
       if (!((ranks >> d) & 1u)) {  // warp-uniform
-        if (lane == 0) meta[0] = -1;
+        if (lane == 0) store_int(d, meta, own_meta, -1);
         continue;
       }
-      if (lane == 0) meta[0] = t;
+      if (lane == 0) store_int(d, meta, own_meta, t);
       if (lane < K) {
         const bool here = first && s_rank[e] == d;
-        meta[1 + lane] = here ? entry : -1;
-        meta[1 + K + lane] = __float_as_int(here ? entry_w : 0.f);
+        store_int(d, meta + 1 + lane, own_meta + 1 + lane, here ? entry : -1);
+        store_int(d, meta + 1 + K + lane, own_meta + 1 + K + lane,
+                  __float_as_int(here ? entry_w : 0.f));
       }
     }
   }
@@ -248,7 +274,9 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
   //    no rows: it does this while the others move them), and the invalid ids.
   if (blockIdx.x == gridDim.x - 1) {
     for (int e = tid; e < E; e += kThreads) {
-      bundle(s_rank[e]).counts[s_slot[e]] = PopcAll(s_emask + static_cast<size_t>(e) * W, W);
+      const int d = s_rank[e], l = s_slot[e];
+      store_int(d, bundle(d).counts + l, own.counts + l,
+                PopcAll(s_emask + static_cast<size_t>(e) * W, W));
     }
     if (tid == 0 && a.info) a.info[0] = s_invalid;
   }
@@ -256,7 +284,7 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
   // 4. Each block signals its part to every destination (a copy-engine send: nothing; its copy
   //    graph raises the flags after the bundles); the last to finish advances the call numbers.
   if (!outbox) {
-    SignalPeers(ws, [&](int d) { return &ws->peers[d]->dispatch_arrived[p][me]; });
+    SignalPeers(ws, [&](LLWorkspace* w) { return &w->dispatch_arrived[p][me]; });
   } else {
     __syncthreads();
   }
@@ -450,7 +478,7 @@ __device__ __forceinline__ void DispatchRecv(const LLDispatchRecvArgs& a, Dispat
   }
 
   // Each block tells every source that it is done reading this buffer.
-  AcknowledgePeers(ws, [&](int src) { return &ws->peers[src]->dispatch_read[p][me]; });
+  AcknowledgePeers(ws, [&](LLWorkspace* w) { return &w->dispatch_read[p][me]; });
 }
 
 template <int kElem>
@@ -494,6 +522,8 @@ cudaError_t LoadLLDispatchKernels() {
   };
   return LoadKernels(kernels);
 }
+
+const void* LLDispatchKernelAddress() { return Fn(&LLDispatchSendKernel<__nv_bfloat16>); }
 
 cudaError_t LaunchLLDispatchSendKernel(const LLDispatchSendArgs& a, cudaStream_t stream) {
   const size_t smem = LLSendSharedBytes(a.num_tokens, a.num_topk, a.num_experts);

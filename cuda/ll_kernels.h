@@ -18,4 +18,7 @@ cudaError_t LoadLLCombineKernels();
 // copy-engine buffer); LaunchLLDispatchSend (ll_copy_engines.cu) wraps it.
 cudaError_t LaunchLLDispatchSendKernel(const LLDispatchSendArgs& a, cudaStream_t stream);
 
+// A kernel of the extension's CUDA module (rdma.cu finds the module through it).
+const void* LLDispatchKernelAddress();
+
 }  // namespace jaxep

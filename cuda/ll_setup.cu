@@ -13,7 +13,7 @@
 namespace jaxep {
 
 LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                         int hidden, bool copy_engine) {
+                         int hidden, bool copy_engine, bool rdma) {
   auto up = [](int64_t n) { return (n + 255) & ~int64_t{255}; };
   LLLayout l{};
   l.slot_bytes = 4 * hidden;
@@ -30,14 +30,20 @@ LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_lo
   l.combine_slots = num_topk > num_ranks ? num_topk : num_ranks;
   l.combine_off = l.outbox_off + outboxes * bundles;
   l.weights_off = l.combine_off + up(2 * int64_t{max_tokens} * l.combine_slots * l.slot_bytes);
-  l.total_bytes = l.weights_off + up(2 * int64_t{num_ranks} * max_tokens * num_topk * 8);
+  l.staging_off = l.weights_off + up(2 * int64_t{num_ranks} * max_tokens * num_topk * 8);
+  l.rdma = rdma ? 1 : 0;
+  l.total_bytes = l.staging_off;
+  if (rdma) {
+    l.total_bytes += 2 * bundles + up(int64_t{num_local_experts} * num_ranks * max_tokens *
+                                      l.slot_bytes);
+  }
   return l;
 }
 
 size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                        int hidden, bool copy_engine) {
+                        int hidden, bool copy_engine, bool rdma) {
   return static_cast<size_t>(ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts,
-                                             hidden, copy_engine).total_bytes);
+                                             hidden, copy_engine, rdma).total_bytes);
 }
 
 namespace {
@@ -102,19 +108,26 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
 
 cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_tokens,
                                    int num_topk, int num_local_experts, int hidden,
-                                   ErrorRecord* error, LLWorkspace* const* peers) {
-  if (!LLSizesValid(num_ranks, max_tokens, num_topk, hidden) || rank < 0 || rank >= num_ranks) {
+                                   ErrorRecord* error, LLWorkspace* const* peers,
+                                   uint32_t remote, const int* pes) {
+  if (!LLSizesValid(num_ranks, max_tokens, num_topk, hidden) || rank < 0 || rank >= num_ranks ||
+      ((remote >> rank) & 1u) || (remote && !pes)) {
     return cudaErrorInvalidValue;
   }
+  for (int p = 0; p < num_ranks; ++p) {
+    if (!((remote >> p) & 1u) && !peers[p]) return cudaErrorInvalidValue;
+  }
   const DeviceGuard restore_device;
-  const LLLayout l =
-      ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden, false);
+  const LLLayout l = ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden,
+                                     false, remote != 0);
   cudaError_t err = cudaSetDevice(device);
   if (err == cudaSuccess) err = cudaMemset(peers[rank], 0, static_cast<size_t>(l.total_bytes));
   if (err == cudaSuccess) err = LoadLLModule();
   if (err == cudaSuccess) {
-    const LLWorkspace h = LLHeader(rank, num_ranks, max_tokens, num_topk, num_local_experts,
-                                   hidden, l, error, peers);
+    LLWorkspace h = LLHeader(rank, num_ranks, max_tokens, num_topk, num_local_experts, hidden,
+                             l, error, peers);
+    h.remote = remote;
+    for (int p = 0; p < num_ranks && remote; ++p) h.pe[p] = pes[p];
     err = cudaMemcpy(peers[rank], &h, sizeof(h), cudaMemcpyHostToDevice);
   }
   if (err == cudaSuccess) err = cudaDeviceSynchronize();

@@ -46,11 +46,15 @@ struct LLLayout {
   int32_t copy_engine;   // 1: buffers 2, 3 and the outbox exist (copy-engine sends)
   int32_t combine_slots;  // slots per token and parity: max(K, R) (per top-k entry, or per
                           // expert rank with pre-reduction)
+  int32_t rdma;          // 1: some peer is in another node (rdma.cuh): the staging area exists
   int64_t bundle_bytes;  // one dispatch bundle at T_max rows of slot_bytes
-  int64_t inbox_off, outbox_off, combine_off, weights_off, total_bytes;  // bytes from the base:
+  int64_t inbox_off, outbox_off, combine_off, weights_off, staging_off, total_bytes;  // bytes
+  // from the base:
   // inbox:   [2 or 4 (buffer)][R(src)] bundles     outbox: [0 or 2 (buffer - 2)][R(dest)] bundles
   // combine: [2][T_max][combine_slots] slots       weights: [2][R(src)][T_max][K] 8-byte
   //                                                   words (float32 weight | call << 32)
+  // staging (rdma only): [2 (SM buffer)][R(dest)] dispatch bundles, then [E_l * R * T_max]
+  //   combine slots: what this rank puts to peers in other nodes, before the puts
 };
 
 struct LLWorkspace {
@@ -67,14 +71,16 @@ struct LLWorkspace {
   unsigned long long dispatch_uses[kLLDispatchBuffers];  // calls that have written each buffer
   unsigned int ticket[kNumLLTickets];
   // Constant after setup.
-  LLWorkspace* peers[kMaxRanks];
+  LLWorkspace* peers[kMaxRanks];  // this node's peers (others: null or unused)
+  uint32_t remote;                // bit d: rank d is in another node, reached with NVSHMEM puts
+  int32_t pe[kMaxRanks];          // rank d's NVSHMEM PE (rdma only)
   ErrorRecord* error;  // device alias of the rank's host-mapped record
   int32_t rank, num_ranks, max_tokens, num_topk, num_local_experts, hidden;
   LLLayout layout;
 };
 
 LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                         int hidden, bool copy_engine);
+                         int hidden, bool copy_engine, bool rdma = false);
 
 // Byte offsets from a workspace's base, shared by the kernels and the host's copy graphs:
 // dispatch bundle `x` (the source in an inbox, the destination in the outbox) of `buffer`, and
@@ -87,6 +93,16 @@ __host__ __device__ inline int64_t LLOutboxOffset(const LLLayout& l, int num_ran
                                                   int dest) {
   return l.outbox_off +
          (static_cast<int64_t>(buffer - kLLFirstCopyBuffer) * num_ranks + dest) * l.bundle_bytes;
+}
+// Staging (rdma): the bundle this rank puts to `dest` from SM buffer `buffer` (0 or 1), and
+// combine slot `i` (a row of y, or a (source, token) pair with pre-reduction).
+__host__ __device__ inline int64_t LLStagingBundleOffset(const LLLayout& l, int num_ranks,
+                                                         int buffer, int dest) {
+  return l.staging_off + (static_cast<int64_t>(buffer) * num_ranks + dest) * l.bundle_bytes;
+}
+__host__ __device__ inline int64_t LLStagingSlotOffset(const LLLayout& l, int num_ranks,
+                                                       int64_t i) {
+  return l.staging_off + 2 * static_cast<int64_t>(num_ranks) * l.bundle_bytes + i * l.slot_bytes;
 }
 __host__ __device__ inline int64_t LLElemBytes(bool fp8, int x_bytes) { return fp8 ? 1 : x_bytes; }
 
@@ -108,7 +124,7 @@ __host__ __device__ inline int64_t LLBundleUsedBytes(int counts_bytes, int num_t
 }
 
 size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                        int hidden, bool copy_engine);
+                        int hidden, bool copy_engine, bool rdma = false);
 // Dynamic shared memory of the dispatch send / recv and combine send kernels (the caller
 // checks the limit).
 size_t LLSendSharedBytes(int num_tokens, int num_topk, int num_experts);
@@ -126,9 +142,13 @@ cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace**
 // the caller allocated (LLWorkspaceBytes without copy-engine buffers; peers[p] is rank p's
 // workspace mapped here, peers[rank] this process's own, zeroed here). `error` is the device
 // alias of the rank's host-mapped record. Loads the kernels and synchronises.
+// remote (bit p: rank p is in another node; peers[p] may then be null) and pes (rank p's
+// NVSHMEM PE) select the put path of rdma.cuh; remote != 0 needs NVSHMEM's device state
+// initialised in this process (InitNvshmemDevice, rdma.h) and lays out the staging area.
 cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_tokens,
                                    int num_topk, int num_local_experts, int hidden,
-                                   ErrorRecord* error, LLWorkspace* const* peers);
+                                   ErrorRecord* error, LLWorkspace* const* peers,
+                                   uint32_t remote = 0, const int* pes = nullptr);
 
 // Per-device state of copy-engine dispatch sends: host-side only, see ll_copy_engines.h.
 struct LLCopyEngines;

@@ -69,6 +69,7 @@ ffi::Error DispatchGroupedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuff
   const char* op = "dispatch_grouped";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm.comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(CheckOneNode(op, ref));
   const int64_t R = ref.num_ranks;
   auto idx_dims = topk_idx.dimensions();
   if (idx_dims.size() != 2) return Invalid(op, "topk_idx must be [T, K], got " + Dims(idx_dims));
@@ -155,6 +156,7 @@ ffi::Error CombineGroupedImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
   const char* op = "combine_grouped";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm.comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(CheckOneNode(op, ref));
   const auto type = y.element_type();
   if (type != ffi::DataType::BF16 && type != ffi::DataType::F32) {
     return Invalid(op, "y must be bfloat16 or float32");
@@ -202,6 +204,7 @@ ffi::Error GroupedEntriesImpl(cudaStream_t stream, int32_t device, ffi::Buffer<f
   const char* op = "grouped_entries";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(CheckOneNode(op, ref));
   auto row_dims = dest_row.dimensions();
   if (row_dims.size() != 2 || vals.dimensions().size() != 1) {
     return Invalid(op, "dest_row must be [T, K] and vals [M], got " + Dims(row_dims) + " and " +

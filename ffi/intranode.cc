@@ -39,6 +39,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   const char* op = "dispatch";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(CheckOneNode(op, ref));
   const int64_t R = ref.num_ranks;
   auto idx_dims = topk_idx.dimensions();
   if (idx_dims.size() != 2) return Invalid(op, "topk_idx must be [T, K], got " + Dims(idx_dims));
@@ -114,6 +115,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   const char* op = "combine";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(CheckOneNode(op, ref));
   const auto type = y.element_type();
   const int elem = RowElemBytes(type);
   if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
@@ -154,6 +156,7 @@ ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   const char* op = "dispatch_rows";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
+  JAXEP_RETURN_IF_ERROR(CheckOneNode(op, ref));
   if (src_index.dimensions().size() != 1 || rows.dimensions().size() == 0) {
     return Invalid(op, "src_index must be [C] and rows [T, ...], got " +
                            Dims(src_index.dimensions()) + " and " + Dims(rows.dimensions()));

@@ -20,10 +20,18 @@ inline ffi::Error Lookup(const char* op, int64_t comm_id, int32_t device, Worksp
                            " on device " + std::to_string(device) +
                            " (closed, or built for another mesh)");
   }
-  if (std::string e = DescribeError(*ref.error); !e.empty()) {
+  if (std::string e = DescribeError(*ref.error, ref.ranks_per_node); !e.empty()) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition, e);
   }
   return ffi::Error::Success();
+}
+
+// The normal-mode and grouped kernels reach every peer by load/store: not across nodes.
+inline ffi::Error CheckOneNode(const char* op, const WorkspaceRef& ref) {
+  if (ref.ranks_per_node == 0) return ffi::Error::Success();
+  return Invalid(op, "this EP group spans nodes (" + std::to_string(ref.num_ranks) +
+                         " ranks, " + std::to_string(ref.ranks_per_node) +
+                         " per node): only the low-latency ops have internode kernels");
 }
 
 // A call's T (tokens per rank) must fit the workspace's static capacity.

@@ -22,6 +22,7 @@
 #include "grouped.h"
 #ifdef JAXEP_WITH_CUDA
 #include "ll_copy_engines.h"  // LLCopyEngineSends
+#include "rdma.h"              // NvshmemDeviceLinked
 #endif
 
 namespace nb = nanobind;
@@ -109,30 +110,40 @@ NB_MODULE(_jaxep_ext, m) {
   m.def(
       "process_region_bytes",
       [](int num_ranks, int max_tokens, int capacity, bool low_latency, int num_topk,
-         int num_local_experts, int hidden) {
-        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, false};
+         int num_local_experts, int hidden, bool rdma) {
+        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, false, rdma};
         return jaxep::ProcessRegionLayout(num_ranks, max_tokens, capacity, ll).total;
       },
       nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("capacity"), nb::arg("low_latency"),
       nb::arg("num_topk"), nb::arg("num_local_experts"), nb::arg("hidden"),
-      "Bytes of one rank's symmetric region (one process per GPU): the same on every rank.");
+      nb::arg("rdma") = false,
+      "Bytes of one rank's symmetric region (one process per GPU): the same on every rank. "
+      "rdma: the group spans nodes (the low-latency staging area is included).");
   m.def(
       "process_create",
       [](int device, int rank, const std::vector<uint64_t>& bases, int max_tokens, int capacity,
-         bool low_latency, int num_topk, int num_local_experts, int hidden) {
-        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, false};
+         bool low_latency, int num_topk, int num_local_experts, int hidden, int ranks_per_node,
+         const std::vector<int>& pes) {
+        const int n = static_cast<int>(bases.size());
+        const bool rdma = ranks_per_node > 0 && ranks_per_node < n;
+        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, false, rdma};
         std::vector<uintptr_t> b(bases.begin(), bases.end());
         int64_t id = 0;
-        std::string err = jaxep::RegisterProcessRank(device, rank, b, max_tokens, capacity, ll, &id);
+        std::string err = jaxep::RegisterProcessRank(device, rank, b, max_tokens, capacity, ll,
+                                                     &id, rdma ? ranks_per_node : 0, pes);
         if (!err.empty()) throw std::runtime_error(err);
-        return nb::make_tuple(
-            id, jaxep::ProcessRegionLayout(static_cast<int>(b.size()), max_tokens, capacity, ll).total);
+        return nb::make_tuple(id, jaxep::ProcessRegionLayout(n, max_tokens, capacity, ll).total);
       },
       nb::arg("device"), nb::arg("rank"), nb::arg("bases"), nb::arg("max_tokens"),
       nb::arg("capacity"), nb::arg("low_latency"), nb::arg("num_topk"),
-      nb::arg("num_local_experts"), nb::arg("hidden"),
+      nb::arg("num_local_experts"), nb::arg("hidden"), nb::arg("ranks_per_node") = 0,
+      nb::arg("pes") = std::vector<int>{},
       "Register this process's rank of an EP group spanning processes (one GPU each): bases[p] "
-      "is rank p's symmetric region as this process addresses it; returns (id, bytes per rank).");
+      "is rank p's symmetric region as this process addresses it (0 for a rank in another "
+      "node); ranks_per_node in (0, n): the group spans nodes, pes[p] is rank p's NVSHMEM PE; "
+      "returns (id, bytes per rank).");
+  m.def("nvshmem_device_linked", &jaxep::NvshmemDeviceLinked,
+        "True when the kernels were built with NVSHMEM's device library (internode paths).");
   m.def(
       "ll_workspace_bytes",
       [](int num_ranks, int max_tokens, int num_topk, int num_local_experts, int hidden,

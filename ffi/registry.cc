@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 
 #include "ll_copy_engines.h"
+#include "rdma.h"
 
 namespace jaxep {
 namespace {
@@ -26,6 +27,8 @@ struct Group {
   int max_tokens = 0;
   std::vector<LLWorkspace*> ll;  // empty when the low-latency buffers were not requested
   LLConfig ll_cfg;
+  int ranks_per_node = 0;  // one process per GPU across nodes: ranks p, q share a node when
+                           // p / ranks_per_node == q / ranks_per_node (0: one node)
   // Per rank, with ll and LLConfig::copy_engine; on the heap, as the handlers keep pointers
   // (LLCopyEngines holds a mutex: built in place, never copied).
   std::unique_ptr<LLCopyEngines[]> ll_ce;
@@ -165,13 +168,14 @@ ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, c
   p.total = p.ll_off;
   if (ll.enabled) {
     p.total += up(LLWorkspaceBytes(num_ranks, max_tokens, ll.num_topk, ll.num_local_experts,
-                                   ll.hidden, false));
+                                   ll.hidden, false, ll.rdma));
   }
   return p;
 }
 
 std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_t>& bases,
-                                int max_tokens, int capacity, const LLConfig& ll, int64_t* id) {
+                                int max_tokens, int capacity, const LLConfig& ll, int64_t* id,
+                                int ranks_per_node, const std::vector<int>& pes) {
   const int n = static_cast<int>(bases.size());
   if (n < 1 || n > kMaxRanks || rank < 0 || rank >= n) {
     return "an EP group across processes must have 1.." + std::to_string(kMaxRanks) +
@@ -179,12 +183,30 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
            " of " + std::to_string(n);
   }
   if (ll.copy_engine) return "copy-engine low-latency sends are not available across processes";
+  const int per_node = ranks_per_node > 0 ? ranks_per_node : n;
+  if (n % per_node != 0) {
+    return "ranks_per_node must divide the EP group's " + std::to_string(n) + " ranks, got " +
+           std::to_string(per_node);
+  }
+  uint32_t remote = 0;
+  for (int p = 0; p < n; ++p) remote |= (p / per_node != rank / per_node ? 1u : 0u) << p;
+  if (remote != 0) {
+    if (!ll.rdma) return "an EP group across nodes needs LLConfig.rdma (the staging area)";
+    if (static_cast<int>(pes.size()) != n) {
+      return "an EP group across nodes needs every rank's NVSHMEM PE: got " +
+             std::to_string(pes.size()) + " for " + std::to_string(n) + " ranks";
+    }
+    if (std::string e = InitNvshmemDevice(); !e.empty()) {
+      return "initialising NVSHMEM's device state for the internode kernels failed: " + e;
+    }
+  }
   const ProcessRegion region = ProcessRegionLayout(n, max_tokens, capacity, ll);
   Workspace* peers[kMaxRanks] = {};
   const char* stages[kMaxRanks] = {};
   LLWorkspace* ll_peers[kMaxRanks] = {};
   for (int p = 0; p < n; ++p) {
     char* base = reinterpret_cast<char*>(bases[p]);
+    if (!base && ((remote >> p) & 1u)) continue;  // reached with puts only
     if (!base) return "rank " + std::to_string(p) + "'s region is not addressable from rank " +
                       std::to_string(rank);
     peers[p] = reinterpret_cast<Workspace*>(base + region.workspace_off);
@@ -199,6 +221,7 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
   g.external = true;
   g.max_tokens = max_tokens;
   g.ll_cfg = ll;
+  g.ranks_per_node = remote ? per_node : 0;
   g.ws = {peers[rank]};
   g.stage = const_cast<char*>(stages[rank]);
   g.stage_bytes = region.stage_bytes;
@@ -214,7 +237,7 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
     err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_error), g.errors[0], 0);
     if (err == cudaSuccess) {
       err = InitProcessLLWorkspace(device, rank, n, max_tokens, ll.num_topk, ll.num_local_experts,
-                                   ll.hidden, device_error, ll_peers);
+                                   ll.hidden, device_error, ll_peers, remote, pes.data());
     }
     if (err != cudaSuccess) {
       Free(g);
@@ -249,17 +272,21 @@ WorkspaceRef FindWorkspace(int64_t id, int device) {
         return {g.ws[r], g.errors[r], g.ranks[r], n, g.max_tokens,
                 g.ll.empty() ? nullptr : g.ll[r],
                 LLShape{n, g.ll_cfg.num_local_experts, g.ll_cfg.hidden}, g.ll_cfg.num_topk,
-                g.ll_ce ? &g.ll_ce[r] : nullptr, g.stage, g.stage_bytes, g.ll_cfg.num_topk};
+                g.ll_ce ? &g.ll_ce[r] : nullptr, g.stage, g.stage_bytes, g.ll_cfg.num_topk,
+                g.ranks_per_node};
       }
     }
   }
   return {};
 }
 
-std::string DescribeError(const ErrorRecord& e) {
+std::string DescribeError(const ErrorRecord& e, int ranks_per_node) {
   if (e.code == 0) return "";
-  return "jaxep: rank " + std::to_string(e.rank) + " timed out waiting for peer " +
-         std::to_string(e.peer) + " in " + PhaseName(e.phase) + " (barrier " +
+  auto node = [&](int r) {
+    return ranks_per_node > 0 ? " (node " + std::to_string(r / ranks_per_node) + ")" : "";
+  };
+  return "jaxep: rank " + std::to_string(e.rank) + node(e.rank) + " timed out waiting for peer " +
+         std::to_string(e.peer) + node(e.peer) + " in " + PhaseName(e.phase) + " (barrier " +
          std::to_string(e.seq) + "); the peer never arrived: a crashed or stalled device, or "
          "mismatched calls across ranks";
 }
@@ -269,7 +296,7 @@ std::string FirstError(int64_t* id) {
   for (const auto& [comm, groups] : Table().live) {
     for (const auto& g : groups) {
       for (const ErrorRecord* e : g.errors) {
-        if (std::string s = DescribeError(*e); !s.empty()) {
+        if (std::string s = DescribeError(*e, g.ranks_per_node); !s.empty()) {
           *id = comm;
           return s;
         }
@@ -285,7 +312,7 @@ std::string DescribeError(int64_t id) {
   if (it == Table().live.end()) return "";
   for (const auto& g : it->second) {
     for (const ErrorRecord* e : g.errors) {
-      if (std::string s = DescribeError(*e); !s.empty()) return s;
+      if (std::string s = DescribeError(*e, g.ranks_per_node); !s.empty()) return s;
     }
   }
   return "";

@@ -26,6 +26,7 @@ struct WorkspaceRef {
   char* stage = nullptr;  // one process per GPU: this rank's stage (inputs copied for the peers)
   size_t stage_bytes = 0;
   int num_topk = 0;  // K the workspace's grouped row table was sized for
+  int ranks_per_node = 0;  // > 0: the group spans nodes; only the low-latency kernels serve it
 };
 
 // Sizes of a communicator's low-latency buffers (allocated when `enabled`); K, E_l and H are
@@ -34,6 +35,7 @@ struct LLConfig {
   bool enabled = false;
   int num_topk = 0, num_local_experts = 0, hidden = 0;
   bool copy_engine = false;  // also the copy-engine send buffers and streams
+  bool rdma = false;  // one process per GPU, some peer in another node: the staging area
 };
 
 // Allocates the workspaces of every EP group (groups[g][r] = device ordinal of rank r) under a
@@ -53,8 +55,13 @@ ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, c
 // ProcessRegionLayout) as this process addresses it (nvshmem_ptr; bases[rank] its own). Zeroes
 // this rank's region: the caller must keep the peers from writing into it until this returned
 // on every rank. The region is the caller's (never freed here). Returns "" or what failed.
+// ranks_per_node (0: all ranks in one node) puts ranks p and q in one node when p / n == q / n;
+// a peer in another node is reached only by the low-latency kernels, with NVSHMEM puts to
+// PE pes[p] (its base may be 0; the normal-mode workspace is then not usable, and the caller's
+// rule keeps the normal-mode ops off it). Needs NVSHMEM's device state (InitNvshmemDevice).
 std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_t>& bases,
-                                int max_tokens, int capacity, const LLConfig& ll, int64_t* id);
+                                int max_tokens, int capacity, const LLConfig& ll, int64_t* id,
+                                int ranks_per_node = 0, const std::vector<int>& pes = {});
 // Retires communicator `id`: handlers no longer find its workspaces (their calls fail with a
 // clear error). The memory stays allocated until the process exits, because a program captured
 // in a CUDA graph replays its kernels without calling the handler again: freeing would let such
@@ -64,7 +71,8 @@ void ReleaseCommunicator(int64_t id);
 WorkspaceRef FindWorkspace(int64_t id, int device);
 // A recorded kernel failure (barrier timeout) of communicator `id`, as text; empty if none.
 std::string DescribeError(int64_t id);
-std::string DescribeError(const ErrorRecord& e);
+// ranks_per_node > 0: the ranks' nodes are named too.
+std::string DescribeError(const ErrorRecord& e, int ranks_per_node = 0);
 // The first recorded kernel failure of any live communicator (*id set to it), or "".
 std::string FirstError(int64_t* id);
 

@@ -19,7 +19,7 @@ def reason(comm, op: str) -> str | None:
     if comm.backend != "cuda" or op == "dispatch_layout" or comm.implementation(op) == "cuda":
         return None
     cfg = comm.cfg
-    if not comm._intranode:
+    if not comm._intranode or comm._internode:
         return f"{comm.transport_reason} (see Communicator.transport_reason)"
     if op in ("ll_dispatch", "ll_combine") and cfg.low_latency is None:
         sizes = (comm.num_ranks, cfg.max_tokens_per_rank, cfg.num_topk, cfg.num_experts,

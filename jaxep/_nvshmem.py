@@ -14,7 +14,10 @@ NVSHMEM's symmetric heap (same size on every process), that every peer on the ho
 * allocates the region, maps the peers' regions and hands the addresses to the extension, which
   lays out the workspace, the stage and the low-latency buffers in it (``ffi/registry.h``).
 
-Host-side NVSHMEM only: the extension does not link NVSHMEM (peers are reached by load/store).
+Peers of the same node are reached by load/store through the mapped regions. When the EP group
+spans nodes (``EPConfig.ranks_per_node``, or peers on other hosts) the low-latency kernels reach
+the others with NVSHMEM's device library, linked into the extension, whose device state the
+extension initialises itself (``cuda/rdma.cu``) after the host init here.
 The regions stay allocated until the process exits, like the single-process workspaces (a
 program replayed from a CUDA graph must never touch freed memory).
 """
@@ -144,12 +147,32 @@ def _first_difference(mine: dict, theirs: dict) -> str:
     return "?"
 
 
+def _physical_ranks_per_node(nvshmem, group_processes: list[int]) -> int | None:
+    """Ranks per node of the group as the hardware places them (NVSHMEM's TEAM_NODE: the PEs
+    that share this host's memory): len(group) when all do; None when the nodes are not
+    contiguous blocks of one size (the kernels' node numbering, rank // ranks_per_node)."""
+    try:
+        teams = nvshmem.Teams
+        same = [nvshmem.team_translate_pe(teams.TEAM_WORLD, pe, teams.TEAM_NODE) >= 0
+                for pe in group_processes]
+    except Exception:  # noqa: BLE001 -- an NVSHMEM without TEAM_NODE: one node assumed
+        return len(group_processes)
+    n = sum(same)
+    me = jax.process_index()
+    rank = group_processes.index(me)
+    if n == 0 or len(group_processes) % n or any(
+            same[p] != (p // n == rank // n) for p in range(len(group_processes))):
+        return None
+    return n
+
+
 def create_region(comm, rank: int, device: int, group_processes: list[int], capacity: int,
                   low_latency: bool):
     """Allocates and registers this process's rank of ``comm``'s EP group (collective over all
-    processes). Returns ``(comm_id, bytes)``, or None when a peer is not load/store reachable
-    (another host: the internode transport is not available yet); every process returns the
-    same kind of answer."""
+    processes). Returns ``(comm_id, bytes, ranks_per_node)``, or ``(None, reason)`` when the
+    group spans nodes and the extension cannot reach them (built without NVSHMEM's device
+    library, or nodes that are not contiguous blocks of ranks); every process returns the same
+    kind of answer."""
     from jaxep import _cuda
 
     cfg = comm.cfg
@@ -161,6 +184,21 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
     seq = _STATE.next_comm
     _STATE.next_comm += 1
     prefix = f"{_KEY}/comm{seq}"
+    n = len(group_processes)
+    per_node = cfg.ranks_per_node if cfg.ranks_per_node is not None else \
+        _physical_ranks_per_node(nvshmem, group_processes)
+    per_node = None if per_node is None else min(per_node, n)
+    internode = per_node is None or per_node < n
+    refusal = None
+    if per_node is None:
+        refusal = ("the EP group's nodes are not contiguous blocks of ranks of one size "
+                   "(set EPConfig.ranks_per_node, or order the mesh by host)")
+    elif internode and not _cuda.nvshmem_device_linked():
+        refusal = ("the EP group spans nodes, and jaxep was built without NVSHMEM's device "
+                   "library (pip install nvidia-nvshmem-cu13 before building jaxep)")
+    elif internode and not low_latency:
+        refusal = ("the EP group spans nodes: only the low-latency ops have internode kernels, "
+                   "and this communicator has no low-latency buffers (EPConfig.low_latency)")
 
     # 1. Every process creates the same communicator: the symmetric allocation below is
     #    collective and would hang (or mismatch sizes) otherwise.
@@ -174,36 +212,50 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
                 f"{_first_difference(mine, theirs)}. Every process must create the same "
                 "Communicators (config, mesh, backend) in the same order")
 
-    # 2. The region, and the peers' regions as this process addresses them.
+    # 2. Every process refuses alike (the allocation below is collective).
+    refusals = _all_gather_str(client, f"{prefix}/refusal", refusal or "", timeout_s,
+                               f"plan communicator #{seq}")
+    refusal = next((r for r in refusals if r), None)
+    if refusal:
+        return None, refusal
+
+    # 3. The region, and the node peers' regions as this process addresses them (a rank in
+    #    another node is reached with puts only: 0).
     nbytes = int(_cuda.process_region_bytes(comm.num_ranks, cfg.max_tokens_per_rank, capacity,
                                             low_latency=low_latency, num_topk=cfg.num_topk,
                                             num_local_experts=comm.num_local_experts,
-                                            hidden=cfg.hidden))
+                                            hidden=cfg.hidden, rdma=internode))
     region = nvshmem.buffer(nbytes)
     _STATE.regions.append(region)
     bases = []
-    for pe in group_processes:
+    for p, pe in enumerate(group_processes):
         if pe == me:
             bases.append(int(region.handle))
+            continue
+        if p // per_node != rank // per_node:
+            bases.append(0)
             continue
         try:
             peer = nvshmem.get_peer_buffer(region, pe)
             bases.append(int(peer.handle) if peer is not None else 0)
-        except Exception:  # noqa: BLE001 -- not load/store reachable (another host)
+        except Exception:  # noqa: BLE001 -- not load/store reachable
             bases.append(0)
-    reachable = all(bases)
+    reachable = all(b or p // per_node != rank // per_node for p, b in enumerate(bases))
     flags = _all_gather_str(client, f"{prefix}/reachable", "1" if reachable else "0", timeout_s,
                             f"map communicator #{seq}'s peers")
     if not all(f == "1" for f in flags):
-        return None
+        return None, ("a peer of the EP group's node is not load/store reachable "
+                      f"(processes' flags: {flags})")
 
-    # 3. Register (zeroes this rank's region), then wait until every rank has, so no peer
+    # 4. Register (zeroes this rank's region), then wait until every rank has, so no peer
     #    writes into a region before it is initialised.
     comm_id, nbytes = _cuda.process_create(device, rank, bases, cfg.max_tokens_per_rank,
                                            capacity, low_latency=low_latency,
                                            num_topk=cfg.num_topk,
                                            num_local_experts=comm.num_local_experts,
-                                           hidden=cfg.hidden)
+                                           hidden=cfg.hidden,
+                                           ranks_per_node=per_node if internode else 0,
+                                           pes=list(group_processes))
     _all_gather_str(client, f"{prefix}/ready", "1", timeout_s,
                     f"initialise communicator #{seq}")
-    return comm_id, nbytes
+    return comm_id, nbytes, per_node

@@ -80,6 +80,13 @@ class Communicator:
             raise ValueError(f"num_experts ({cfg.num_experts}) must be divisible by the EP group "
                              f"size R={self.num_ranks} (mesh axes {cfg.axis_names})")
         self.num_local_experts = cfg.num_experts // self.num_ranks
+        if cfg.ranks_per_node is not None and self.num_ranks % min(cfg.ranks_per_node,
+                                                                   self.num_ranks):
+            raise ValueError(f"EPConfig.ranks_per_node ({cfg.ranks_per_node}) must divide the EP "
+                             f"group size R={self.num_ranks}")
+        # Ranks per node of the EP group (ranks r, q share a node when r // n == q // n): the
+        # config's, else the hardware's once the process-per-GPU transport has looked.
+        self.ranks_per_node = min(cfg.ranks_per_node or self.num_ranks, self.num_ranks)
         self.expert_rank, self.expert_slot = _placement_tables(cfg, self.num_ranks)
         # global_expert[r, s]: the global expert held by rank r in local slot s.
         self.global_expert = np.empty((self.num_ranks, self.num_local_experts), np.int32)
@@ -92,6 +99,7 @@ class Communicator:
         self.transport = None
         self.transport_reason = "backend='xla'" if self.backend == "xla" else ""
         self._intranode = False
+        self._internode = False  # the group spans nodes: only the low-latency kernels serve it
         self._low_latency = False
         self._closed = False
         if self.backend == "cuda":
@@ -116,6 +124,14 @@ class Communicator:
                                      f"E <= {_cuda.MAX_EXPERTS})")
             return
         me = jax.process_index()
+        if transport == "process" and self.ranks_per_node < self.num_ranks:
+            self.transport_reason = (
+                f"EPConfig.ranks_per_node={cfg.ranks_per_node} splits the EP group into nodes, "
+                "which the internode kernels reach as NVSHMEM PEs: that needs one process per "
+                "GPU, and this EP group is inside one process")
+            if explicit:
+                raise ValueError(f"backend='cuda': {self.transport_reason}")
+            return
         if transport == "process":
             ll = self._ll_wanted(cfg.ll_copy_engine)
             mine = [[d.local_hardware_id for d in g] for g in groups
@@ -136,14 +152,19 @@ class Communicator:
             made = _nvshmem.create_region(
                 self, rank, group[rank].local_hardware_id, [d.process_index for d in group],
                 cfg.recv_capacity or self.num_ranks * cfg.max_tokens_per_rank, ll)
-            if made is None:
-                reason = ("a peer of the EP group is not load/store reachable (another host): "
-                          "the internode transport is not available yet")
-                self.transport_reason = reason
+            if made[0] is None:
+                self.transport_reason = made[1]
                 if explicit:
-                    raise ValueError(f"backend='cuda': {reason}")
+                    raise ValueError(f"backend='cuda': {made[1]}")
                 return
-            self.comm_id, self.workspace_bytes = made
+            self.comm_id, self.workspace_bytes, self.ranks_per_node = made
+            if self.ranks_per_node < self.num_ranks:
+                self._internode = True
+                self.transport_reason = (
+                    f"EP groups span processes that drive one GPU each, in "
+                    f"{self.num_nodes} nodes of {self.ranks_per_node} ranks: the low-latency "
+                    "ops run the internode kernels (NVSHMEM puts between nodes), the "
+                    "normal-mode and grouped ops the pure-JAX path")
         self.transport = transport
         self._intranode = True
         self._low_latency = ll
@@ -200,6 +221,11 @@ class Communicator:
         return [[d.local_hardware_id for d in g] for g in self._ep_group_devices()
                 if g[0].process_index == me and all(d.process_index == me for d in g)]
 
+    @property
+    def num_nodes(self) -> int:
+        """Nodes the EP group spans (``R // ranks_per_node``)."""
+        return self.num_ranks // self.ranks_per_node
+
     def _kernels_supported(self) -> bool:
         return (self.num_ranks <= _cuda.MAX_RANKS and self.cfg.num_topk <= _cuda.MAX_TOPK
                 and self.cfg.num_experts <= _cuda.MAX_EXPERTS)
@@ -224,19 +250,19 @@ class Communicator:
         The rule: ``"xla"`` unless the backend is ``"cuda"``; then ``dispatch_layout`` runs its
         kernel within its limits, the normal-mode ops (grouped ones too) where this process has
         a transport for the EP group (``transport``; grouped ones with at most
-        ``_cuda.GROUPED_MAX_LOCAL_EXPERTS`` local experts), the low-latency ops where the
-        communicator has low-latency buffers."""
+        ``_cuda.GROUPED_MAX_LOCAL_EXPERTS`` local experts) and the group lies in one node, the
+        low-latency ops where the communicator has low-latency buffers (across nodes too)."""
         if op not in ALL_OPS:
             raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
         if self.backend != "cuda":
             return "xla"
         if op in CUDA_OPS and self._layout_supported():
             return "cuda"
-        if op in INTRANODE_OPS and self._intranode:
+        if op in INTRANODE_OPS and self._intranode and not self._internode:
             return "cuda"
         if op in LL_OPS and self._low_latency:
             return "cuda"
-        if (op in GROUPED_OPS and self._intranode
+        if (op in GROUPED_OPS and self._intranode and not self._internode
                 and self.num_local_experts <= _cuda.GROUPED_MAX_LOCAL_EXPERTS):
             return "cuda"
         return "xla"

@@ -82,6 +82,16 @@ class EPConfig:
         allocated). ``None`` (default) allocates them when that is at most 512 MiB, i.e. for
         decoding-sized ``max_tokens_per_rank``; ``False`` never (the ``ll_*`` ops then run the
         pure-JAX path).
+      ranks_per_node: where node boundaries fall in the EP group, for one process per GPU
+        (``Communicator.transport == "nvshmem"``). ``None`` (default): the hardware's (ranks
+        whose GPUs map each other's memory form a node). An int n: ranks r and q are in one
+        node when ``r // n == q // n`` (n must divide R), whatever the hardware: "virtual
+        nodes", so that peers in another virtual node take the internode (NVSHMEM put) path
+        even on one host or one GPU. A group spanning nodes runs the low-latency ops on the
+        internode kernels (flat: each row is put straight to its destination rank) and the
+        normal-mode and grouped ops on the pure-JAX path (no internode kernels for them yet;
+        ``Communicator.implementation`` says which runs). Errors of a group spanning nodes name
+        the node of the waiting rank and of the peer.
       ll_copy_engine: with the low-latency buffers, also allocate those of copy-engine sends
         (``ll_dispatch_send(..., copy_engine=True)``): two more receive buffers and two
         outboxes, ``16 * max_tokens_per_rank * hidden * R`` more bytes per GPU, counted in the
@@ -102,6 +112,7 @@ class EPConfig:
     failure_exit_s: float | None = 10.0
     low_latency: bool | None = None
     ll_copy_engine: bool = False
+    ranks_per_node: int | None = None
 
     def __post_init__(self):
         for name in ("num_experts", "num_topk", "hidden", "max_tokens_per_rank"):
@@ -144,6 +155,8 @@ class EPConfig:
         if self.low_latency is not None and not isinstance(self.low_latency, bool):
             raise TypeError(f"EPConfig.low_latency must be None, True or False, got "
                             f"{self.low_latency!r}")
+        if self.ranks_per_node is not None:
+            _positive_int("ranks_per_node", self.ranks_per_node)
         if not isinstance(self.ll_copy_engine, bool):
             raise TypeError(f"EPConfig.ll_copy_engine must be True or False, got "
                             f"{self.ll_copy_engine!r}")

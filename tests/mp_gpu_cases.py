@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from mp_gpu_worker import W
 
 SIZE = os.environ.get("MP_GPU_SIZE", "full")
+# EPConfig.ranks_per_node of the internode scenario (None: one node); the "empty_node" routing
+# sends nothing to the last node's experts.
+RANKS_PER_NODE = int(os.environ.get("MP_GPU_RANKS_PER_NODE", "0")) or None
 F32, F64 = np.float32, np.float64
 
 
@@ -156,6 +159,12 @@ def make_routing(kind, rng, R, T, E, K, expert_rank):
         idx = experts[np.argsort(rng.random((Ntok, len(experts))), axis=1)[:, :K]]
     elif kind == "nowhere":
         idx = np.full((Ntok, K), -1)
+    elif kind == "empty_node":
+        per = RANKS_PER_NODE or R
+        experts = np.flatnonzero(expert_rank // per != (R - 1) // per)
+        if len(experts) < K:  # one node: the empty rank's routing
+            return oracle.make_routing("empty_rank", rng, R, T, E, K, expert_rank)
+        idx = experts[np.argsort(rng.random((Ntok, len(experts))), axis=1)[:, :K]]
     elif kind == "mixed":
         idx, w = oracle.make_routing("random", rng, R, T, E, K, expert_rank)
         idx = idx.astype(np.int64)
@@ -559,16 +568,18 @@ def ll_grad_case(w: W, comm, T, kind, seed, dtype, prereduce):
     case.done()
 
 
-def ll_section(w: W):
+def ll_section(w: W, **extra):
+    """The low-latency cases; ``extra``: more EPConfig fields (the internode scenario's
+    ranks_per_node)."""
     S = LL
     R = w.R
     E, K, H, T = S["E"], S["K"], S["H"], S["T"]
     ops = ("ll_dispatch", "ll_combine")
     Cfg = jaxep.EPConfig
     ll = w.comm(Cfg(num_experts=E, num_topk=K, hidden=H, max_tokens_per_rank=T,
-                    low_latency=True), ops)
+                    low_latency=True, **extra), ops)
     ll_rr = w.comm(Cfg(num_experts=E, num_topk=K, hidden=H, max_tokens_per_rank=T,
-                       low_latency=True, placement="round_robin"), ops)
+                       low_latency=True, placement="round_robin", **extra), ops)
     for trial, kind in enumerate(kinds(LL_KINDS, TRIALS["ll"])):
         ll_case(w, ll, T, kind, seed_of("ll", R, trial), "linear")
     for trial, kind in enumerate(kinds(LL_KINDS[::-1], TRIALS["ll_few"])):

@@ -62,6 +62,9 @@ LOOP_ITERS = int(os.environ.get("MP_GPU_LOOP_ITERS", "1000"))
 FAIL_TIMEOUT_S = float(os.environ.get("MP_GPU_TIMEOUT_S", "10"))
 WATCHDOG_S = float(os.environ.get("MP_GPU_WATCHDOG_S", "1200"))
 KILL_AFTER = 5           # kill: the victim's completed calls before it SIGKILLs itself
+# EPConfig.ranks_per_node of every communicator of the internode, absent_ll and kill_ll
+# scenarios (virtual nodes; None: the hardware's, one node here)
+RANKS_PER_NODE = int(os.environ.get("MP_GPU_RANKS_PER_NODE", "0")) or None
 START = time.time()
 F32, F64 = np.float32, np.float64
 
@@ -399,10 +402,18 @@ def scenario_loop():
     case.bits("x", xs, w.rows(want))
     case.done()
 
+    _ll_loop(w, _cases())
+    return report(w)
+
+
+def _ll_loop(w, c, **extra):
+    """LOOP_ITERS x 2 rounds of ll_dispatch -> ll_combine in one lax.fori_loop, exact."""
+    Case, seed_of, LL = c.Case, c.seed_of, c.LL
+    R, Cfg, iters = w.R, jaxep.EPConfig, LOOP_ITERS
     S = LL
     E, K, H, T = S["E"], S["K"], S["H"], S["T"]
     ll = w.comm(Cfg(num_experts=E, num_topk=K, hidden=H, max_tokens_per_rank=T,
-                    low_latency=True), ("ll_dispatch", "ll_combine"))
+                    low_latency=True, **extra), ("ll_dispatch", "ll_combine"))
     el = ll.num_local_experts
 
     def ll_loop_body(x0, idx0, w4):
@@ -436,7 +447,6 @@ def scenario_loop():
     case.bits("x", x, w.rows(x0) + F32(2 * iters))
     case.bits("counts summed", total.astype(np.int64), want_counts)
     case.done()
-    return report(w)
 
 
 # How long a survivor waits for the others' reports: long enough for one that JAX left blocked
@@ -446,7 +456,8 @@ SURVIVOR_WAIT_S = 25.0
 
 def _fail_cfg(ll: bool):
     return jaxep.EPConfig(num_experts=16, num_topk=2, hidden=128, max_tokens_per_rank=16,
-                          timeout_s=FAIL_TIMEOUT_S, low_latency=True if ll else None)
+                          timeout_s=FAIL_TIMEOUT_S, low_latency=True if ll else None,
+                          ranks_per_node=RANKS_PER_NODE)
 
 
 def _report_failure(comm, t_call: float, err) -> int:
@@ -514,18 +525,22 @@ def scenario_absent_ll():
     _absent(ll=True)
 
 
-def scenario_kill():
+def _kill(ll: bool):
     w = W()
     victim = N - 1
     if victim == 0:
         raise RuntimeError("kill needs at least 2 processes (process 0 is never killed)")
-    comm = w.comm(_fail_cfg(False), ("dispatch", "combine"))
+    ops = ("ll_dispatch", "ll_combine") if ll else ("dispatch", "combine")
+    comm = w.comm(_fail_cfg(ll), ops)
     R, T, K, H = w.R, 16, 2, 128
     ge = comm.global_expert
     el = comm.num_local_experts
     g = np.arange(R * T)
 
     def body(x, idx, wts):
+        if ll:  # K distinct experts of one rank, weights 1/K: the sum is x + 1 exactly
+            d = jaxep.ll_dispatch(comm, x, idx)
+            return jaxep.ll_combine(comm, d.x + 1.0, idx, wts / K, d.handle)
         d = jaxep.dispatch(comm, x, idx, wts)
         return jaxep.combine(comm, d.x + 1.0, d.handle)
 
@@ -563,8 +578,51 @@ def scenario_kill():
     finish(4, survivors)
 
 
+def scenario_kill():
+    _kill(ll=False)
+
+
+def scenario_kill_ll():
+    _kill(ll=True)
+
+
+def scenario_internode():
+    """Virtual nodes (EPConfig.ranks_per_node = MP_GPU_RANKS_PER_NODE): every low-latency op
+    over the internode kernels against the oracle (>= 20 routings per op form, one of them an
+    empty node), the rule for the other ops, and the 1000-iteration loop."""
+    w = W()
+    c = _cases()
+    rpn = RANKS_PER_NODE
+    if not rpn or w.R % rpn or rpn >= w.R:
+        raise Fatal(f"internode needs MP_GPU_RANKS_PER_NODE dividing N={w.R} and below it, "
+                    f"got {rpn}")
+    LL = c.LL
+    comm = w.comm(jaxep.EPConfig(num_experts=LL["E"], num_topk=LL["K"], hidden=LL["H"],
+                                 max_tokens_per_rank=LL["T"], low_latency=True,
+                                 ranks_per_node=rpn), ("ll_dispatch", "ll_combine"))
+    case = c.Case(w, f"communicator of {w.R // rpn} virtual nodes x {rpn} ranks")
+    case.scalar("num_nodes", np.array(comm.num_nodes), np.array(w.R // rpn))
+    case.scalar("ranks_per_node", np.array(comm.ranks_per_node), np.array(rpn))
+    for op in ("dispatch", "combine", "dispatch_grouped", "combine_grouped"):
+        if comm.implementation(op) != "xla":
+            case.bad.append(f"implementation({op!r}) = {comm.implementation(op)!r}, want 'xla' "
+                            "(no internode kernels for it)")
+    if "nodes" not in comm.transport_reason:
+        case.bad.append(f"transport_reason does not mention the nodes: {comm.transport_reason!r}")
+    case.done()
+    c.TRIALS = dict(c.TRIALS, ll=20, ll_fp8=20, ll_two=20, ll_two_fp8=20)
+    c.LL_KINDS = c.LL_KINDS + ("empty_node",)
+    t0, n = time.monotonic(), w.cases
+    c.ll_section(w, ranks_per_node=rpn)
+    log(f"low-latency mode over {w.R // rpn} nodes: {w.cases - n} cases in "
+        f"{time.monotonic() - t0:.1f} s")
+    _ll_loop(w, c, ranks_per_node=rpn)
+    return report(w)
+
+
 SCENARIOS = dict(ops=scenario_ops, loop=scenario_loop, absent=scenario_absent,
-                 absent_ll=scenario_absent_ll, kill=scenario_kill)
+                 absent_ll=scenario_absent_ll, kill=scenario_kill, kill_ll=scenario_kill_ll,
+                 internode=scenario_internode)
 
 
 def main():

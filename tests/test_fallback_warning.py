@@ -17,11 +17,11 @@ class _Comm(types.SimpleNamespace):
 
 
 def fake(backend="cuda", intranode=True, low_latency=None, ll_buffers=False, impl="xla",
-         reason="every EP group lies inside one process"):
+         reason="every EP group lies inside one process", internode=False):
     cfg = jaxep.EPConfig(num_experts=256, num_topk=8, hidden=7168, max_tokens_per_rank=4096,
                          low_latency=low_latency)
     return _Comm(backend=backend, cfg=cfg, num_ranks=8, num_local_experts=32,
-                 _intranode=intranode, _low_latency=ll_buffers,
+                 _intranode=intranode, _internode=internode, _low_latency=ll_buffers,
                  transport_reason=reason, implementation=lambda op: impl)
 
 
@@ -41,6 +41,9 @@ def test_reasons(kernels):
     why = _fallback.reason(fake(intranode=False, reason="beyond the CUDA kernels' limits"),
                            "dispatch")
     assert "beyond the CUDA kernels' limits" in why
+    # a group across nodes: the normal-mode ops run the pure-JAX path, and the reason says so
+    why = _fallback.reason(fake(internode=True, reason="in 2 nodes of 4 ranks"), "dispatch")
+    assert "in 2 nodes of 4 ranks" in why
 
 
 def test_unsupported_ll_sizes(monkeypatch):

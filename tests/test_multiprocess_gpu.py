@@ -225,13 +225,16 @@ def assert_all_ok(run: Run) -> None:
     assert not left, f"workers {left} left processes behind\n" + run.report()
 
 
-CHECK_RE = re.compile(r"rank (\d+) timed out waiting for peer (\d+) in (.+)")
+CHECK_RE = re.compile(r"rank (\d+)(?: \(node (\d+)\))? timed out waiting for peer (\d+)"
+                      r"(?: \(node (\d+)\))? in (.+)")
 
 
-def assert_survivors_report(run: Run, victim: int, victim_rc, phase_word: str) -> None:
+def assert_survivors_report(run: Run, victim: int, victim_rc, phase_word: str,
+                            ranks_per_node: int | None = None) -> None:
     """Every process but ``victim`` failed its call within timeout_s + margin, printed
-    ``comm.check()``'s message naming its rank, the victim and a phase, and exited non-zero;
-    the victim exited with one of ``victim_rc``; nothing is left running."""
+    ``comm.check()``'s message naming its rank, the victim and a phase (and with
+    ``ranks_per_node`` both their nodes), and exited non-zero; the victim exited with one of
+    ``victim_rc``; nothing is left running."""
     if run.timed_out:
         pytest.fail("a worker had to be killed by the harness (a hang?)\n" + run.report())
     problems = []
@@ -243,11 +246,16 @@ def assert_survivors_report(run: Run, victim: int, victim_rc, phase_word: str) -
             continue
         tag = f"worker {w.index}"
         # 3: the worker saw the error (JAX raised, comm.check() named it); FAILURE_EXIT_CODE:
-        # JAX stayed blocked on the lost work and jaxep's failure watch ended the process.
-        handled = w.returncode == 3
-        if w.returncode not in (3, FAILURE_EXIT_CODE):
-            problems.append(f"{tag}: exit code {w.returncode}, want 3 (comm.check() raised) or "
-                            f"{FAILURE_EXIT_CODE} (jaxep ended the process)")
+        # JAX stayed blocked on the lost work and jaxep's failure watch ended the process;
+        # SIGABRT after comm.check() named it: JAX's coordination service aborted the worker
+        # while it waited for the others' reports, because process 0 (which hosts the service)
+        # had been ended by the failure watch.
+        reported = any("CHECK: " in line for line in w.stdout.splitlines())
+        handled = w.returncode == 3 or (w.returncode == -signal.SIGABRT and reported)
+        if not handled and w.returncode != FAILURE_EXIT_CODE:
+            problems.append(f"{tag}: exit code {w.returncode}, want 3 (comm.check() raised), "
+                            f"{FAILURE_EXIT_CODE} (jaxep ended the process) or SIGABRT after "
+                            "comm.check() named the peer")
         if "MISMATCH" in w.stdout:
             problems.append(f"{tag}: wrong results before the failure")
         checks = [line for line in w.stdout.splitlines() if "CHECK: " in line]
@@ -259,7 +267,12 @@ def assert_survivors_report(run: Run, victim: int, victim_rc, phase_word: str) -
                             f"message of comm.check() or jaxep's failure watch: "
                             f"{checks[-1:] or 'none printed'}")
         else:
-            rank, peer, phase = int(m.group(1)), int(m.group(2)), m.group(3)
+            rank, peer, phase = int(m.group(1)), int(m.group(3)), m.group(5)
+            if ranks_per_node:
+                nodes = (m.group(2), m.group(4))
+                want = (str(rank // ranks_per_node), str(peer // ranks_per_node))
+                if nodes != want:
+                    problems.append(f"{tag}: message names nodes {nodes}, want {want}")
             if rank != w.index:
                 problems.append(f"{tag}: message names rank {rank}, want {w.index}")
             if peer != victim:
@@ -374,6 +387,53 @@ def test_killed_peer_times_out(tmp_path, gpu_workers, num):
     run = run_workers(tmp_path, num, "kill", "cuda", timeout_s=FAIL_S,
                       extra_env={"MP_GPU_TIMEOUT_S": str(FAIL_TIMEOUT_S)})
     assert_survivors_report(run, victim=num - 1, victim_rc=(-signal.SIGKILL,), phase_word="")
+
+
+# ------------------------------------------------------------------------------------------
+# GPU tests across (virtual) nodes: EPConfig.ranks_per_node on one host or one GPU
+# ------------------------------------------------------------------------------------------
+
+# (processes, ranks per node): 2 nodes x 1, 2 nodes x 2, 4 nodes x 1
+INTERNODE_SHAPES = [(2, 1), (4, 2), (4, 1)]
+
+
+@pytest.mark.parametrize("num,rpn", INTERNODE_SHAPES,
+                         ids=[f"{n // r}x{r}" for n, r in INTERNODE_SHAPES])
+@pytest.mark.gpu
+@pytest.mark.multiprocess
+@pytest.mark.timeout(OPS_S + 60)
+def test_internode_ll_ops_match_oracle(tmp_path, gpu_workers, num, rpn):
+    """Virtual nodes: every low-latency op (one kernel and two-phase, bf16, float32 and FP8,
+    the four combines, gradients) with peers in other nodes reached by NVSHMEM puts, against
+    the NumPy oracle over >= 20 routings per form (an empty node among them); the rule keeps
+    the normal-mode ops on the pure-JAX path; 1000 ll_dispatch -> ll_combine rounds."""
+    if not _cuda.nvshmem_device_linked():
+        pytest.skip("jaxep built without NVSHMEM's device library (no internode kernels)")
+    run = run_workers(tmp_path, num, "internode", "cuda", timeout_s=OPS_S,
+                      extra_env={"MP_GPU_RANKS_PER_NODE": str(rpn)})
+    assert_all_ok(run)
+    for w in run.workers:  # shown with pytest -rP: each process's case count and time
+        print(*(line for line in w.stdout.splitlines() if "] OK (" in line or "cases in" in line),
+              sep="\n")
+
+
+@pytest.mark.parametrize("scenario,num,rpn,phase_word", [("absent_ll", 4, 2, "ll_dispatch"),
+                                                         ("kill_ll", 4, 2, "")])
+@pytest.mark.gpu
+@pytest.mark.multiprocess
+@pytest.mark.timeout(FAIL_S + 60)
+def test_internode_peer_failure_names_nodes(tmp_path, gpu_workers, scenario, num, rpn,
+                                            phase_word):
+    """Virtual nodes, the last process absent or killed: every other process fails within
+    timeout_s, and comm.check() names its rank and node, the peer and its node, the phase."""
+    if not _cuda.nvshmem_device_linked():
+        pytest.skip("jaxep built without NVSHMEM's device library (no internode kernels)")
+    run = run_workers(tmp_path, num, scenario, "cuda", timeout_s=FAIL_S,
+                      extra_env={"MP_GPU_TIMEOUT_S": str(FAIL_TIMEOUT_S),
+                                 "MP_GPU_RANKS_PER_NODE": str(rpn)})
+    victim_rc = (0, -signal.SIGABRT) if scenario == "absent_ll" else (-signal.SIGKILL,)
+    assert_survivors_report(run, victim=num - 1, victim_rc=victim_rc, phase_word=phase_word,
+                            ranks_per_node=rpn)
 
 
 # ------------------------------------------------------------------------------------------

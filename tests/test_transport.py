@@ -61,3 +61,47 @@ def test_auto_on_cpu_runs_xla(cpu_comm):
     comm = cpu_comm(2, backend="auto", num_experts=8, num_topk=2, hidden=16,
                     max_tokens_per_rank=4)
     assert comm.backend == "xla" and comm.transport is None
+
+
+# ---- nodes of the EP group (EPConfig.ranks_per_node) -----------------------------------------
+
+
+@pytest.mark.parametrize("value,error", [(0, ValueError), (-2, ValueError), (True, TypeError),
+                                         (2.0, TypeError)])
+def test_ranks_per_node_is_a_positive_int(value, error):
+    with pytest.raises(error, match="ranks_per_node"):
+        jaxep.EPConfig(num_experts=8, num_topk=2, hidden=16, max_tokens_per_rank=4,
+                       ranks_per_node=value)
+
+
+def test_ranks_per_node_must_divide_the_group(cpu_comm):
+    with pytest.raises(ValueError, match=r"ranks_per_node \(3\) must divide the EP group size R=4"):
+        cpu_comm(4, num_experts=8, num_topk=2, hidden=16, max_tokens_per_rank=4,
+                 ranks_per_node=3)
+
+
+@pytest.mark.parametrize("rpn,nodes", [(None, 1), (1, 4), (2, 2), (4, 1), (8, 1)])
+def test_nodes_of_the_group(cpu_comm, rpn, nodes):
+    comm = cpu_comm(4, num_experts=8, num_topk=2, hidden=16, max_tokens_per_rank=4,
+                    ranks_per_node=rpn)
+    assert comm.num_nodes == nodes and comm.ranks_per_node == 4 // nodes
+    # the xla backend computes the same function whatever the nodes
+    assert all(comm.implementation(op) == "xla" for op in ("dispatch", "ll_dispatch"))
+
+
+def test_the_rule_across_nodes(cpu_comm, monkeypatch):
+    """A group spanning nodes: the low-latency ops on their (internode) kernels, the normal-mode
+    and grouped ops on the pure-JAX path, dispatch_layout (local) on its kernel."""
+    monkeypatch.setattr(jaxep._cuda, "GROUPED_MAX_LOCAL_EXPERTS", 512)  # also without CUDA
+    comm = cpu_comm(4, num_experts=8, num_topk=2, hidden=16, max_tokens_per_rank=4,
+                    ranks_per_node=2)
+    # what Communicator._create_transport sets for a process-per-GPU group across nodes
+    comm.backend, comm.transport = "cuda", "nvshmem"
+    comm._intranode, comm._internode, comm._low_latency = True, True, True
+    impl = {op: comm.implementation(op) for op in jaxep.communicator.ALL_OPS}
+    assert impl == dict(dispatch_layout=impl["dispatch_layout"], dispatch="xla", combine="xla",
+                        ll_dispatch="cuda", ll_combine="cuda", dispatch_grouped="xla",
+                        combine_grouped="xla")
+    comm._internode = False  # one node: every op on its kernels
+    assert all(comm.implementation(op) == "cuda"
+               for op in ("dispatch", "combine", "ll_dispatch", "dispatch_grouped"))
