@@ -41,6 +41,46 @@ __device__ __forceinline__ char* StagingBundle(LLWorkspace* ws, int buffer, int 
   return Region(ws, LLStagingBundleOffset(ws->layout, ws->num_ranks, buffer, dest));
 }
 
+// Layered dispatch: the relay this rank received from `src`, and the one it stages for
+// forwarder `fwd` (same layout; RelayParts).
+__device__ __forceinline__ char* RelayIn(LLWorkspace* ws, int buffer, int src) {
+  return Region(ws, LLRelayInOffset(ws->layout, ws->num_ranks, buffer, src));
+}
+__device__ __forceinline__ char* RelayStage(LLWorkspace* ws, int buffer, int fwd) {
+  return Region(ws, LLRelayStageOffset(ws->layout, ws->num_ranks, buffer, fwd));
+}
+
+// The parts of one relay of a call with T rows: what a source sends a node once, for the
+// node's ranks j = 0 .. ranks_per_node - 1 (destination node * ranks_per_node + j): each
+// one's counts and per-token metadata as in its bundle, and the rows of the tokens that go to
+// any of them.
+struct RelayParts {
+  int32_t* counts;  // [rpn][counts_bytes / 4]
+  int32_t* meta;    // [T][rpn][meta_ints]
+  char* rows;       // [T] rows of `stride` bytes
+  int64_t stride;
+  int rpn, count_ints, meta_ints;
+  __device__ RelayParts(const LLWorkspace* ws, char* base, int T, int elem_bytes)
+      : counts(reinterpret_cast<int32_t*>(base)),
+        meta(reinterpret_cast<int32_t*>(base + int64_t{ws->layout.relay_ranks} *
+                                                   ws->layout.counts_bytes)),
+        rows(base + int64_t{ws->layout.relay_ranks} * ws->layout.counts_bytes +
+             LLAlign16(int64_t{T} * ws->layout.relay_ranks * ws->layout.meta_ints * 4)),
+        stride(LLRowStride(elem_bytes, ws->hidden)),
+        rpn(ws->layout.relay_ranks),
+        count_ints(ws->layout.counts_bytes / 4),
+        meta_ints(ws->layout.meta_ints) {}
+  __device__ int32_t* Counts(int j) const { return counts + j * count_ints; }
+  __device__ int32_t* Meta(int t, int j) const { return meta + (t * rpn + j) * meta_ints; }
+  __device__ char* Row(int t) const { return rows + t * stride; }
+};
+
+// The n-th lowest set bit of m.
+__device__ __forceinline__ int NthBit(unsigned m, int n) {
+  for (int i = 0; i < n; ++i) m &= m - 1;
+  return __ffs(m) - 1;
+}
+
 // The parts of one bundle of a call with T rows (see LLBundleUsedBytes).
 struct BundleParts {
   int32_t* counts;  // [E_l + 1]
@@ -142,9 +182,33 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
     return BundleParts(ws, base, T, elem);
   };
   const BundleParts own(ws, InboxBundle(ws, ws, p, me), T, elem);
-  // An int of d's bundle (the same field of `own` for a remote d).
+  // Layered: a rank d in another node gets its bundle through d's node's rank on this rank's
+  // rail (its forwarder), from the relay this rank puts there: `own_relay` gives the puts'
+  // destination addresses, relay_stage(f) the staged rows.
+  const bool layered = ws->layered != 0;
+  const int rpn = ws->ranks_per_node;
+  auto forwarder = [&](int d) { return d - d % rpn + me % rpn; };
+  const RelayParts own_relay(ws, RelayIn(ws, p, me), T, elem);
+  auto relay_stage = [&](int f) { return RelayParts(ws, RelayStage(ws, p, f), T, elem); };
+  // An int of d's bundle (`field` = its offset in a bundle's metadata or counts, `j`'s field
+  // of a relay for a layered remote d).
   auto store_int = [&](int d, int32_t* field_of_d, int32_t* field_of_own, int32_t v) {
-    if (Remote(ws, d)) PutInt(ws, d, field_of_own, v); else *field_of_d = v;
+    if (!Remote(ws, d)) *field_of_d = v;
+    else PutInt(ws, d, field_of_own, v);
+  };
+  auto store_meta = [&](int d, int t, int i, int32_t v) {
+    if (layered && Remote(ws, d)) {
+      PutInt(ws, forwarder(d), own_relay.Meta(t, d % rpn) + i, v);
+    } else {
+      store_int(d, bundle(d).Meta(ws, t) + i, own.Meta(ws, t) + i, v);
+    }
+  };
+  auto store_count = [&](int d, int l, int32_t v) {
+    if (layered && Remote(ws, d)) {
+      PutInt(ws, forwarder(d), own_relay.Counts(d % rpn) + l, v);
+    } else {
+      store_int(d, bundle(d).counts + l, own.counts + l, v);
+    }
   };
 
   int32_t* s_rank = smem;                                        // [E]
@@ -219,9 +283,7 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
       Load16(reinterpret_cast<const TIn*>(raw), v, false);
       scale = Quantize16(v, a.round_scale, q);
     }
-    for (unsigned todo = ranks; todo; todo &= todo - 1) {  // warp-uniform
-      const int d = __ffs(todo) - 1;
-      char* slot = bundle(d).Row(t);
+    auto write_chunk = [&](char* slot) {
       if (active && a.fp8) {
         *reinterpret_cast<int4*>(slot + h0) = q;
         if ((lane & 7) == 0) reinterpret_cast<float*>(slot + H)[h0 / 128] = scale;
@@ -230,16 +292,35 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
 #pragma unroll
         for (int j = 0; j < kVec; ++j) dst[j] = raw[j];
       }
-      if (Remote(ws, d)) {  // the staged chunk (and its FP8 scales) to d, by the whole warp
-        __syncwarp();
-        const int c0 = c * kLLChunk, n = min(kLLChunk, H - c0);
-        PutWarp(ws, d, own.Row(t) + static_cast<size_t>(c0) * elem, slot + static_cast<size_t>(c0) * elem,
-                static_cast<size_t>(n) * elem);
-        if (a.fp8) {
-          PutWarp(ws, d, own.Row(t) + H + c0 / 128 * 4, slot + H + c0 / 128 * 4,
-                  static_cast<size_t>(n / 128) * 4);
-        }
+    };
+    // The staged chunk (and its FP8 scales) from row `src` here to row `dst` at rank `to`, by
+    // the whole warp.
+    auto put_chunk = [&](int to, char* dst, char* src) {
+      __syncwarp();
+      const int c0 = c * kLLChunk, n = min(kLLChunk, H - c0);
+      PutWarp(ws, to, dst + static_cast<size_t>(c0) * elem, src + static_cast<size_t>(c0) * elem,
+              static_cast<size_t>(n) * elem);
+      if (a.fp8) {
+        PutWarp(ws, to, dst + H + c0 / 128 * 4, src + H + c0 / 128 * 4,
+                static_cast<size_t>(n / 128) * 4);
       }
+    };
+    unsigned direct = ranks, relays = 0;  // warp-uniform
+    if (layered) {
+      direct = ranks & ~ws->remote;
+      for (unsigned r = ranks & ws->remote; r; r &= r - 1) relays |= 1u << forwarder(__ffs(r) - 1);
+    }
+    for (unsigned todo = direct; todo; todo &= todo - 1) {
+      const int d = __ffs(todo) - 1;
+      char* slot = bundle(d).Row(t);
+      write_chunk(slot);
+      if (Remote(ws, d)) put_chunk(d, own.Row(t), slot);
+    }
+    for (unsigned todo = relays; todo; todo &= todo - 1) {  // once per node
+      const int f = __ffs(todo) - 1;
+      char* slot = relay_stage(f).Row(t);
+      write_chunk(slot);
+      put_chunk(f, own_relay.Row(t), slot);
     }
     if (c != 0) continue;  // warp-uniform
     const bool first = FirstListing(e, valid(e), kFull);  // lanes < K hold the entries
@@ -254,18 +335,15 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
       }
     }
     for (int d = 0; d < R; ++d) {
-      int32_t* meta = bundle(d).Meta(ws, t);
-      int32_t* own_meta = own.Meta(ws, t);
       if (!((ranks >> d) & 1u)) {  // warp-uniform
-        if (lane == 0) store_int(d, meta, own_meta, -1);
+        if (lane == 0) store_meta(d, t, 0, -1);
         continue;
       }
-      if (lane == 0) store_int(d, meta, own_meta, t);
+      if (lane == 0) store_meta(d, t, 0, t);
       if (lane < K) {
         const bool here = first && s_rank[e] == d;
-        store_int(d, meta + 1 + lane, own_meta + 1 + lane, here ? entry : -1);
-        store_int(d, meta + 1 + K + lane, own_meta + 1 + K + lane,
-                  __float_as_int(here ? entry_w : 0.f));
+        store_meta(d, t, 1 + lane, here ? entry : -1);
+        store_meta(d, t, 1 + K + lane, __float_as_int(here ? entry_w : 0.f));
       }
     }
   }
@@ -274,17 +352,29 @@ __device__ __forceinline__ DispatchCall DispatchSend(const LLDispatchSendArgs& a
   //    no rows: it does this while the others move them), and the invalid ids.
   if (blockIdx.x == gridDim.x - 1) {
     for (int e = tid; e < E; e += kThreads) {
-      const int d = s_rank[e], l = s_slot[e];
-      store_int(d, bundle(d).counts + l, own.counts + l,
-                PopcAll(s_emask + static_cast<size_t>(e) * W, W));
+      store_count(s_rank[e], s_slot[e], PopcAll(s_emask + static_cast<size_t>(e) * W, W));
     }
     if (tid == 0 && a.info) a.info[0] = s_invalid;
   }
 
   // 4. Each block signals its part to every destination (a copy-engine send: nothing; its copy
   //    graph raises the flags after the bundles); the last to finish advances the call numbers.
+  //    A rank in another node gets the signal by a put, after the block's puts are complete;
+  //    layered, its forwarder gets one for the relay instead.
   if (!outbox) {
-    SignalPeers(ws, [&](LLWorkspace* w) { return &w->dispatch_arrived[p][me]; });
+    PutsDone(ws);
+    __syncthreads();
+    const int d = tid;
+    if (d < R) {
+      const unsigned long long share = BlockShare();
+      if (!Remote(ws, d)) {
+        AddRelease(&ws->peers[d]->dispatch_arrived[p][me], share);
+      } else if (!layered) {
+        SignalAdd(ws, d, &ws->dispatch_arrived[p][me], share);
+      } else if (d == forwarder(d)) {
+        SignalAdd(ws, d, &ws->relay_arrived[p][me], share);
+      }
+    }
   } else {
     __syncthreads();
   }
@@ -308,6 +398,65 @@ __global__ void __launch_bounds__(kThreads) LLDispatchSendKernel(LLDispatchSendA
   // starts on the same boundary (here after the static s_invalid).
   extern __shared__ __align__(128) int32_t smem[];
   DispatchSend<TIn>(a, smem);
+}
+
+// ---- layered dispatch: the forwarders ------------------------------------------------------
+
+// Every thread of a block of every rank, before its recv of call `call` at buffer p (with T
+// rows per source): for each source on this rank's rail in another node, the bundles its relay
+// carries for this node's ranks are written into their inboxes, as that source would have
+// written them (rows of the tokens that go there, metadata, counts), and signalled for it.
+// Reads only what the source's relay signal published; the source reuses the relay only after
+// every rank has acknowledged the call (which follows these signals).
+template <int kElem>
+__device__ __forceinline__ void DispatchForward(LLWorkspace* ws, int T, int p,
+                                                unsigned long long call,
+                                                unsigned long long timeout_ns) {
+  if (!ws->layered) return;
+  const int R = ws->num_ranks, me = ws->rank, rpn = ws->ranks_per_node;
+  const int El = ws->num_local_experts, mi = ws->layout.meta_ints;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int node0 = me - me % rpn;  // this node's first rank
+  unsigned srcs = 0;  // sources on this rank's rail in other nodes
+  for (int s = me % rpn; s < R; s += rpn) srcs |= (Remote(ws, s) ? 1u : 0u) << s;
+  const int nsrc = __popc(srcs);
+  if (tid < R && ((srcs >> tid) & 1u)) {
+    const unsigned long long* f = &ws->relay_arrived[p][tid];
+    WaitFor([&] { return LoadAcquire(f) >= call * kLLCallTotal; }, ws->error, me, tid,
+            kLLDispatchForward, call, timeout_ns);
+  }
+  __syncthreads();
+
+  // Warp per (source, token): to each rank j of the node, the token's metadata, and its row
+  // if the token goes there. Received data is read through L2 (ld.global.cg).
+  const int n16 = static_cast<int>(LLRowStride(kElem, ws->hidden) / 16);
+  for (int item = blockIdx.x * kWarps + warp; item < nsrc * T; item += gridDim.x * kWarps) {
+    const int si = item / T, t = item - si * T, s = NthBit(srcs, si);
+    const RelayParts in(ws, RelayIn(ws, p, s), T, kElem);
+    for (int j = 0; j < rpn; ++j) {
+      const BundleParts out(ws, InboxBundle(ws, ws->peers[node0 + j], p, s), T, kElem);
+      const int32_t* m = in.Meta(t, j);
+      const int tok = __ldcg(m);  // warp-uniform
+      for (int i = lane; i < mi; i += 32) out.Meta(ws, t)[i] = __ldcg(m + i);
+      if (tok < 0) continue;
+      const int4* src = reinterpret_cast<const int4*>(in.Row(t));
+      int4* dst = reinterpret_cast<int4*>(out.Row(t));
+      for (int i = lane; i < n16; i += 32) dst[i] = __ldcg(src + i);
+    }
+  }
+  // Per (source, rank j, local expert): the count.
+  for (int i = blockIdx.x * kThreads + tid; i < nsrc * rpn * El; i += gridDim.x * kThreads) {
+    const int si = i / (rpn * El), j = (i / El) % rpn, l = i % El, s = NthBit(srcs, si);
+    const RelayParts in(ws, RelayIn(ws, p, s), T, kElem);
+    reinterpret_cast<int32_t*>(InboxBundle(ws, ws->peers[node0 + j], p, s))[l] =
+        __ldcg(in.Counts(j) + l);
+  }
+  // The block's share of each (source, rank j) bundle, signalled for the source.
+  __syncthreads();
+  if (tid < nsrc * rpn) {
+    const int s = NthBit(srcs, tid / rpn), d = node0 + tid % rpn;
+    AddRelease(&ws->peers[d]->dispatch_arrived[p][s], BlockShare());
+  }
 }
 
 // ---- dispatch recv ---------------------------------------------------------------------------
@@ -485,7 +634,9 @@ template <int kElem>
 __global__ void __launch_bounds__(kThreads) LLDispatchRecvKernel(LLDispatchRecvArgs a) {
   extern __shared__ __align__(128) int32_t smem[];
   // The send's call and buffer, not a counter: XLA may order the recvs of two sends either way.
-  DispatchRecv<kElem>(a, DispatchCall{CallNumber(a.info + 1), a.info[3], a.info[0]}, smem);
+  const DispatchCall d{CallNumber(a.info + 1), a.info[3], a.info[0]};
+  DispatchForward<kElem>(a.ws, a.num_tokens, d.p, d.call, a.timeout_ns);
+  DispatchRecv<kElem>(a, d, smem);
 }
 
 // ---- dispatch in one kernel -----------------------------------------------------------------
@@ -498,6 +649,7 @@ __global__ void __launch_bounds__(kThreads) LLDispatchKernel(LLDispatchSendArgs 
                                                              LLDispatchRecvArgs r) {
   extern __shared__ __align__(128) int32_t smem[];
   const DispatchCall d = DispatchSend<TIn>(s, smem);  // ends after a __syncthreads: smem is free
+  DispatchForward<kElem>(r.ws, r.num_tokens, d.p, d.call, r.timeout_ns);
   DispatchRecv<kElem>(r, d, smem);
 }
 
@@ -541,6 +693,15 @@ cudaError_t LaunchLLDispatchSendKernel(const LLDispatchSendArgs& a, cudaStream_t
 cudaError_t LaunchLLDispatchRecv(const LLDispatchRecvArgs& a, cudaStream_t stream) {
   const size_t smem = LLRecvSharedBytes(a.shape.num_ranks, a.shape.num_local_experts);
   const int blocks = DefaultBlocks(a.num_sms, 1 << 20);
+  if (a.shape.layered) {  // its blocks also forward, and a block's recv waits for other ranks'
+    const int b = min(blocks, DeviceSmCount());
+    switch (a.elem_bytes) {
+      case 1: return LaunchAllResident(LLDispatchRecvKernel<1>, b, smem, stream, a);
+      case 2: return LaunchAllResident(LLDispatchRecvKernel<2>, b, smem, stream, a);
+      case 4: return LaunchAllResident(LLDispatchRecvKernel<4>, b, smem, stream, a);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (a.elem_bytes) {
     case 1: LLDispatchRecvKernel<1><<<blocks, kThreads, smem, stream>>>(a); break;
     case 2: LLDispatchRecvKernel<2><<<blocks, kThreads, smem, stream>>>(a); break;

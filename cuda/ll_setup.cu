@@ -13,7 +13,7 @@
 namespace jaxep {
 
 LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                         int hidden, bool copy_engine, bool rdma) {
+                         int hidden, bool copy_engine, bool rdma, int relay_ranks) {
   auto up = [](int64_t n) { return (n + 255) & ~int64_t{255}; };
   LLLayout l{};
   l.slot_bytes = 4 * hidden;
@@ -32,18 +32,24 @@ LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_lo
   l.weights_off = l.combine_off + up(2 * int64_t{max_tokens} * l.combine_slots * l.slot_bytes);
   l.staging_off = l.weights_off + up(2 * int64_t{num_ranks} * max_tokens * num_topk * 8);
   l.rdma = rdma ? 1 : 0;
-  l.total_bytes = l.staging_off;
+  l.relay_ranks = rdma ? relay_ranks : 0;
+  l.relay_off = l.staging_off;
   if (rdma) {
-    l.total_bytes += 2 * bundles + up(int64_t{num_local_experts} * num_ranks * max_tokens *
-                                      l.slot_bytes);
+    l.relay_off += 2 * bundles + up(int64_t{num_local_experts} * num_ranks * max_tokens *
+                                    l.slot_bytes);
   }
+  // A relay: [relay_ranks][counts] [T_max][relay_ranks][meta] [T_max] rows (LLRelay* below).
+  l.relay_bytes = up(int64_t{l.relay_ranks} * l.counts_bytes +
+                     LLAlign16(int64_t{max_tokens} * l.relay_ranks * l.meta_ints * 4) +
+                     int64_t{max_tokens} * l.slot_bytes);
+  l.total_bytes = l.relay_off + (l.relay_ranks ? 4 * int64_t{num_ranks} * l.relay_bytes : 0);
   return l;
 }
 
 size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                        int hidden, bool copy_engine, bool rdma) {
+                        int hidden, bool copy_engine, bool rdma, int relay_ranks) {
   return static_cast<size_t>(ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts,
-                                             hidden, copy_engine, rdma).total_bytes);
+                                             hidden, copy_engine, rdma, relay_ranks).total_bytes);
 }
 
 namespace {
@@ -109,17 +115,23 @@ cudaError_t CreateLLWorkspaces(int num_ranks, const int* devices, int max_tokens
 cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_tokens,
                                    int num_topk, int num_local_experts, int hidden,
                                    ErrorRecord* error, LLWorkspace* const* peers,
-                                   uint32_t remote, const int* pes) {
+                                   int ranks_per_node, const int* pes, bool layered) {
+  const int per_node = ranks_per_node > 0 && ranks_per_node < num_ranks ? ranks_per_node : 0;
   if (!LLSizesValid(num_ranks, max_tokens, num_topk, hidden) || rank < 0 || rank >= num_ranks ||
-      ((remote >> rank) & 1u) || (remote && !pes)) {
+      (per_node && (num_ranks % per_node || !pes))) {
     return cudaErrorInvalidValue;
+  }
+  uint32_t remote = 0;
+  for (int p = 0; p < num_ranks && per_node; ++p) {
+    remote |= (p / per_node != rank / per_node ? 1u : 0u) << p;
   }
   for (int p = 0; p < num_ranks; ++p) {
     if (!((remote >> p) & 1u) && !peers[p]) return cudaErrorInvalidValue;
   }
+  layered = layered && per_node > 1;  // one rank per node: the relay is the destination
   const DeviceGuard restore_device;
   const LLLayout l = ComputeLLLayout(num_ranks, max_tokens, num_topk, num_local_experts, hidden,
-                                     false, remote != 0);
+                                     false, remote != 0, layered ? per_node : 0);
   cudaError_t err = cudaSetDevice(device);
   if (err == cudaSuccess) err = cudaMemset(peers[rank], 0, static_cast<size_t>(l.total_bytes));
   if (err == cudaSuccess) err = LoadLLModule();
@@ -128,6 +140,8 @@ cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_
                              l, error, peers);
     h.remote = remote;
     for (int p = 0; p < num_ranks && remote; ++p) h.pe[p] = pes[p];
+    h.ranks_per_node = per_node ? per_node : num_ranks;
+    h.layered = layered ? 1 : 0;
     err = cudaMemcpy(peers[rank], &h, sizeof(h), cudaMemcpyHostToDevice);
   }
   if (err == cudaSuccess) err = cudaDeviceSynchronize();

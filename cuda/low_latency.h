@@ -25,6 +25,7 @@ enum LLPhase : int32_t {
   kLLCombineSend = 13,
   kLLCombineRecv = 14,
   kLLCombineWeights = 15,  // pre-reduced combine send: waiting for a source's top-k weights
+  kLLDispatchForward = 16,  // layered dispatch: waiting for a source's relay (another node)
 };
 
 // A call's shares at one completion counter add up to this (see SignalPeers in ll_common.cuh):
@@ -47,14 +48,18 @@ struct LLLayout {
   int32_t combine_slots;  // slots per token and parity: max(K, R) (per top-k entry, or per
                           // expert rank with pre-reduction)
   int32_t rdma;          // 1: some peer is in another node (rdma.cuh): the staging area exists
+  int32_t relay_ranks;   // layered dispatch: ranks per node (the relays' width), else 0
   int64_t bundle_bytes;  // one dispatch bundle at T_max rows of slot_bytes
-  int64_t inbox_off, outbox_off, combine_off, weights_off, staging_off, total_bytes;  // bytes
-  // from the base:
+  int64_t relay_bytes;   // one relay bundle at T_max rows (layered dispatch)
+  int64_t inbox_off, outbox_off, combine_off, weights_off, staging_off, relay_off,
+      total_bytes;  // bytes from the base:
   // inbox:   [2 or 4 (buffer)][R(src)] bundles     outbox: [0 or 2 (buffer - 2)][R(dest)] bundles
   // combine: [2][T_max][combine_slots] slots       weights: [2][R(src)][T_max][K] 8-byte
   //                                                   words (float32 weight | call << 32)
   // staging (rdma only): [2 (SM buffer)][R(dest)] dispatch bundles, then [E_l * R * T_max]
   //   combine slots: what this rank puts to peers in other nodes, before the puts
+  // relay (layered only): [2][R(src)] relay bundles received (a source on this rank's rail in
+  //   another node), then [2][R(forwarder)] relay bundles staged for the puts
 };
 
 struct LLWorkspace {
@@ -65,6 +70,7 @@ struct LLWorkspace {
   alignas(128) unsigned long long dispatch_read[kLLDispatchBuffers][kMaxRanks];     // [buf][dest]
   alignas(128) unsigned long long combine_arrived[2][kMaxRanks];  // [parity][src]
   alignas(128) unsigned long long combine_read[2][kMaxRanks];     // [parity][dest]
+  alignas(128) unsigned long long relay_arrived[2][kMaxRanks];    // [buf][src] layered dispatch
   // This device's call numbers (advanced by the sends) and the sends' last-block tickets.
   alignas(128) unsigned long long dispatch_sm_sends;  // SM dispatch sends so far (buffer parity)
   unsigned long long combine_sends;                   // combine sends so far (parity, tags)
@@ -74,13 +80,17 @@ struct LLWorkspace {
   LLWorkspace* peers[kMaxRanks];  // this node's peers (others: null or unused)
   uint32_t remote;                // bit d: rank d is in another node, reached with NVSHMEM puts
   int32_t pe[kMaxRanks];          // rank d's NVSHMEM PE (rdma only)
+  int32_t ranks_per_node;         // with remote: rank d is in node d / ranks_per_node
+  int32_t layered;                // 1: dispatch rows to another node go once per node, relayed
   ErrorRecord* error;  // device alias of the rank's host-mapped record
   int32_t rank, num_ranks, max_tokens, num_topk, num_local_experts, hidden;
   LLLayout layout;
 };
 
+// rdma: some peer is in another node; relay_ranks > 0: the layered dispatch's relays for nodes
+// of that many ranks.
 LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                         int hidden, bool copy_engine, bool rdma = false);
+                         int hidden, bool copy_engine, bool rdma = false, int relay_ranks = 0);
 
 // Byte offsets from a workspace's base, shared by the kernels and the host's copy graphs:
 // dispatch bundle `x` (the source in an inbox, the destination in the outbox) of `buffer`, and
@@ -104,6 +114,15 @@ __host__ __device__ inline int64_t LLStagingSlotOffset(const LLLayout& l, int nu
                                                        int64_t i) {
   return l.staging_off + 2 * static_cast<int64_t>(num_ranks) * l.bundle_bytes + i * l.slot_bytes;
 }
+// Relays (layered dispatch): the bundle received from `src` / staged for forwarder `fwd`.
+__host__ __device__ inline int64_t LLRelayInOffset(const LLLayout& l, int num_ranks, int buffer,
+                                                   int src) {
+  return l.relay_off + (static_cast<int64_t>(buffer) * num_ranks + src) * l.relay_bytes;
+}
+__host__ __device__ inline int64_t LLRelayStageOffset(const LLLayout& l, int num_ranks,
+                                                      int buffer, int fwd) {
+  return l.relay_off + (static_cast<int64_t>(2 + buffer) * num_ranks + fwd) * l.relay_bytes;
+}
 __host__ __device__ inline int64_t LLElemBytes(bool fp8, int x_bytes) { return fp8 ? 1 : x_bytes; }
 
 // One dispatch bundle of a call with T tokens, rows of `elem_bytes` elements (1 = e4m3: the row
@@ -124,7 +143,7 @@ __host__ __device__ inline int64_t LLBundleUsedBytes(int counts_bytes, int num_t
 }
 
 size_t LLWorkspaceBytes(int num_ranks, int max_tokens, int num_topk, int num_local_experts,
-                        int hidden, bool copy_engine, bool rdma = false);
+                        int hidden, bool copy_engine, bool rdma = false, int relay_ranks = 0);
 // Dynamic shared memory of the dispatch send / recv and combine send kernels (the caller
 // checks the limit).
 size_t LLSendSharedBytes(int num_tokens, int num_topk, int num_experts);
@@ -142,13 +161,15 @@ cudaError_t DestroyLLWorkspaces(int num_ranks, const int* devices, LLWorkspace**
 // the caller allocated (LLWorkspaceBytes without copy-engine buffers; peers[p] is rank p's
 // workspace mapped here, peers[rank] this process's own, zeroed here). `error` is the device
 // alias of the rank's host-mapped record. Loads the kernels and synchronises.
-// remote (bit p: rank p is in another node; peers[p] may then be null) and pes (rank p's
-// NVSHMEM PE) select the put path of rdma.cuh; remote != 0 needs NVSHMEM's device state
-// initialised in this process (InitNvshmemDevice, rdma.h) and lays out the staging area.
+// ranks_per_node in (0, num_ranks): the group spans nodes (rank p in node p / ranks_per_node;
+// peers[p] may be null for another node's rank); those ranks are reached with the NVSHMEM puts
+// of rdma.cuh to PE pes[p], which needs NVSHMEM's device state initialised in this process
+// (InitNvshmemDevice, rdma.h); `layered`: dispatch rows go once per node (see low_latency.h).
 cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_tokens,
                                    int num_topk, int num_local_experts, int hidden,
                                    ErrorRecord* error, LLWorkspace* const* peers,
-                                   uint32_t remote = 0, const int* pes = nullptr);
+                                   int ranks_per_node = 0, const int* pes = nullptr,
+                                   bool layered = false);
 
 // Per-device state of copy-engine dispatch sends: host-side only, see ll_copy_engines.h.
 struct LLCopyEngines;
@@ -156,6 +177,7 @@ struct LLCopyEngines;
 // Host-side copy of a workspace's sizes, for launch configuration.
 struct LLShape {
   int num_ranks, num_local_experts, hidden;
+  bool layered = false;  // the dispatch recv relays too (its blocks wait for one another)
 };
 
 // ---- dispatch -----------------------------------------------------------------------------

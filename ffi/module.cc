@@ -110,23 +110,26 @@ NB_MODULE(_jaxep_ext, m) {
   m.def(
       "process_region_bytes",
       [](int num_ranks, int max_tokens, int capacity, bool low_latency, int num_topk,
-         int num_local_experts, int hidden, bool rdma) {
-        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, false, rdma};
+         int num_local_experts, int hidden, bool rdma, int relay_ranks) {
+        jaxep::LLConfig ll{low_latency, num_topk,     num_local_experts, hidden,
+                           false,       rdma,         rdma ? relay_ranks : 0};
         return jaxep::ProcessRegionLayout(num_ranks, max_tokens, capacity, ll).total;
       },
       nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("capacity"), nb::arg("low_latency"),
       nb::arg("num_topk"), nb::arg("num_local_experts"), nb::arg("hidden"),
-      nb::arg("rdma") = false,
+      nb::arg("rdma") = false, nb::arg("relay_ranks") = 0,
       "Bytes of one rank's symmetric region (one process per GPU): the same on every rank. "
-      "rdma: the group spans nodes (the low-latency staging area is included).");
+      "rdma: the group spans nodes (the low-latency staging area is included); relay_ranks: "
+      "the layered dispatch's relays for nodes of that many ranks.");
   m.def(
       "process_create",
       [](int device, int rank, const std::vector<uint64_t>& bases, int max_tokens, int capacity,
          bool low_latency, int num_topk, int num_local_experts, int hidden, int ranks_per_node,
-         const std::vector<int>& pes) {
+         const std::vector<int>& pes, bool layered) {
         const int n = static_cast<int>(bases.size());
         const bool rdma = ranks_per_node > 0 && ranks_per_node < n;
-        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, false, rdma};
+        const int relay = rdma && layered && ranks_per_node > 1 ? ranks_per_node : 0;
+        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, false, rdma, relay};
         std::vector<uintptr_t> b(bases.begin(), bases.end());
         int64_t id = 0;
         std::string err = jaxep::RegisterProcessRank(device, rank, b, max_tokens, capacity, ll,
@@ -137,10 +140,11 @@ NB_MODULE(_jaxep_ext, m) {
       nb::arg("device"), nb::arg("rank"), nb::arg("bases"), nb::arg("max_tokens"),
       nb::arg("capacity"), nb::arg("low_latency"), nb::arg("num_topk"),
       nb::arg("num_local_experts"), nb::arg("hidden"), nb::arg("ranks_per_node") = 0,
-      nb::arg("pes") = std::vector<int>{},
+      nb::arg("pes") = std::vector<int>{}, nb::arg("layered") = false,
       "Register this process's rank of an EP group spanning processes (one GPU each): bases[p] "
       "is rank p's symmetric region as this process addresses it (0 for a rank in another "
-      "node); ranks_per_node in (0, n): the group spans nodes, pes[p] is rank p's NVSHMEM PE; "
+      "node); ranks_per_node in (0, n): the group spans nodes, pes[p] is rank p's NVSHMEM PE, "
+      "layered: the low-latency dispatch relays rows once per node (nodes of 2+ ranks); "
       "returns (id, bytes per rank).");
   m.def("nvshmem_device_linked", &jaxep::NvshmemDeviceLinked,
         "True when the kernels were built with NVSHMEM's device library (internode paths).");

@@ -70,6 +70,7 @@ const char* PhaseName(int phase) {
     case kLLCombineSend: return "ll_combine send (waiting for the destination to release its buffer)";
     case kLLCombineRecv: return "ll_combine receive (waiting for the expert rank's rows)";
     case kLLCombineWeights: return "ll_combine send, pre-reduced (waiting for the source's top-k weights)";
+    case kLLDispatchForward: return "ll_dispatch forward, layered (waiting for the source's relayed rows)";
     default: return "unknown phase";
   }
 }
@@ -168,7 +169,7 @@ ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, c
   p.total = p.ll_off;
   if (ll.enabled) {
     p.total += up(LLWorkspaceBytes(num_ranks, max_tokens, ll.num_topk, ll.num_local_experts,
-                                   ll.hidden, false, ll.rdma));
+                                   ll.hidden, false, ll.rdma, ll.relay_ranks));
   }
   return p;
 }
@@ -190,6 +191,11 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
   }
   uint32_t remote = 0;
   for (int p = 0; p < n; ++p) remote |= (p / per_node != rank / per_node ? 1u : 0u) << p;
+  if (ll.relay_ranks != 0 && (remote == 0 || ll.relay_ranks != per_node || per_node < 2)) {
+    return "the layered dispatch needs an EP group across nodes of 2 or more ranks (relay "
+           "width " + std::to_string(ll.relay_ranks) + ", " + std::to_string(per_node) +
+           " ranks per node)";
+  }
   if (remote != 0) {
     if (!ll.rdma) return "an EP group across nodes needs LLConfig.rdma (the staging area)";
     if (static_cast<int>(pes.size()) != n) {
@@ -237,7 +243,8 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
     err = cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_error), g.errors[0], 0);
     if (err == cudaSuccess) {
       err = InitProcessLLWorkspace(device, rank, n, max_tokens, ll.num_topk, ll.num_local_experts,
-                                   ll.hidden, device_error, ll_peers, remote, pes.data());
+                                   ll.hidden, device_error, ll_peers, remote ? per_node : 0,
+                                   pes.data(), ll.relay_ranks > 0);
     }
     if (err != cudaSuccess) {
       Free(g);
@@ -271,7 +278,9 @@ WorkspaceRef FindWorkspace(int64_t id, int device) {
         const int n = g.num_ranks;
         return {g.ws[r], g.errors[r], g.ranks[r], n, g.max_tokens,
                 g.ll.empty() ? nullptr : g.ll[r],
-                LLShape{n, g.ll_cfg.num_local_experts, g.ll_cfg.hidden}, g.ll_cfg.num_topk,
+                LLShape{n, g.ll_cfg.num_local_experts, g.ll_cfg.hidden,
+                        g.ll_cfg.relay_ranks > 0},
+                g.ll_cfg.num_topk,
                 g.ll_ce ? &g.ll_ce[r] : nullptr, g.stage, g.stage_bytes, g.ll_cfg.num_topk,
                 g.ranks_per_node};
       }

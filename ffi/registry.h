@@ -36,6 +36,7 @@ struct LLConfig {
   int num_topk = 0, num_local_experts = 0, hidden = 0;
   bool copy_engine = false;  // also the copy-engine send buffers and streams
   bool rdma = false;  // one process per GPU, some peer in another node: the staging area
+  int relay_ranks = 0;  // with rdma, the layered dispatch's relays: ranks per node (> 1)
 };
 
 // Allocates the workspaces of every EP group (groups[g][r] = device ordinal of rank r) under a
@@ -59,6 +60,7 @@ ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, c
 // a peer in another node is reached only by the low-latency kernels, with NVSHMEM puts to
 // PE pes[p] (its base may be 0; the normal-mode workspace is then not usable, and the caller's
 // rule keeps the normal-mode ops off it). Needs NVSHMEM's device state (InitNvshmemDevice).
+// ll.relay_ranks > 0 selects the layered dispatch (it must equal ranks_per_node).
 std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_t>& bases,
                                 int max_tokens, int capacity, const LLConfig& ll, int64_t* id,
                                 int ranks_per_node = 0, const std::vector<int>& pes = {});

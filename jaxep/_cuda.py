@@ -194,26 +194,31 @@ def intranode_create(groups, max_tokens: int, *, low_latency: bool = False, num_
 
 
 def process_region_bytes(num_ranks, max_tokens, capacity, *, low_latency, num_topk,
-                         num_local_experts, hidden, rdma=False) -> int:
+                         num_local_experts, hidden, rdma=False, relay_ranks=0) -> int:
     """Bytes of one rank's symmetric region (one process per GPU); the same on every rank.
-    ``rdma``: the group spans nodes (the low-latency puts' staging area is included)."""
+    ``rdma``: the group spans nodes (the low-latency puts' staging area is included);
+    ``relay_ranks`` > 0: the layered dispatch's relays for nodes of that many ranks."""
     _require()
     return int(_ext.process_region_bytes(int(num_ranks), int(max_tokens), int(capacity),
                                          bool(low_latency), int(num_topk),
-                                         int(num_local_experts), int(hidden), bool(rdma)))
+                                         int(num_local_experts), int(hidden), bool(rdma),
+                                         int(relay_ranks)))
 
 
 def process_create(device, rank, bases, max_tokens, capacity, *, low_latency, num_topk,
-                   num_local_experts, hidden, ranks_per_node=0, pes=()) -> tuple[int, int]:
+                   num_local_experts, hidden, ranks_per_node=0, pes=(),
+                   layered=False) -> tuple[int, int]:
     """Registers this process's rank of an EP group spanning processes, in the symmetric regions
     ``bases`` (rank p's as this process addresses it; 0 for a rank in another node):
     ``(id, bytes per rank)``. ``ranks_per_node`` in (0, R): the group spans nodes, rank p is
-    NVSHMEM PE ``pes[p]`` (the extension initialises NVSHMEM's device state for its kernels)."""
+    NVSHMEM PE ``pes[p]`` (the extension initialises NVSHMEM's device state for its kernels);
+    ``layered``: the low-latency dispatch sends once per node through forwarders."""
     _require()
     comm_id, nbytes = _ext.process_create(int(device), int(rank), [int(b) for b in bases],
                                           int(max_tokens), int(capacity), bool(low_latency),
                                           int(num_topk), int(num_local_experts), int(hidden),
-                                          int(ranks_per_node), [int(p) for p in pes])
+                                          int(ranks_per_node), [int(p) for p in pes],
+                                          bool(layered))
     return int(comm_id), int(nbytes)
 
 

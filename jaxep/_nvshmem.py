@@ -169,7 +169,7 @@ def _physical_ranks_per_node(nvshmem, group_processes: list[int]) -> int | None:
 def create_region(comm, rank: int, device: int, group_processes: list[int], capacity: int,
                   low_latency: bool):
     """Allocates and registers this process's rank of ``comm``'s EP group (collective over all
-    processes). Returns ``(comm_id, bytes, ranks_per_node)``, or ``(None, reason)`` when the
+    processes). Returns ``(comm_id, bytes, ranks_per_node, layered)``, or ``(None, reason)`` when the
     group spans nodes and the extension cannot reach them (built without NVSHMEM's device
     library, or nodes that are not contiguous blocks of ranks); every process returns the same
     kind of answer."""
@@ -212,6 +212,10 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
                 f"{_first_difference(mine, theirs)}. Every process must create the same "
                 "Communicators (config, mesh, backend) in the same order")
 
+    # The layered low-latency dispatch (EPConfig.ll_layered; None: layered) needs nodes of two
+    # or more ranks (with one, the forwarder is the destination: flat).
+    layered = internode and per_node is not None and per_node > 1 and cfg.ll_layered is not False
+
     # 2. Every process refuses alike (the allocation below is collective).
     refusals = _all_gather_str(client, f"{prefix}/refusal", refusal or "", timeout_s,
                                f"plan communicator #{seq}")
@@ -224,7 +228,8 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
     nbytes = int(_cuda.process_region_bytes(comm.num_ranks, cfg.max_tokens_per_rank, capacity,
                                             low_latency=low_latency, num_topk=cfg.num_topk,
                                             num_local_experts=comm.num_local_experts,
-                                            hidden=cfg.hidden, rdma=internode))
+                                            hidden=cfg.hidden, rdma=internode,
+                                            relay_ranks=per_node if layered else 0))
     region = nvshmem.buffer(nbytes)
     _STATE.regions.append(region)
     bases = []
@@ -255,7 +260,7 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
                                            num_local_experts=comm.num_local_experts,
                                            hidden=cfg.hidden,
                                            ranks_per_node=per_node if internode else 0,
-                                           pes=list(group_processes))
+                                           pes=list(group_processes), layered=layered)
     _all_gather_str(client, f"{prefix}/ready", "1", timeout_s,
                     f"initialise communicator #{seq}")
-    return comm_id, nbytes, per_node
+    return comm_id, nbytes, per_node, layered

@@ -87,6 +87,9 @@ class Communicator:
         # Ranks per node of the EP group (ranks r, q share a node when r // n == q // n): the
         # config's, else the hardware's once the process-per-GPU transport has looked.
         self.ranks_per_node = min(cfg.ranks_per_node or self.num_ranks, self.num_ranks)
+        # Whether the low-latency dispatch to other nodes is layered (EPConfig.ll_layered), as
+        # the internode kernels run it; False within one node.
+        self.ll_layered = False
         self.expert_rank, self.expert_slot = _placement_tables(cfg, self.num_ranks)
         # global_expert[r, s]: the global expert held by rank r in local slot s.
         self.global_expert = np.empty((self.num_ranks, self.num_local_experts), np.int32)
@@ -157,14 +160,15 @@ class Communicator:
                 if explicit:
                     raise ValueError(f"backend='cuda': {made[1]}")
                 return
-            self.comm_id, self.workspace_bytes, self.ranks_per_node = made
+            self.comm_id, self.workspace_bytes, self.ranks_per_node, self.ll_layered = made
             if self.ranks_per_node < self.num_ranks:
                 self._internode = True
                 self.transport_reason = (
                     f"EP groups span processes that drive one GPU each, in "
                     f"{self.num_nodes} nodes of {self.ranks_per_node} ranks: the low-latency "
-                    "ops run the internode kernels (NVSHMEM puts between nodes), the "
-                    "normal-mode and grouped ops the pure-JAX path")
+                    "ops run the internode kernels (NVSHMEM puts between nodes; the dispatch "
+                    f"{'layered' if self.ll_layered else 'flat'}), the normal-mode and grouped "
+                    "ops the pure-JAX path")
         self.transport = transport
         self._intranode = True
         self._low_latency = ll

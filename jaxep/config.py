@@ -92,6 +92,15 @@ class EPConfig:
         normal-mode and grouped ops on the pure-JAX path (no internode kernels for them yet;
         ``Communicator.implementation`` says which runs). Errors of a group spanning nodes name
         the node of the waiting rank and of the peer.
+      ll_layered: how the low-latency dispatch reaches another node (with ``ranks_per_node``
+        >= 2 and a group spanning nodes). ``False``: flat, each (token, destination rank) row
+        is put straight to its rank (DeepEP V1). ``True``: layered, each token goes once per
+        destination node, to the node's rank on the sender's rail (the same index in its
+        node), which forwards it over NVLink to the destination ranks (DeepEP PR #500): fewer
+        RDMA bytes for an NVLink hop, and the destination node's forwarders take part in the
+        receive. ``None`` (default): layered, which ``benchmarks/model_internode.py`` predicts
+        faster at 2-32 nodes x 8 GPUs for decoding batches (benchmarks/RESULTS.md,
+        "Internode"). Both give bit-identical outputs; the combine is flat either way.
       ll_copy_engine: with the low-latency buffers, also allocate those of copy-engine sends
         (``ll_dispatch_send(..., copy_engine=True)``): two more receive buffers and two
         outboxes, ``16 * max_tokens_per_rank * hidden * R`` more bytes per GPU, counted in the
@@ -113,6 +122,7 @@ class EPConfig:
     low_latency: bool | None = None
     ll_copy_engine: bool = False
     ranks_per_node: int | None = None
+    ll_layered: bool | None = None
 
     def __post_init__(self):
         for name in ("num_experts", "num_topk", "hidden", "max_tokens_per_rank"):
@@ -157,6 +167,9 @@ class EPConfig:
                             f"{self.low_latency!r}")
         if self.ranks_per_node is not None:
             _positive_int("ranks_per_node", self.ranks_per_node)
+        if self.ll_layered is not None and not isinstance(self.ll_layered, bool):
+            raise TypeError(f"EPConfig.ll_layered must be None, True or False, got "
+                            f"{self.ll_layered!r}")
         if not isinstance(self.ll_copy_engine, bool):
             raise TypeError(f"EPConfig.ll_copy_engine must be True or False, got "
                             f"{self.ll_copy_engine!r}")

@@ -609,14 +609,18 @@ def scenario_internode():
                             "(no internode kernels for it)")
     if "nodes" not in comm.transport_reason:
         case.bad.append(f"transport_reason does not mention the nodes: {comm.transport_reason!r}")
+    if comm.ll_layered != (rpn > 1):  # the default: layered where a node has 2+ ranks
+        case.bad.append(f"ll_layered = {comm.ll_layered}, want {rpn > 1} by default")
     case.done()
     c.TRIALS = dict(c.TRIALS, ll=20, ll_fp8=20, ll_two=20, ll_two_fp8=20)
     c.LL_KINDS = c.LL_KINDS + ("empty_node",)
-    t0, n = time.monotonic(), w.cases
-    c.ll_section(w, ranks_per_node=rpn)
-    log(f"low-latency mode over {w.R // rpn} nodes: {w.cases - n} cases in "
-        f"{time.monotonic() - t0:.1f} s")
-    _ll_loop(w, c, ranks_per_node=rpn)
+    # flat, then (nodes of 2+ ranks) layered: each bit-exact against the oracle
+    for layered in (False, True) if rpn > 1 else (False,):
+        t0, n = time.monotonic(), w.cases
+        c.ll_section(w, ranks_per_node=rpn, ll_layered=layered)
+        log(f"low-latency mode over {w.R // rpn} nodes, {'layered' if layered else 'flat'}: "
+            f"{w.cases - n} cases in {time.monotonic() - t0:.1f} s")
+    _ll_loop(w, c, ranks_per_node=rpn)  # the default (layered with 2+ ranks per node)
     return report(w)
 
 

@@ -404,9 +404,10 @@ INTERNODE_SHAPES = [(2, 1), (4, 2), (4, 1)]
 @pytest.mark.timeout(OPS_S + 60)
 def test_internode_ll_ops_match_oracle(tmp_path, gpu_workers, num, rpn):
     """Virtual nodes: every low-latency op (one kernel and two-phase, bf16, float32 and FP8,
-    the four combines, gradients) with peers in other nodes reached by NVSHMEM puts, against
-    the NumPy oracle over >= 20 routings per form (an empty node among them); the rule keeps
-    the normal-mode ops on the pure-JAX path; 1000 ll_dispatch -> ll_combine rounds."""
+    the four combines, gradients) with peers in other nodes reached by NVSHMEM puts, the
+    dispatch flat and (nodes of 2+ ranks) layered, against the NumPy oracle over >= 20
+    routings per form (an empty node among them); the rule keeps the normal-mode ops on the
+    pure-JAX path; 1000 ll_dispatch -> ll_combine rounds."""
     if not _cuda.nvshmem_device_linked():
         pytest.skip("jaxep built without NVSHMEM's device library (no internode kernels)")
     run = run_workers(tmp_path, num, "internode", "cuda", timeout_s=OPS_S,

@@ -74,6 +74,12 @@ def test_ranks_per_node_is_a_positive_int(value, error):
                        ranks_per_node=value)
 
 
+def test_ll_layered_is_a_bool_or_none():
+    with pytest.raises(TypeError, match="ll_layered must be None, True or False"):
+        jaxep.EPConfig(num_experts=8, num_topk=2, hidden=16, max_tokens_per_rank=4,
+                       ll_layered=1)
+
+
 def test_ranks_per_node_must_divide_the_group(cpu_comm):
     with pytest.raises(ValueError, match=r"ranks_per_node \(3\) must divide the EP group size R=4"):
         cpu_comm(4, num_experts=8, num_topk=2, hidden=16, max_tokens_per_rank=4,
