@@ -37,9 +37,10 @@ __device__ __forceinline__ char* CombineSlot(const LLWorkspace* ws, LLWorkspace*
   return Region(w, ws->layout.combine_off) + idx * ws->layout.slot_bytes;
 }
 
-// Staging slot i (rdma.cuh): a row of y (plain combine) or a (source, token) pair
-// (pre-reduced), as this rank puts it to a peer in another node.
-__device__ __forceinline__ char* StagingSlot(LLWorkspace* ws, int64_t i) {
+// The staging copy (rdma.cuh) of slot k of token t of rank s, as this rank puts it there
+// (another node): one per destination slot, whatever the parity.
+__device__ __forceinline__ char* StagingSlot(LLWorkspace* ws, int s, int t, int k) {
+  const int64_t i = (static_cast<int64_t>(s) * ws->max_tokens + t) * ws->layout.combine_slots + k;
   return Region(ws, LLStagingSlotOffset(ws->layout, ws->num_ranks, i));
 }
 
@@ -217,8 +218,8 @@ __device__ __forceinline__ unsigned long long CombineSend(const LLCombineSendArg
         BulkStore(CombineSlot(ws, ws->peers[s], p, t, k) + off, buf, bytes);
         continue;
       }
-      // Another node: staged in row r's slot, then put once the bulk store has landed.
-      char* staged = StagingSlot(ws, static_cast<int64_t>(r)) + off;
+      // Another node: staged, then put once the bulk store has landed.
+      char* staged = StagingSlot(ws, s, t, k) + off;
       BulkStore(staged, buf, bytes);
       BulkStoresDone();
       PutThread(ws, s, CombineSlot(ws, ws, p, t, k) + off, staged, bytes);
@@ -361,7 +362,7 @@ __device__ __forceinline__ unsigned long long CombineSendReduced(
     if (!entries) continue;
     // Another node: the sum is staged in the pair's slot, then put chunk by chunk.
     const bool remote = Remote(ws, s);
-    char* slot = remote ? StagingSlot(ws, pair) : CombineSlot(ws, ws->peers[s], p, t, me);
+    char* slot = remote ? StagingSlot(ws, s, t, me) : CombineSlot(ws, ws->peers[s], p, t, me);
     int out_bytes = static_cast<int>(sizeof(T));
     if (__popc(entries) == 1) {
       SumRowsTo<T, T>(y, H, row, 1.f, entries, g, G, reinterpret_cast<T*>(slot));

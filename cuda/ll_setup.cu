@@ -35,7 +35,7 @@ LLLayout ComputeLLLayout(int num_ranks, int max_tokens, int num_topk, int num_lo
   l.relay_ranks = rdma ? relay_ranks : 0;
   l.relay_off = l.staging_off;
   if (rdma) {
-    l.relay_off += 2 * bundles + up(int64_t{num_local_experts} * num_ranks * max_tokens *
+    l.relay_off += 2 * bundles + up(int64_t{num_ranks} * max_tokens * l.combine_slots *
                                     l.slot_bytes);
   }
   // A relay: [relay_ranks][counts] [T_max][relay_ranks][meta] [T_max] rows (LLRelay* below).

@@ -56,8 +56,9 @@ struct LLLayout {
   // inbox:   [2 or 4 (buffer)][R(src)] bundles     outbox: [0 or 2 (buffer - 2)][R(dest)] bundles
   // combine: [2][T_max][combine_slots] slots       weights: [2][R(src)][T_max][K] 8-byte
   //                                                   words (float32 weight | call << 32)
-  // staging (rdma only): [2 (SM buffer)][R(dest)] dispatch bundles, then [E_l * R * T_max]
-  //   combine slots: what this rank puts to peers in other nodes, before the puts
+  // staging (rdma only): [2 (SM buffer)][R(dest)] dispatch bundles, then [R][T_max]
+  //   [combine_slots] combine slots (one per destination slot, any parity): what this rank
+  //   puts to peers in other nodes, before the puts
   // relay (layered only): [2][R(src)] relay bundles received (a source on this rank's rail in
   //   another node), then [2][R(forwarder)] relay bundles staged for the puts
 };
@@ -105,7 +106,7 @@ __host__ __device__ inline int64_t LLOutboxOffset(const LLLayout& l, int num_ran
          (static_cast<int64_t>(buffer - kLLFirstCopyBuffer) * num_ranks + dest) * l.bundle_bytes;
 }
 // Staging (rdma): the bundle this rank puts to `dest` from SM buffer `buffer` (0 or 1), and
-// combine slot `i` (a row of y, or a (source, token) pair with pre-reduction).
+// combine slot `i` = (token's rank * T_max + token) * combine_slots + its slot there.
 __host__ __device__ inline int64_t LLStagingBundleOffset(const LLLayout& l, int num_ranks,
                                                          int buffer, int dest) {
   return l.staging_off + (static_cast<int64_t>(buffer) * num_ranks + dest) * l.bundle_bytes;

@@ -24,9 +24,10 @@ namespace {
 
 constexpr const char* kHostLibrary = "libnvshmem_host.so.3";
 
-// The host library nvshmem4py loaded, or null.
+// The host library nvshmem4py loaded, or null (asked again until it is loaded).
 void* HostLibrary() {
-  static void* handle = dlopen(kHostLibrary, RTLD_NOLOAD | RTLD_NOW);
+  static void* handle = nullptr;
+  if (!handle) handle = dlopen(kHostLibrary, RTLD_NOLOAD | RTLD_NOW);
   return handle;
 }
 

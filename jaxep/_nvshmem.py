@@ -216,10 +216,15 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
     # or more ranks (with one, the forwarder is the destination: flat).
     layered = internode and per_node is not None and per_node > 1 and cfg.ll_layered is not False
 
-    # 2. Every process refuses alike (the allocation below is collective).
-    refusals = _all_gather_str(client, f"{prefix}/refusal", refusal or "", timeout_s,
-                               f"plan communicator #{seq}")
-    refusal = next((r for r in refusals if r), None)
+    # 2. Every process plans alike (the allocation below is collective): the same nodes (the
+    #    hardware's may look different from different hosts), or the same refusal.
+    plans = [json.loads(t) for t in _all_gather_str(
+        client, f"{prefix}/plan", json.dumps([per_node, refusal or ""]), timeout_s,
+        f"plan communicator #{seq}")]
+    refusal = next((r for _, r in plans if r), None)
+    if refusal is None and len({n for n, _ in plans}) > 1:
+        refusal = (f"the processes see different nodes (ranks per node by process: "
+                   f"{[n for n, _ in plans]}); set EPConfig.ranks_per_node")
     if refusal:
         return None, refusal
 
