@@ -151,11 +151,15 @@ NB_MODULE(_jaxep_ext, m) {
   m.def(
       "ll_workspace_bytes",
       [](int num_ranks, int max_tokens, int num_topk, int num_local_experts, int hidden,
-         bool copy_engine) {
+         bool copy_engine, bool rdma, int relay_ranks) {
         return jaxep::LLWorkspaceBytes(num_ranks, max_tokens, num_topk, num_local_experts,
-                                       hidden, copy_engine);
+                                       hidden, copy_engine, rdma, relay_ranks);
       },
-      "Bytes per device of the low-latency buffers for these sizes.");
+      nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("num_topk"),
+      nb::arg("num_local_experts"), nb::arg("hidden"), nb::arg("copy_engine") = false,
+      nb::arg("rdma") = false, nb::arg("relay_ranks") = 0,
+      "Bytes per device of the low-latency buffers for these sizes (rdma: across nodes, with "
+      "the staging area; relay_ranks: the layered dispatch's relays).");
   m.def(
       "ll_shared_bytes",
       [](int num_ranks, int max_tokens, int num_topk, int num_experts) {

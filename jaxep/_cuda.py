@@ -355,10 +355,12 @@ LL_MAX_TOPK = int(_LIMITS.get("ll_max_topk", 0))
 
 
 def ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden, *,
-                       copy_engine=False) -> int:
-    """Bytes per device of the low-latency buffers for these sizes."""
+                       copy_engine=False, rdma=False, relay_ranks=0) -> int:
+    """Bytes per device of the low-latency buffers for these sizes; ``rdma``: an EP group
+    across nodes (the puts' staging area), ``relay_ranks`` > 0: the layered dispatch's relays
+    for nodes of that many ranks."""
     return int(_ext.ll_workspace_bytes(num_ranks, max_tokens, num_topk, num_local_experts, hidden,
-                                       bool(copy_engine)))
+                                       bool(copy_engine), bool(rdma), int(relay_ranks)))
 
 
 def ll_supported(num_ranks, max_tokens, num_topk, num_experts, hidden) -> bool:

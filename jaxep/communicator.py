@@ -243,9 +243,13 @@ class Communicator:
             return False
         if cfg.low_latency:
             return True
+        # Virtual nodes are known here (the hardware's only once the transport has looked).
+        rpn = self.ranks_per_node
+        rdma = rpn < self.num_ranks
+        relay = rpn if rdma and rpn > 1 and cfg.ll_layered is not False else 0
         nbytes = _cuda.ll_workspace_bytes(self.num_ranks, cfg.max_tokens_per_rank, cfg.num_topk,
                                           self.num_local_experts, cfg.hidden,
-                                          copy_engine=copy_engine)
+                                          copy_engine=copy_engine, rdma=rdma, relay_ranks=relay)
         return nbytes <= LL_AUTO_MAX_BYTES
 
     def implementation(self, op: str) -> str:
