@@ -22,6 +22,7 @@ struct ErrorRecord {
   int32_t rank;   // the waiting rank
   int32_t peer;   // the peer that did not arrive
   int32_t phase;  // Phase below
+  int32_t via;    // >= 0: the rank that relays the peer's data here (layered LL dispatch)
   uint64_t seq;   // barrier sequence number waited for
 };
 

@@ -482,8 +482,17 @@ __device__ __forceinline__ void DispatchRecv(const LLDispatchRecvArgs& a, Dispat
   int32_t* s_total = s_off + El * R;  // [E_l]
 
   // SM buffers: completion counters; copy-engine buffers: the flags that the copies raise.
-  WaitPeers(ws, ws->dispatch_arrived[p], p < kLLFirstCopyBuffer ? call * kLLCallTotal : call,
-            call, kLLDispatchRecv, a.timeout_ns);
+  // Layered, another node's rows come through this node's rank on the source's rail: a
+  // timeout names it too.
+  if (tid < R) {
+    const unsigned long long* f = &ws->dispatch_arrived[p][tid];
+    const unsigned long long want = p < kLLFirstCopyBuffer ? call * kLLCallTotal : call;
+    const int rpn = ws->ranks_per_node;
+    const int via = ws->layered && Remote(ws, tid) ? me - me % rpn + tid % rpn : -1;
+    WaitFor([&] { return LoadAcquire(f) >= want; }, ws->error, me, tid, kLLDispatchRecv, call,
+            a.timeout_ns, via);
+  }
+  __syncthreads();
 
   // Work items: warp per (source, token, 512-channel chunk); a token that did not come from
   // that source has metadata -1. A warp's loads of an item are issued together; those of its

@@ -46,31 +46,37 @@ __device__ __forceinline__ unsigned long long GlobalTimer() {
   return t;
 }
 
-// Records (rank, peer, phase, seq) in the host-mapped ErrorRecord, prints it and traps.
+// Records (rank, peer, phase, seq, via) in the host-mapped ErrorRecord, prints it and traps.
 __device__ __noinline__ inline void ReportTimeout(ErrorRecord* e, int rank, int peer, int phase,
-                                                  unsigned long long seq) {
+                                                  unsigned long long seq, int via = -1) {
   e->rank = rank;
   e->peer = peer;
   e->phase = phase;
+  e->via = via;
   e->seq = seq;
   __threadfence_system();
   atomicExch(&e->code, 1);
   __threadfence_system();
-  printf("jaxep: rank %d timed out waiting for peer %d (phase %d, call %llu)\n", rank, peer,
-         phase, seq);
+  if (via >= 0) {
+    printf("jaxep: rank %d timed out waiting for peer %d via rank %d (phase %d, call %llu)\n",
+           rank, peer, via, phase, seq);
+  } else {
+    printf("jaxep: rank %d timed out waiting for peer %d (phase %d, call %llu)\n", rank, peer,
+           phase, seq);
+  }
   __trap();
 }
 
 // Polls ready() until it returns true, bounded by timeout_ns (then reports call `seq` waiting
-// for `peer` in `phase` and traps).
+// for `peer` in `phase`, relayed by rank `via` if >= 0, and traps).
 template <typename Ready>
 __device__ __forceinline__ void WaitFor(Ready ready, ErrorRecord* error, int rank, int peer,
                                         int phase, unsigned long long seq,
-                                        unsigned long long timeout_ns) {
+                                        unsigned long long timeout_ns, int via = -1) {
   if (ready()) return;
   const unsigned long long start = GlobalTimer();
   while (!ready()) {
-    if (GlobalTimer() - start > timeout_ns) ReportTimeout(error, rank, peer, phase, seq);
+    if (GlobalTimer() - start > timeout_ns) ReportTimeout(error, rank, peer, phase, seq, via);
   }
 }
 

@@ -294,8 +294,10 @@ std::string DescribeError(const ErrorRecord& e, int ranks_per_node) {
   auto node = [&](int r) {
     return ranks_per_node > 0 ? " (node " + std::to_string(r / ranks_per_node) + ")" : "";
   };
+  const std::string via =
+      e.via >= 0 ? " via rank " + std::to_string(e.via) + node(e.via) : std::string();
   return "jaxep: rank " + std::to_string(e.rank) + node(e.rank) + " timed out waiting for peer " +
-         std::to_string(e.peer) + node(e.peer) + " in " + PhaseName(e.phase) + " (barrier " +
+         std::to_string(e.peer) + node(e.peer) + via + " in " + PhaseName(e.phase) + " (barrier " +
          std::to_string(e.seq) + "); the peer never arrived: a crashed or stalled device, or "
          "mismatched calls across ranks";
 }
