@@ -91,47 +91,45 @@ __device__ __forceinline__ unsigned long long BlockShare() {
   return blockIdx.x == 0 ? kLLCallTotal - (gridDim.x - 1) : 1;
 }
 
-// The workspace through which this rank addresses rank d's: d's mapped workspace in this
-// node; in another node this rank's own, whose addresses are the puts' (rdma.cuh).
-__device__ __forceinline__ LLWorkspace* Peer(LLWorkspace* ws, int d) {
-  return Remote(ws, d) ? ws : ws->peers[d];
+// Thread d < R of a block, after the block's __syncthreads: adds the block's share to rank d's
+// counter(w), w = d's workspace as mapped here (a release, or relaxed, system-scope add) or, for
+// a rank in another node, this rank's own, whose address the signal takes (rdma.cuh).
+template <bool kRelease, typename Counter>
+__device__ __forceinline__ void AddShare(LLWorkspace* ws, Counter counter) {
+  const int d = static_cast<int>(threadIdx.x);
+  if (d >= ws->num_ranks) return;
+  if (Remote(ws, d)) {
+    SignalAdd(ws, d, counter(ws), BlockShare());
+  } else if (kRelease) {
+    AddRelease(counter(ws->peers[d]), BlockShare());
+  } else {
+    AddRelaxed(counter(ws->peers[d]), BlockShare());
+  }
 }
 
 // Every thread of a block, once the block's part of the call is done (its writes issued, its
-// reads of a peer's data consumed): thread d < R adds the block's share to counter(w), w the
-// workspace addressing rank d (Peer), with release semantics (the __syncthreads brings in the
-// other threads' operations); to a rank in another node after the block's puts are complete,
-// with a signal. The R releases of a block, and those of all blocks, run side by side.
+// reads of a peer's data consumed): the block's share at every rank's counter, with release
+// semantics (the __syncthreads brings in the other threads' operations); to a rank in another
+// node after the block's puts are complete. The R releases of a block, and those of all
+// blocks, run side by side.
 template <typename Counter>
 __device__ __forceinline__ void SignalPeers(LLWorkspace* ws, Counter counter) {
   PutsDone(ws);
   __syncthreads();
-  const int d = static_cast<int>(threadIdx.x);
-  if (d >= ws->num_ranks) return;
-  if (Remote(ws, d)) {
-    SignalAdd(ws, d, counter(ws), BlockShare());
-  } else {
-    AddRelease(counter(ws->peers[d]), BlockShare());
-  }
+  AddShare<true>(ws, counter);
 }
 
 // Every thread of a block that has read peers' data into a buffer of its own, once it is done
-// with it: thread d < R adds the block's share to counter(Peer(ws, d)), telling rank d that it
-// may rewrite the buffer. An acknowledgement orders reads only, and after the __syncthreads
-// every read whose value the block uses has returned it (the values feed stores, shuffles or
-// branches before it; a speculative load whose value is never used, such as the row of a token
-// that was not sent, cannot matter), so a plain relaxed add does: no system-scope fence, which
-// would make the block wait for its output writes first.
+// with it: the block's share at every rank's counter, telling it that it may rewrite the
+// buffer. An acknowledgement orders reads only, and after the __syncthreads every read whose
+// value the block uses has returned it (the values feed stores, shuffles or branches before
+// it; a speculative load whose value is never used, such as the row of a token that was not
+// sent, cannot matter), so a plain relaxed add does: no system-scope fence, which would make
+// the block wait for its output writes first.
 template <typename Counter>
 __device__ __forceinline__ void AcknowledgePeers(LLWorkspace* ws, Counter counter) {
   __syncthreads();
-  const int d = static_cast<int>(threadIdx.x);
-  if (d >= ws->num_ranks) return;
-  if (Remote(ws, d)) {
-    SignalAdd(ws, d, counter(ws), BlockShare());
-  } else {
-    AddRelaxed(counter(ws->peers[d]), BlockShare());
-  }
+  AddShare<false>(ws, counter);
 }
 
 // Every thread of a send, after SignalPeers (or a __syncthreads): true in one thread (not a

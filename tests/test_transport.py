@@ -111,3 +111,38 @@ def test_the_rule_across_nodes(cpu_comm, monkeypatch):
     comm._internode = False  # one node: every op on its kernels
     assert all(comm.implementation(op) == "cuda"
                for op in ("dispatch", "combine", "ll_dispatch", "dispatch_grouped"))
+
+
+class _FakeNvshmem:
+    """nvshmem.core's team queries for _physical_ranks_per_node: `node` lists the PEs that share
+    this process's node (TEAM_NODE); translate_pe gives -1 for the others."""
+
+    class Teams:
+        TEAM_WORLD, TEAM_NODE = "world", "node"
+
+    def __init__(self, node, fail=False):
+        self.node, self.fail = list(node), fail
+
+    def team_translate_pe(self, src, pe, dest):
+        assert (src, dest) == ("world", "node")
+        if self.fail:
+            raise RuntimeError("no TEAM_NODE")
+        return self.node.index(pe) if pe in self.node else -1
+
+
+@pytest.mark.parametrize("node,want", [([0, 1, 2, 3], 4),   # one node
+                                        ([0, 1], 2),         # two nodes of two
+                                        ([0], 1),            # four nodes of one
+                                        ([0, 2], None),      # not contiguous: no node numbering
+                                        ([0, 1, 2], None)])  # nodes of different sizes
+def test_physical_nodes_from_nvshmem_team_node(node, want):
+    from jaxep import _nvshmem
+
+    # this process (jax.process_index() == 0) is rank 0 of a group of PEs 0..3
+    assert _nvshmem._physical_ranks_per_node(_FakeNvshmem(node), [0, 1, 2, 3]) == want
+
+
+def test_physical_nodes_without_team_node_assume_one():
+    from jaxep import _nvshmem
+
+    assert _nvshmem._physical_ranks_per_node(_FakeNvshmem([], fail=True), [0, 1, 2, 3]) == 4
