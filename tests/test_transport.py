@@ -146,3 +146,20 @@ def test_physical_nodes_without_team_node_assume_one():
     from jaxep import _nvshmem
 
     assert _nvshmem._physical_ranks_per_node(_FakeNvshmem([], fail=True), [0, 1, 2, 3]) == 4
+
+
+@pytest.mark.skipif(not jaxep._cuda.available(), reason="needs the extension built with CUDA")
+@pytest.mark.parametrize("R,rpn", [(2, 1), (4, 2), (8, 4)])
+def test_internode_buffer_sizes(R, rpn):
+    """What a group across nodes adds to the low-latency buffers (docs/design.md, "Across
+    nodes"): the staging area, 2 dispatch bundles per rank plus one combine slot of 4H bytes per
+    (rank, token, max(K, R)); the layered dispatch's relays, 4 per rank."""
+    T, K, El, H = 32, 8, 4, 256
+    up = lambda n: (n + 255) // 256 * 256  # noqa: E731
+    size = lambda **kw: jaxep._cuda.ll_workspace_bytes(R, T, K, El, H, **kw)  # noqa: E731
+    counts = (4 * El + 15) // 16 * 16
+    meta = 1 + 2 * K
+    bundle = up(counts + (T * meta * 4 + 15) // 16 * 16 + T * 4 * H)
+    assert size(rdma=True) - size() == 2 * R * bundle + up(R * T * max(K, R) * 4 * H)
+    relay = up(rpn * counts + (T * rpn * meta * 4 + 15) // 16 * 16 + T * 4 * H)
+    assert size(rdma=True, relay_ranks=rpn) - size(rdma=True) == 4 * R * relay
