@@ -121,10 +121,7 @@ cudaError_t InitProcessLLWorkspace(int device, int rank, int num_ranks, int max_
       (per_node && (num_ranks % per_node || !pes))) {
     return cudaErrorInvalidValue;
   }
-  uint32_t remote = 0;
-  for (int p = 0; p < num_ranks && per_node; ++p) {
-    remote |= (p / per_node != rank / per_node ? 1u : 0u) << p;
-  }
+  const uint32_t remote = RemoteRanks(rank, num_ranks, per_node);
   for (int p = 0; p < num_ranks; ++p) {
     if (!((remote >> p) & 1u) && !peers[p]) return cudaErrorInvalidValue;
   }

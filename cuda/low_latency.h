@@ -63,6 +63,16 @@ struct LLLayout {
   //   another node), then [2][R(forwarder)] relay bundles staged for the puts
 };
 
+// Bit p set: rank p is in another node than `rank` (nodes of ranks_per_node ranks; 0 or
+// num_ranks: one node).
+inline uint32_t RemoteRanks(int rank, int num_ranks, int ranks_per_node) {
+  uint32_t remote = 0;
+  for (int p = 0; p < num_ranks && ranks_per_node > 0; ++p) {
+    remote |= (p / ranks_per_node != rank / ranks_per_node ? 1u : 0u) << p;
+  }
+  return remote;
+}
+
 struct LLWorkspace {
   // Written by peers (and by this device): completion counters (k * kLLCallTotal once the k-th
   // call to use one is complete), except dispatch_arrived of the copy-engine buffers: a flag,

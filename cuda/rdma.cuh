@@ -38,9 +38,6 @@ __device__ __forceinline__ void PutThread(const LLWorkspace* ws, int d, void* ds
 __device__ __forceinline__ void PutInt(const LLWorkspace* ws, int d, int32_t* dst, int32_t v) {
   nvshmem_int32_p(dst, v, ws->pe[d]);
 }
-__device__ __forceinline__ void PutFloat(const LLWorkspace* ws, int d, float* dst, float v) {
-  nvshmem_float_p(dst, v, ws->pe[d]);
-}
 __device__ __forceinline__ void PutWord(const LLWorkspace* ws, int d, unsigned long long* dst,
                                         unsigned long long v) {
   nvshmem_uint64_p(reinterpret_cast<uint64_t*>(dst), v, ws->pe[d]);
@@ -63,7 +60,6 @@ __device__ __forceinline__ void PutThread(const LLWorkspace*, int, void*, const 
   __trap();
 }
 __device__ __forceinline__ void PutInt(const LLWorkspace*, int, int32_t*, int32_t) { __trap(); }
-__device__ __forceinline__ void PutFloat(const LLWorkspace*, int, float*, float) { __trap(); }
 __device__ __forceinline__ void PutWord(const LLWorkspace*, int, unsigned long long*,
                                         unsigned long long) {
   __trap();

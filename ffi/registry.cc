@@ -189,8 +189,7 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
     return "ranks_per_node must divide the EP group's " + std::to_string(n) + " ranks, got " +
            std::to_string(per_node);
   }
-  uint32_t remote = 0;
-  for (int p = 0; p < n; ++p) remote |= (p / per_node != rank / per_node ? 1u : 0u) << p;
+  const uint32_t remote = RemoteRanks(rank, n, per_node);
   if (ll.relay_ranks != 0 && (remote == 0 || ll.relay_ranks != per_node || per_node < 2)) {
     return "the layered dispatch needs an EP group across nodes of 2 or more ranks (relay "
            "width " + std::to_string(ll.relay_ranks) + ", " + std::to_string(per_node) +

@@ -166,6 +166,15 @@ def _physical_ranks_per_node(nvshmem, group_processes: list[int]) -> int | None:
     return n
 
 
+def internode_layout(cfg, num_ranks: int, ranks_per_node: int) -> tuple[bool, int]:
+    """``(rdma, relay_ranks)`` of a group with these nodes: whether it spans nodes (the
+    low-latency staging area), and the layered dispatch's relay width (EPConfig.ll_layered;
+    None: layered), 0 when flat or with one rank per node (the forwarder is the destination)."""
+    rdma = ranks_per_node < num_ranks
+    layered = rdma and ranks_per_node > 1 and cfg.ll_layered is not False
+    return rdma, ranks_per_node if layered else 0
+
+
 def create_region(comm, rank: int, device: int, group_processes: list[int], capacity: int,
                   low_latency: bool):
     """Allocates and registers this process's rank of ``comm``'s EP group (collective over all
@@ -212,21 +221,20 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
                 f"{_first_difference(mine, theirs)}. Every process must create the same "
                 "Communicators (config, mesh, backend) in the same order")
 
-    # The layered low-latency dispatch (EPConfig.ll_layered; None: layered) needs nodes of two
-    # or more ranks (with one, the forwarder is the destination: flat).
-    layered = internode and per_node is not None and per_node > 1 and cfg.ll_layered is not False
-
     # 2. Every process plans alike (the allocation below is collective): the same nodes (the
     #    hardware's may look different from different hosts), or the same refusal.
     plans = [json.loads(t) for t in _all_gather_str(
         client, f"{prefix}/plan", json.dumps([per_node, refusal or ""]), timeout_s,
         f"plan communicator #{seq}")]
     refusal = next((r for _, r in plans if r), None)
-    if refusal is None and len({n for n, _ in plans}) > 1:
+    if refusal is None and len({k for k, _ in plans}) > 1:
         refusal = (f"the processes see different nodes (ranks per node by process: "
-                   f"{[n for n, _ in plans]}); set EPConfig.ranks_per_node")
+                   f"{[k for k, _ in plans]}); set EPConfig.ranks_per_node")
     if refusal:
         return None, refusal
+
+    _, relay_ranks = internode_layout(cfg, n, per_node)
+    in_my_node = [p // per_node == rank // per_node for p in range(n)]
 
     # 3. The region, and the node peers' regions as this process addresses them (a rank in
     #    another node is reached with puts only: 0).
@@ -234,7 +242,7 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
                                             low_latency=low_latency, num_topk=cfg.num_topk,
                                             num_local_experts=comm.num_local_experts,
                                             hidden=cfg.hidden, rdma=internode,
-                                            relay_ranks=per_node if layered else 0))
+                                            relay_ranks=relay_ranks))
     region = nvshmem.buffer(nbytes)
     _STATE.regions.append(region)
     bases = []
@@ -242,7 +250,7 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
         if pe == me:
             bases.append(int(region.handle))
             continue
-        if p // per_node != rank // per_node:
+        if not in_my_node[p]:
             bases.append(0)
             continue
         try:
@@ -250,7 +258,7 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
             bases.append(int(peer.handle) if peer is not None else 0)
         except Exception:  # noqa: BLE001 -- not load/store reachable
             bases.append(0)
-    reachable = all(b or p // per_node != rank // per_node for p, b in enumerate(bases))
+    reachable = all(b or not mine for b, mine in zip(bases, in_my_node))
     flags = _all_gather_str(client, f"{prefix}/reachable", "1" if reachable else "0", timeout_s,
                             f"map communicator #{seq}'s peers")
     if not all(f == "1" for f in flags):
@@ -265,7 +273,8 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
                                            num_local_experts=comm.num_local_experts,
                                            hidden=cfg.hidden,
                                            ranks_per_node=per_node if internode else 0,
-                                           pes=list(group_processes), layered=layered)
+                                           pes=list(group_processes),
+                                           layered=relay_ranks > 0)
     _all_gather_str(client, f"{prefix}/ready", "1", timeout_s,
                     f"initialise communicator #{seq}")
-    return comm_id, nbytes, per_node, layered
+    return comm_id, nbytes, per_node, relay_ranks > 0

@@ -244,9 +244,9 @@ class Communicator:
         if cfg.low_latency:
             return True
         # Virtual nodes are known here (the hardware's only once the transport has looked).
-        rpn = self.ranks_per_node
-        rdma = rpn < self.num_ranks
-        relay = rpn if rdma and rpn > 1 and cfg.ll_layered is not False else 0
+        from jaxep._nvshmem import internode_layout
+
+        rdma, relay = internode_layout(cfg, self.num_ranks, self.ranks_per_node)
         nbytes = _cuda.ll_workspace_bytes(self.num_ranks, cfg.max_tokens_per_rank, cfg.num_topk,
                                           self.num_local_experts, cfg.hidden,
                                           copy_engine=copy_engine, rdma=rdma, relay_ranks=relay)
