@@ -27,7 +27,10 @@ constexpr int kCombineDefaultBlocks = 32;
 
 // ---- dispatch ----------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kPrepThreads, 1) DispatchPrepareKernel(DispatchArgs a) {
+// part 0: all of it; across nodes part 1 (positions and counts) and part 2 (from the barrier
+// on) run as two launches, with the puts into the relays between them.
+__global__ void __launch_bounds__(kPrepThreads, 1) DispatchPrepareKernel(DispatchArgs a,
+                                                                         int part) {
   Workspace* ws = a.ws;
   const int num_ranks = ws->num_ranks, me = ws->rank, max_tokens = ws->max_tokens;
   const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, C = a.capacity;
@@ -47,6 +50,7 @@ __global__ void __launch_bounds__(kPrepThreads, 1) DispatchPrepareKernel(Dispatc
   if (tid == 0) s_invalid = 0;
   __syncthreads();
 
+  if (part != 2) {
   // 1. Local positions: pos[r][t] = index of token t among my tokens sent to rank r.
   constexpr int kIds = 8;  // a token's ids are loaded together, not one round trip each
   int invalid = 0;
@@ -111,6 +115,8 @@ __global__ void __launch_bounds__(kPrepThreads, 1) DispatchPrepareKernel(Dispatc
     ws->published[3] = a.topk_weights;
     a.meta[2] = s_invalid;
   }
+  }
+  if (part == 1) return;
 
   // 2. Every rank's positions and counts are ready.
   BlockBarrier(ws, kDispatchStart, a.timeout_ns);
@@ -118,7 +124,7 @@ __global__ void __launch_bounds__(kPrepThreads, 1) DispatchPrepareKernel(Dispatc
   // 3. Routing on the receiver: rows from source s start at sum_{s' < s} count[s' -> me].
   if (tid < num_ranks * num_ranks) {
     const int s = tid / num_ranks, j = tid - s * num_ranks;
-    s_cnt[s][j] = __ldcg(&ws->peers[s]->counts[j]);
+    s_cnt[s][j] = __ldcg(SourceCounts(ws, s) + j);
   }
   __syncthreads();
   if (tid == 0) {
@@ -150,7 +156,7 @@ __global__ void __launch_bounds__(kPrepThreads, 1) DispatchPrepareKernel(Dispatc
     for (int b = 0; b < kBatch; ++b) {
       const int i = base + b * kPrepThreads + tid;  // i = s * T + t
       const int s = i / T;
-      p[b] = i < total ? __ldcg(PosTable(ws->peers[s]) + static_cast<size_t>(me) * max_tokens +
+      p[b] = i < total ? __ldcg(SourcePos(ws, s) + static_cast<size_t>(me) * max_tokens +
                                 (i - s * T))
                        : -1;
     }
@@ -184,7 +190,7 @@ __global__ void __launch_bounds__(kCopyThreads, 1) DispatchGatherKernel(Dispatch
     const int s = threadIdx.x / kMaxPublished, i = threadIdx.x % kMaxPublished;
     s_src[s][i] = PeerInput(ws, a.stage_layout, s, i);
   }
-  if (threadIdx.x < num_ranks) s_incoming[threadIdx.x] = __ldcg(&ws->peers[threadIdx.x]->counts[me]);
+  if (threadIdx.x < num_ranks) s_incoming[threadIdx.x] = __ldcg(SourceCounts(ws, threadIdx.x) + me);
   __syncthreads();
   // Rows are grouped by source rank. Start at the rows of source me+1 (wrapping), so that at
   // any moment the receivers pull from different sources instead of all from source 0.
@@ -268,11 +274,22 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
   Workspace* ws = a.ws;
   const int num_ranks = ws->num_ranks;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // Across nodes a rank of another node stands for its node's partial sum (relay slot of the
+  // node, partial rows), taken at the node's first rank that holds a row of the token.
   __shared__ const T* s_y[kMaxRanks];
   if (threadIdx.x < num_ranks) {
-    s_y[threadIdx.x] = reinterpret_cast<const T*>(PeerInput(ws, a.stage_layout, threadIdx.x, 0));
+    const int j = threadIdx.x;
+    if (InOtherNode(ws, j)) {
+      const NormalRelay& r = ws->relay;
+      s_y[j] = reinterpret_cast<const T*>(r.mine + (j / r.ranks_per_node) * r.slot_bytes +
+                                          r.partial_off);
+    } else {
+      s_y[j] = reinterpret_cast<const T*>(PeerInput(ws, a.stage_layout, j, 0));
+    }
   }
   __syncthreads();
+  const uint32_t remote = ws->relay.remote;
+  const int per_node = ws->relay.ranks_per_node;
   const int row = a.row_elems;
   const bool vec = row % kPer == 0;
   const int stride = gridDim.x * kCopyWarps;
@@ -281,6 +298,15 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
     int slots[kMaxRanks];
 #pragma unroll
     for (int j = 0; j < kMaxRanks; ++j) slots[j] = __shfl_sync(0xffffffffu, mine, j);
+    if (remote) {  // another node's rows: its partial row t, once per node
+#pragma unroll
+      for (int j = kMaxRanks - 1; j >= 0; --j) {  // descending: slots[q < j] still the handle's
+        if (!((remote >> j) & 1u) || slots[j] < 0) continue;
+        bool earlier = false;  // a rank of j's node before j holds a row of t
+        for (int q = j - j % per_node; q < j; ++q) earlier = earlier || slots[q] >= 0;
+        slots[j] = earlier ? -1 : t;
+      }
+    }
     T* dst = static_cast<T*>(a.out) + static_cast<size_t>(t) * row;
     if (vec) {
       const int n = row / kPer;
@@ -344,7 +370,14 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
     const int64_t bytes[] = {T * a.x_row_bytes, T * a.s_row_bytes, T * K * 4, T * K * 4};
     LaunchStage(a.stage, a.stage_layout, srcs, bytes, 4, stream);
   }
-  DispatchPrepareKernel<<<1, kPrepThreads, sizeof(int32_t) * a.num_experts, stream>>>(a);
+  const size_t smem = sizeof(int32_t) * a.num_experts;
+  if (a.across_nodes) {  // the puts into the relays need the positions, the barrier the puts
+    DispatchPrepareKernel<<<1, kPrepThreads, smem, stream>>>(a, 1);
+    if (cudaError_t e = LaunchDispatchRelay(a, stream); e != cudaSuccess) return e;
+    DispatchPrepareKernel<<<1, kPrepThreads, smem, stream>>>(a, 2);
+  } else {
+    DispatchPrepareKernel<<<1, kPrepThreads, smem, stream>>>(a, 0);
+  }
   DispatchGatherKernel<<<NumBlocks(a.num_sms), kCopyThreads, 0, stream>>>(a);
   BarrierKernel<<<1, 32, 0, stream>>>(a.ws, kDispatchEnd, a.timeout_ns);
   return cudaGetLastError();
@@ -356,7 +389,14 @@ cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
     const int64_t bytes[] = {a.stage_layout.bytes};
     LaunchStage(a.stage, a.stage_layout, srcs, bytes, 1, stream);
   }
+  if (a.across_nodes) {
+    if (cudaError_t e = LaunchCombineSlots(a, stream); e != cudaSuccess) return e;
+  }
   PublishKernel<<<1, 32, 0, stream>>>(a.ws, a.y, kCombineStart, a.timeout_ns);
+  if (a.across_nodes) {  // the partial sums of the other nodes' rows, then the barrier
+    if (cudaError_t e = LaunchCombineForward(a, stream); e != cudaSuccess) return e;
+    BarrierKernel<<<1, 32, 0, stream>>>(a.ws, kCombineForward, a.timeout_ns);
+  }
   const int blocks = a.num_sms > 0 ? a.num_sms : kCombineDefaultBlocks;
   if (a.elem_bytes == 2) {
     CombineReduceKernel<__nv_bfloat16><<<blocks, kCopyThreads, 0, stream>>>(a);
@@ -372,6 +412,9 @@ cudaError_t LaunchDispatchRows(const DispatchRowsArgs& a, cudaStream_t stream) {
     const void* srcs[] = {a.rows};
     const int64_t bytes[] = {a.stage_layout.bytes};
     LaunchStage(a.stage, a.stage_layout, srcs, bytes, 1, stream);
+  }
+  if (a.across_nodes) {
+    if (cudaError_t e = LaunchRowsRelay(a, stream); e != cudaSuccess) return e;
   }
   PublishKernel<<<1, 32, 0, stream>>>(a.ws, a.rows, kRowsStart, a.timeout_ns);
   GatherRowsKernel<<<NumBlocks(a.num_sms), kCopyThreads, 0, stream>>>(a);
@@ -398,14 +441,17 @@ cudaError_t LoadModule() {  // touch every kernel so the module is loaded now, n
   for (const void* k : kernels) {
     if (cudaError_t e = cudaFuncGetAttributes(&attr, k); e != cudaSuccess) return e;
   }
-  return LoadGroupedModule();
+  if (cudaError_t e = LoadGroupedModule(); e != cudaSuccess) return e;
+  return LoadInternodeModule();
 }
 
 // The constant header of rank `rank`'s workspace: the peers' workspaces (and, one process per
 // GPU, their stages; null in one process) as this rank addresses them, its error record.
 Workspace WorkspaceHeader(int rank, int num_ranks, int max_tokens, int num_topk, ErrorRecord* error,
-                          Workspace* const* peers, const char* const* stages) {
+                          Workspace* const* peers, const char* const* stages,
+                          const NormalRelay* relay = nullptr) {
   Workspace h{};
+  if (relay) h.relay = *relay;
   for (int p = 0; p < num_ranks; ++p) {
     h.peers[p] = peers[p];
     h.stage[p] = stages ? stages[p] : nullptr;
@@ -498,9 +544,22 @@ size_t StageBytes(int num_ranks, int max_tokens, int capacity, int num_topk, int
   return static_cast<size_t>(Align256(std::max({dispatch, rows, grouped})));
 }
 
+RelayLayout NormalRelayLayout(int num_ranks, int ranks_per_node, int max_tokens, int hidden,
+                              size_t stage_bytes) {
+  RelayLayout l{};
+  if (ranks_per_node <= 0 || ranks_per_node >= num_ranks) return l;
+  const int64_t partial = Align256(int64_t{max_tokens} * 4 * hidden);  // float32 rows at most
+  l.pos_off = 256;  // after int32 counts[kMaxRanks]
+  l.data_off = Align256(l.pos_off + int64_t{4} * num_ranks * max_tokens);
+  l.partial_off = l.data_off + std::max(Align256(static_cast<int64_t>(stage_bytes)), partial);
+  l.slot_bytes = l.partial_off + partial;
+  l.bytes = l.slot_bytes * (num_ranks / ranks_per_node);
+  return l;
+}
+
 cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_tokens, int num_topk,
                                  Workspace* const* peers, const char* const* stages,
-                                 ErrorRecord** host_error) {
+                                 const NormalRelay* relay, ErrorRecord** host_error) {
   if (num_ranks < 1 || num_ranks > kMaxRanks || rank < 0 || rank >= num_ranks ||
       max_tokens < 1) {
     return cudaErrorInvalidValue;
@@ -522,7 +581,7 @@ cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_to
   if (err == cudaSuccess) err = LoadModule();
   if (err == cudaSuccess) {
     const Workspace header =
-        WorkspaceHeader(rank, num_ranks, max_tokens, num_topk, device_error, peers, stages);
+        WorkspaceHeader(rank, num_ranks, max_tokens, num_topk, device_error, peers, stages, relay);
     err = cudaMemcpy(mine, &header, sizeof(header), cudaMemcpyHostToDevice);
   }
   if (err == cudaSuccess) err = cudaDeviceSynchronize();

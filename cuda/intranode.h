@@ -33,6 +33,7 @@ enum Phase : int32_t {
   kCombineEnd = 4,
   kRowsStart = 5,
   kRowsEnd = 6,
+  kCombineForward = 7,  // across nodes: the forwarders' partial sums have arrived
   // grouped.h (the low-latency phases are 11..15, low_latency.h)
   kGroupedStart = 21,
   kGroupedEnd = 22,
@@ -41,6 +42,25 @@ enum Phase : int32_t {
   kGroupedCombineEnd = 25,
   kGroupedEntriesStart = 26,
   kGroupedEntriesEnd = 27,
+};
+
+// Normal mode across nodes (docs/design.md, "Across nodes"): rank x exchanges with each other
+// node m through one slot of its relay, the one of x's rail peer there (m * ranks_per_node +
+// x % ranks_per_node). A source puts its inputs into the slot of its rail peer in every other
+// node; the ranks of that node pull them from there over NVLink, as from a stage. In combine the
+// rail peer sums its node's rows of the source's tokens and puts one partial row back.
+struct NormalRelay {
+  char* mine;  // this rank's relay: its slot m is at mine + m * slot_bytes (the same offsets on
+               // every rank, so also the put destinations)
+  const char* in[kMaxRanks];  // source s in another node: its slot at the rank of my node on
+                              // s's rail, as this rank addresses it; null for my node's ranks
+  int64_t pos_off;      // slot: int32 counts[kMaxRanks] at 0, then int32 [R][max_tokens] here
+  int64_t data_off;     // the source's inputs, laid out as in its stage
+  int64_t partial_off;  // combine: the partial rows from node m (the forwarder's are at data_off)
+  int64_t slot_bytes;
+  int32_t pe[kMaxRanks];   // rank p's NVSHMEM PE
+  uint32_t remote;         // bit p: rank p is in another node
+  int32_t ranks_per_node;  // 0: one node (no relay)
 };
 
 struct Workspace {
@@ -55,6 +75,7 @@ struct Workspace {
   // where the kernels read the peers' XLA buffers through `published` instead.
   const char* stage[kMaxRanks];
   ErrorRecord* error;           // device alias of the host-mapped record
+  NormalRelay relay;            // across nodes (one process per GPU), else zero
   int32_t rank;
   int32_t num_ranks;
   int32_t max_tokens;
@@ -96,12 +117,21 @@ StageLayout RowsStageLayout(int64_t rows, int64_t row_bytes);
 // grouped combine's float32 partial rows from every rank (grouped.h).
 size_t StageBytes(int num_ranks, int max_tokens, int capacity, int num_topk, int hidden);
 
+// The relay of a rank of an EP group across nodes (NormalRelay): one slot per node, each
+// holding a source's positions, its inputs (a stage's worth) and a combine's partial rows.
+struct RelayLayout {
+  int64_t pos_off, data_off, partial_off, slot_bytes, bytes;
+};
+RelayLayout NormalRelayLayout(int num_ranks, int ranks_per_node, int max_tokens, int hidden,
+                              size_t stage_bytes);
+
 // Initialises this process's rank of an EP group spanning processes: `peers[p]` is rank p's
-// Workspace mapped into this process (peers[rank] is this process's own, zeroed here), `stages[p]`
-// rank p's stage. Maps an ErrorRecord into host memory, loads the kernels and synchronises.
+// Workspace mapped into this process (peers[rank] is this process's own, zeroed here; null for
+// a rank in another node), `stages[p]` rank p's stage. `relay`: across nodes, else null. Maps an
+// ErrorRecord into host memory, loads the kernels and synchronises.
 cudaError_t InitProcessWorkspace(int device, int rank, int num_ranks, int max_tokens, int num_topk,
                                  Workspace* const* peers, const char* const* stages,
-                                 ErrorRecord** host_error);
+                                 const NormalRelay* relay, ErrorRecord** host_error);
 
 // ---- normal-mode dispatch ----------------------------------------------------------------
 struct DispatchArgs {
@@ -126,6 +156,7 @@ struct DispatchArgs {
   unsigned long long timeout_ns;
   char* stage;                   // this rank's stage (one process per GPU), else null
   StageLayout stage_layout;      // of x, scales, topk_idx, topk_weights
+  bool across_nodes;             // the group spans nodes: inputs go through the relays
 };
 cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream);
 
@@ -141,6 +172,7 @@ struct CombineArgs {
   unsigned long long timeout_ns;
   char* stage;                // this rank's stage (one process per GPU), else null
   StageLayout stage_layout;   // of y
+  bool across_nodes;          // the group spans nodes: partial sums through the relays
 };
 cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream);
 
@@ -150,12 +182,25 @@ struct DispatchRowsArgs {
   int num_tokens, capacity, row_bytes;
   const void* rows;           // [T, row_bytes]
   const int32_t* src_index;   // [C]
+  const int32_t* send_slot;   // [T, R]: which nodes need which rows (across nodes only)
   void* out;                  // [C, row_bytes]
   int num_sms;
   unsigned long long timeout_ns;
   char* stage;                // this rank's stage (one process per GPU), else null
   StageLayout stage_layout;   // of rows
+  bool across_nodes;          // the group spans nodes: rows go through the relays
 };
 cudaError_t LaunchDispatchRows(const DispatchRowsArgs& a, cudaStream_t stream);
+
+// ---- across nodes (normal_internode.cu): the puts into the rail peers' relays ---------------
+// Dispatch: after the positions, before the start barrier: counts, positions, top-k and the
+// rows each other node needs. Rows: the rows each other node needs (send_slot).
+cudaError_t LaunchDispatchRelay(const DispatchArgs& a, cudaStream_t stream);
+cudaError_t LaunchRowsRelay(const DispatchRowsArgs& a, cudaStream_t stream);
+// Combine: send_slot to the rail peers; after the start barrier, each rank's partial sums for
+// its rail peers' tokens (put back), then a barrier; the final sum reads them (CombineReduce).
+cudaError_t LaunchCombineSlots(const CombineArgs& a, cudaStream_t stream);
+cudaError_t LaunchCombineForward(const CombineArgs& a, cudaStream_t stream);
+cudaError_t LoadInternodeModule();
 
 }  // namespace jaxep

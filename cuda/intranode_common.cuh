@@ -13,6 +13,11 @@
 #include "intranode.h"
 #include "sync.cuh"
 
+#if JAXEP_WITH_NVSHMEM
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#endif
+
 namespace jaxep {
 namespace {
 
@@ -39,13 +44,45 @@ __device__ __forceinline__ const void* LoadPublished(const Workspace* peer, int 
       __ldcg(reinterpret_cast<const unsigned long long*>(&peer->published[i])));
 }
 
-// Input `i` of peer `s` for this call: in its stage when the peer is another process, else the
-// XLA buffer it published.
+// Input `i` of peer `s` for this call: in the relay slot it put it into when the peer is in
+// another node, in its stage when it is another process, else the XLA buffer it published.
 __device__ __forceinline__ const char* PeerInput(const Workspace* ws, const StageLayout& stage,
                                                  int s, int i) {
+  if (const char* relay = ws->relay.in[s]) return relay + ws->relay.data_off + stage.off[i];
   const char* base = ws->stage[s];
   return base ? base + stage.off[i] : static_cast<const char*>(LoadPublished(ws->peers[s], i));
 }
+
+// Source s's counts [R] and positions [R][max_tokens] (PosTable) for this call: its workspace's,
+// or the copies it put into the relay slot when it is in another node.
+__device__ __forceinline__ const int32_t* SourceCounts(const Workspace* ws, int s) {
+  if (const char* relay = ws->relay.in[s]) return reinterpret_cast<const int32_t*>(relay);
+  return ws->peers[s]->counts;
+}
+__device__ __forceinline__ const int32_t* SourcePos(const Workspace* ws, int s) {
+  if (const char* relay = ws->relay.in[s]) {
+    return reinterpret_cast<const int32_t*>(relay + ws->relay.pos_off);
+  }
+  return PosTable(ws->peers[s]);
+}
+
+__device__ __forceinline__ bool InOtherNode(const Workspace* ws, int p) {
+  return (ws->relay.remote >> p) & 1u;
+}
+
+#if JAXEP_WITH_NVSHMEM
+// Rank p (another node) sees `v` at its counterpart of `flag` (an address in this rank's
+// workspace), after this thread's earlier puts.
+__device__ __forceinline__ void SignalSet(const Workspace* ws, int p, unsigned long long* flag,
+                                          unsigned long long v) {
+  nvshmemx_signal_op(reinterpret_cast<uint64_t*>(flag), v, NVSHMEM_SIGNAL_SET, ws->relay.pe[p]);
+}
+#else
+__device__ __forceinline__ void SignalSet(const Workspace*, int, unsigned long long*,
+                                          unsigned long long) {
+  __trap();  // no workspace has ranks in another node without NVSHMEM (the host refuses them)
+}
+#endif
 
 // Copies this call's inputs into this rank's stage (one process per GPU), all blocks
 // grid-striding over 16-byte words; a misaligned or ragged input falls back to bytes.
@@ -84,7 +121,13 @@ __device__ void BlockBarrier(Workspace* ws, int phase, unsigned long long timeou
     const unsigned long long s = ws->seq + 1;
     ws->seq = s;
     const int num_ranks = ws->num_ranks, me = ws->rank;
-    for (int p = 0; p < num_ranks; ++p) StoreRelease(&ws->peers[p]->flags[me], s);
+    for (int p = 0; p < num_ranks; ++p) {
+      if (InOtherNode(ws, p)) {
+        SignalSet(ws, p, &ws->flags[me], s);
+      } else {
+        StoreRelease(&ws->peers[p]->flags[me], s);
+      }
+    }
     for (int p = 0; p < num_ranks; ++p) {
       WaitAtLeast(&ws->flags[p], s, ws->error, me, p, phase, timeout_ns);
     }

@@ -2,6 +2,7 @@
 //   jaxep_dispatch_ffi       -> jaxep::LaunchDispatch
 //   jaxep_combine_ffi        -> jaxep::LaunchCombine
 //   jaxep_dispatch_rows_ffi  -> jaxep::LaunchDispatchRows   (dispatch along a cached handle)
+// Across nodes (one process per GPU) the same targets run through the relays (NormalRelay).
 // Each handler finds its device's workspace in the registry (communicator id attribute + the
 // device ordinal XLA passes), validates every buffer, and only enqueues work on the stream.
 #ifdef JAXEP_WITH_CUDA
@@ -39,7 +40,6 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   const char* op = "dispatch";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
-  JAXEP_RETURN_IF_ERROR(CheckOneNode(op, ref));
   const int64_t R = ref.num_ranks;
   auto idx_dims = topk_idx.dimensions();
   if (idx_dims.size() != 2) return Invalid(op, "topk_idx must be [T, K], got " + Dims(idx_dims));
@@ -106,6 +106,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
     a.stage_layout = DispatchStageLayout(T, a.x_row_bytes, a.s_row_bytes, K);
     JAXEP_RETURN_IF_ERROR(CheckStage(op, a.stage_layout, ref));
   }
+  a.across_nodes = ref.ranks_per_node > 0;
   return LaunchStatus(op, LaunchDispatch(a, stream));
 }
 
@@ -115,7 +116,6 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   const char* op = "combine";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
-  JAXEP_RETURN_IF_ERROR(CheckOneNode(op, ref));
   const auto type = y.element_type();
   const int elem = RowElemBytes(type);
   if (elem != 2 && elem != 4) return Invalid(op, "y must be bfloat16 or float32");
@@ -147,16 +147,24 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
     a.stage_layout = RowsStageLayout(C, static_cast<int64_t>(y.size_bytes()) / (C ? C : 1));
     JAXEP_RETURN_IF_ERROR(CheckStage(op, a.stage_layout, ref));
   }
+  a.across_nodes = ref.ranks_per_node > 0;
+  JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
+  // Across nodes the partial rows of a token take the relay's float32 row of `hidden`.
+  if (a.across_nodes && row_elems * elem > 4 * int64_t{ref.ll_shape.hidden}) {
+    return Invalid(op, "across nodes a row may take at most " +
+                           std::to_string(4 * int64_t{ref.ll_shape.hidden}) +
+                           " bytes (float32 rows of hidden), got " +
+                           std::to_string(row_elems * elem));
+  }
   return LaunchStatus(op, LaunchCombine(a, stream));
 }
 
 ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer rows,
-                            ffi::Buffer<ffi::S32> src_index, ffi::Result<ffi::AnyBuffer> out,
-                            CommAttrs attrs) {
+                            ffi::Buffer<ffi::S32> src_index, ffi::Buffer<ffi::S32> send_slot,
+                            ffi::Result<ffi::AnyBuffer> out, CommAttrs attrs) {
   const char* op = "dispatch_rows";
   WorkspaceRef ref;
   JAXEP_RETURN_IF_ERROR(Lookup(op, attrs.comm_id, device, ref));
-  JAXEP_RETURN_IF_ERROR(CheckOneNode(op, ref));
   if (src_index.dimensions().size() != 1 || rows.dimensions().size() == 0) {
     return Invalid(op, "src_index must be [C] and rows [T, ...], got " +
                            Dims(src_index.dimensions()) + " and " + Dims(rows.dimensions()));
@@ -175,6 +183,7 @@ ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   a.row_bytes = static_cast<int>(RowBytes(rows));
   a.rows = rows.untyped_data();
   a.src_index = src_index.typed_data();
+  a.send_slot = send_slot.typed_data();
   a.out = out->untyped_data();
   a.num_sms = attrs.num_sms;
   a.timeout_ns = static_cast<unsigned long long>(attrs.timeout_ns);
@@ -182,6 +191,16 @@ ffi::Error DispatchRowsImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
     a.stage = ref.stage;
     a.stage_layout = RowsStageLayout(T, a.row_bytes);
     JAXEP_RETURN_IF_ERROR(CheckStage(op, a.stage_layout, ref));
+  }
+  // Across nodes send_slot says which nodes need which rows; within one it may be [0, R].
+  a.across_nodes = ref.ranks_per_node > 0;
+  const int64_t slot_rows = a.across_nodes ? T : 0;
+  auto slot_dims = send_slot.dimensions();
+  if (slot_dims.size() != 2 || slot_dims[1] != ref.num_ranks ||
+      (slot_dims[0] != T && slot_dims[0] != slot_rows)) {
+    return Invalid(op, "send_slot must be [T=" + std::to_string(T) + ", R=" +
+                           std::to_string(ref.num_ranks) + "]" +
+                           (a.across_nodes ? "" : " or [0, R]") + ", got " + Dims(slot_dims));
   }
   return LaunchStatus(op, LaunchDispatchRows(a, stream));
 }
@@ -226,6 +245,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxepDispatchRowsFfi, jaxep::DispatchRowsImpl,
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()         // rows [T, ...]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // src_index [C]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // send_slot [T, R] or [0, R]
                                   .Ret<ffi::AnyBuffer>()         // out [C, ...]
                                   .Attrs<jaxep::CommAttrs>(),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -26,12 +26,12 @@ inline ffi::Error Lookup(const char* op, int64_t comm_id, int32_t device, Worksp
   return ffi::Error::Success();
 }
 
-// The normal-mode and grouped kernels reach every peer by load/store: not across nodes.
+// The grouped kernels reach every peer by load/store: not across nodes.
 inline ffi::Error CheckOneNode(const char* op, const WorkspaceRef& ref) {
   if (ref.ranks_per_node == 0) return ffi::Error::Success();
   return Invalid(op, "this EP group spans nodes (" + std::to_string(ref.num_ranks) +
                          " ranks, " + std::to_string(ref.ranks_per_node) +
-                         " per node): only the low-latency ops have internode kernels");
+                         " per node): the grouped ops have no internode kernels");
 }
 
 // A call's T (tokens per rank) must fit the workspace's static capacity.

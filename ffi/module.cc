@@ -110,17 +110,18 @@ NB_MODULE(_jaxep_ext, m) {
   m.def(
       "process_region_bytes",
       [](int num_ranks, int max_tokens, int capacity, bool low_latency, int num_topk,
-         int num_local_experts, int hidden, bool rdma, int relay_ranks) {
-        jaxep::LLConfig ll{low_latency, num_topk,     num_local_experts, hidden,
-                           false,       rdma,         rdma ? relay_ranks : 0};
+         int num_local_experts, int hidden, bool rdma, int relay_ranks, int ranks_per_node) {
+        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts,         hidden,
+                           false,       rdma,     rdma ? relay_ranks : 0, rdma ? ranks_per_node : 0};
         return jaxep::ProcessRegionLayout(num_ranks, max_tokens, capacity, ll).total;
       },
       nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("capacity"), nb::arg("low_latency"),
       nb::arg("num_topk"), nb::arg("num_local_experts"), nb::arg("hidden"),
-      nb::arg("rdma") = false, nb::arg("relay_ranks") = 0,
+      nb::arg("rdma") = false, nb::arg("relay_ranks") = 0, nb::arg("ranks_per_node") = 0,
       "Bytes of one rank's symmetric region (one process per GPU): the same on every rank. "
-      "rdma: the group spans nodes (the low-latency staging area is included); relay_ranks: "
-      "the layered dispatch's relays for nodes of that many ranks.");
+      "rdma: the group spans nodes of ranks_per_node ranks (the low-latency staging area and "
+      "the normal-mode relay are included); relay_ranks: the layered dispatch's relays for "
+      "nodes of that many ranks.");
   m.def(
       "process_create",
       [](int device, int rank, const std::vector<uint64_t>& bases, int max_tokens, int capacity,
@@ -129,7 +130,8 @@ NB_MODULE(_jaxep_ext, m) {
         const int n = static_cast<int>(bases.size());
         const bool rdma = ranks_per_node > 0 && ranks_per_node < n;
         const int relay = rdma && layered && ranks_per_node > 1 ? ranks_per_node : 0;
-        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden, false, rdma, relay};
+        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden,
+                           false,       rdma,     relay,             rdma ? ranks_per_node : 0};
         std::vector<uintptr_t> b(bases.begin(), bases.end());
         int64_t id = 0;
         std::string err = jaxep::RegisterProcessRank(device, rank, b, max_tokens, capacity, ll,

@@ -171,6 +171,12 @@ ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, c
     p.total += up(LLWorkspaceBytes(num_ranks, max_tokens, ll.num_topk, ll.num_local_experts,
                                    ll.hidden, false, ll.rdma, ll.relay_ranks));
   }
+  p.relay_off = p.total;
+  if (ll.rdma) {
+    p.relay = NormalRelayLayout(num_ranks, ll.ranks_per_node, max_tokens, ll.hidden,
+                                p.stage_bytes);
+    p.total += up(static_cast<size_t>(p.relay.bytes));
+  }
   return p;
 }
 
@@ -196,7 +202,10 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
            " ranks per node)";
   }
   if (remote != 0) {
-    if (!ll.rdma) return "an EP group across nodes needs LLConfig.rdma (the staging area)";
+    if (!ll.rdma || ll.ranks_per_node != per_node) {
+      return "an EP group across nodes needs LLConfig.rdma and its ranks_per_node (" +
+             std::to_string(per_node) + "), got " + std::to_string(ll.ranks_per_node);
+    }
     if (static_cast<int>(pes.size()) != n) {
       return "an EP group across nodes needs every rank's NVSHMEM PE: got " +
              std::to_string(pes.size()) + " for " + std::to_string(n) + " ranks";
@@ -218,6 +227,26 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
     stages[p] = base + region.stage_off;
     ll_peers[p] = reinterpret_cast<LLWorkspace*>(base + region.ll_off);
   }
+  // Across nodes: the normal-mode relay. Source s of another node puts into its slot at the
+  // rank of my node on its rail.
+  NormalRelay relay{};
+  if (remote) {
+    const RelayLayout& l = region.relay;
+    auto relay_of = [&](int p) { return reinterpret_cast<char*>(bases[p]) + region.relay_off; };
+    relay.mine = relay_of(rank);
+    for (int s = 0; s < n; ++s) {
+      relay.pe[s] = pes[s];
+      if (!((remote >> s) & 1u)) continue;
+      const int rail = (rank / per_node) * per_node + s % per_node;
+      relay.in[s] = relay_of(rail) + (s / per_node) * l.slot_bytes;
+    }
+    relay.pos_off = l.pos_off;
+    relay.data_off = l.data_off;
+    relay.partial_off = l.partial_off;
+    relay.slot_bytes = l.slot_bytes;
+    relay.remote = remote;
+    relay.ranks_per_node = per_node;
+  }
   std::lock_guard<std::mutex> lock(Mutex());
   Group g;
   g.devices = {device};
@@ -232,7 +261,7 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
   g.stage_bytes = region.stage_bytes;
   g.errors = {nullptr};
   cudaError_t err = InitProcessWorkspace(device, rank, n, max_tokens, ll.num_topk, peers, stages,
-                                         &g.errors[0]);
+                                         remote ? &relay : nullptr, &g.errors[0]);
   if (err != cudaSuccess) {
     return std::string("initialising the process-per-GPU workspace failed: ") +
            cudaGetErrorName(err) + ": " + cudaGetErrorString(err);

@@ -26,7 +26,7 @@ struct WorkspaceRef {
   char* stage = nullptr;  // one process per GPU: this rank's stage (inputs copied for the peers)
   size_t stage_bytes = 0;
   int num_topk = 0;  // K the workspace's grouped row table was sized for
-  int ranks_per_node = 0;  // > 0: the group spans nodes; only the low-latency kernels serve it
+  int ranks_per_node = 0;  // > 0: the group spans nodes; the grouped kernels do not serve it
 };
 
 // Sizes of a communicator's low-latency buffers (allocated when `enabled`); K, E_l and H are
@@ -37,6 +37,7 @@ struct LLConfig {
   bool copy_engine = false;  // also the copy-engine send buffers and streams
   bool rdma = false;  // one process per GPU, some peer in another node: the staging area
   int relay_ranks = 0;  // with rdma, the layered dispatch's relays: ranks per node (> 1)
+  int ranks_per_node = 0;  // with rdma: ranks per node (sizes the normal-mode relay)
 };
 
 // Allocates the workspaces of every EP group (groups[g][r] = device ordinal of rank r) under a
@@ -45,9 +46,11 @@ struct LLConfig {
 std::string RegisterCommunicator(const std::vector<std::vector<int>>& groups, int max_tokens,
                                  const LLConfig& ll, int64_t* id, size_t* bytes_per_device);
 // One process per GPU: the layout of a rank's symmetric region (the same on every rank):
-// the normal-mode Workspace, its stage, then the low-latency buffers when enabled.
+// the normal-mode Workspace, its stage, the low-latency buffers when enabled, then across
+// nodes (ll.rdma) the normal-mode relay (NormalRelay).
 struct ProcessRegion {
-  size_t workspace_off = 0, stage_off = 0, stage_bytes = 0, ll_off = 0, total = 0;
+  size_t workspace_off = 0, stage_off = 0, stage_bytes = 0, ll_off = 0, relay_off = 0, total = 0;
+  RelayLayout relay{};
 };
 ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, const LLConfig& ll);
 
@@ -57,9 +60,9 @@ ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, c
 // this rank's region: the caller must keep the peers from writing into it until this returned
 // on every rank. The region is the caller's (never freed here). Returns "" or what failed.
 // ranks_per_node (0: all ranks in one node) puts ranks p and q in one node when p / n == q / n;
-// a peer in another node is reached only by the low-latency kernels, with NVSHMEM puts to
-// PE pes[p] (its base may be 0; the normal-mode workspace is then not usable, and the caller's
-// rule keeps the normal-mode ops off it). Needs NVSHMEM's device state (InitNvshmemDevice).
+// a peer in another node is reached with NVSHMEM puts to PE pes[p] (its base may be 0): by the
+// low-latency kernels, and by the normal-mode ones through the relays (the grouped ones do not
+// reach it; the caller's rule keeps them off). Needs NVSHMEM's device state (InitNvshmemDevice).
 // ll.relay_ranks > 0 selects the layered dispatch (it must equal ranks_per_node).
 std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_t>& bases,
                                 int max_tokens, int capacity, const LLConfig& ll, int64_t* id,

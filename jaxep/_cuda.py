@@ -194,15 +194,17 @@ def intranode_create(groups, max_tokens: int, *, low_latency: bool = False, num_
 
 
 def process_region_bytes(num_ranks, max_tokens, capacity, *, low_latency, num_topk,
-                         num_local_experts, hidden, rdma=False, relay_ranks=0) -> int:
+                         num_local_experts, hidden, rdma=False, relay_ranks=0,
+                         ranks_per_node=0) -> int:
     """Bytes of one rank's symmetric region (one process per GPU); the same on every rank.
-    ``rdma``: the group spans nodes (the low-latency puts' staging area is included);
-    ``relay_ranks`` > 0: the layered dispatch's relays for nodes of that many ranks."""
+    ``rdma``: the group spans nodes of ``ranks_per_node`` ranks (the low-latency puts' staging
+    area and the normal-mode relay are included); ``relay_ranks`` > 0: the layered dispatch's
+    relays for nodes of that many ranks."""
     _require()
     return int(_ext.process_region_bytes(int(num_ranks), int(max_tokens), int(capacity),
                                          bool(low_latency), int(num_topk),
                                          int(num_local_experts), int(hidden), bool(rdma),
-                                         int(relay_ranks)))
+                                         int(relay_ranks), int(ranks_per_node)))
 
 
 def process_create(device, rank, bases, max_tokens, capacity, *, low_latency, num_topk,
@@ -290,10 +292,16 @@ def combine_rows(comm, rows, send_slot):
     return _ep_call(comm, COMBINE_TARGET, out, rows, send_slot)
 
 
-def dispatch_rows(comm, rows, src_index):
-    """``out[c] = rows_src[src_index[c]]`` (zeros where -1): dispatch along a cached handle."""
+def dispatch_rows(comm, rows, src_index, send_slot=None):
+    """``out[c] = rows_src[src_index[c]]`` (zeros where -1): dispatch along a cached handle.
+    ``send_slot [T, R]`` (the handle's): which ranks receive which rows, which the internode
+    kernels need to send each row once per node; None within one node."""
     out = jax.ShapeDtypeStruct(src_index.shape + rows.shape[1:], rows.dtype)
-    return _ep_call(comm, DISPATCH_ROWS_TARGET, out, rows, src_index)
+    if send_slot is None:
+        if comm._internode:
+            raise ValueError("dispatch_rows across nodes needs the handle's send_slot")
+        send_slot = jnp.zeros((0, comm.num_ranks), jnp.int32)
+    return _ep_call(comm, DISPATCH_ROWS_TARGET, out, rows, src_index, send_slot)
 
 
 # ---- expert-grouped normal mode ----------------------------------------------------------

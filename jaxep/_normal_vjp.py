@@ -25,7 +25,8 @@ def normal_ops(dispatch_prim, combine_rows, dispatch_rows):
       dispatch_prim: ``(comm, x, topk_idx, topk_weights, capacity) -> dict`` of the dispatch's
         fields (``jaxep._xla.dispatch``'s keys).
       combine_rows: ``(comm, rows, src_index, send_slot) -> [T, ...]``, rows summed per token.
-      dispatch_rows: ``(comm, rows, src_index) -> [C, ...]``, rows along a handle.
+      dispatch_rows: ``(comm, rows, src_index, send_slot) -> [C, ...]``, rows along a handle
+        (``send_slot``: which ranks receive which rows, for the internode kernels).
 
     ``dispatch(comm, x, topk_idx, topk_weights, capacity)`` returns the fields of
     ``Dispatched`` in order, the handle as its two arrays (``src_index``, ``send_slot``);
@@ -65,7 +66,7 @@ def normal_ops(dispatch_prim, combine_rows, dispatch_rows):
         return combine_rows(comm, y, handle.src_index, handle.send_slot), handle
 
     def combine_bwd(comm, handle, g):
-        gy = dispatch_rows(comm, g, handle.src_index)
+        gy = dispatch_rows(comm, g, handle.src_index, handle.send_slot)
         return gy, jax.tree.map(zero_cotangent, handle)
 
     combine.defvjp(combine_fwd, combine_bwd)

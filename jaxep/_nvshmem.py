@@ -15,9 +15,10 @@ NVSHMEM's symmetric heap (same size on every process), that every peer on the ho
   lays out the workspace, the stage and the low-latency buffers in it (``ffi/registry.h``).
 
 Peers of the same node are reached by load/store through the mapped regions. When the EP group
-spans nodes (``EPConfig.ranks_per_node``, or peers on other hosts) the low-latency kernels reach
-the others with NVSHMEM's device library, linked into the extension, whose device state the
-extension initialises itself (``cuda/rdma.cu``) after the host init here.
+spans nodes (``EPConfig.ranks_per_node``, or peers on other hosts) the normal-mode and
+low-latency kernels reach the others with NVSHMEM's device library, linked into the extension,
+whose device state the extension initialises itself (``cuda/rdma.cu``) after the host init
+here.
 The regions stay allocated until the process exits, like the single-process workspaces (a
 program replayed from a CUDA graph must never touch freed memory).
 """
@@ -205,9 +206,6 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
     elif internode and not _cuda.nvshmem_device_linked():
         refusal = ("the EP group spans nodes, and jaxep was built without NVSHMEM's device "
                    "library (pip install nvidia-nvshmem-cu13 before building jaxep)")
-    elif internode and not low_latency:
-        refusal = ("the EP group spans nodes: only the low-latency ops have internode kernels, "
-                   "and this communicator has no low-latency buffers (EPConfig.low_latency)")
 
     # 1. Every process creates the same communicator: the symmetric allocation below is
     #    collective and would hang (or mismatch sizes) otherwise.
@@ -242,7 +240,8 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
                                             low_latency=low_latency, num_topk=cfg.num_topk,
                                             num_local_experts=comm.num_local_experts,
                                             hidden=cfg.hidden, rdma=internode,
-                                            relay_ranks=relay_ranks))
+                                            relay_ranks=relay_ranks,
+                                            ranks_per_node=per_node if internode else 0))
     region = nvshmem.buffer(nbytes)
     _STATE.regions.append(region)
     bases = []

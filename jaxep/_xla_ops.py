@@ -29,7 +29,9 @@ def dispatch_layout(comm, topk_idx):
 
 
 # dispatch: the fields of ``Dispatched``, the handle as its two arrays; combine: ``[T, H]``.
-dispatch, combine = normal_ops(_xla.dispatch, _xla.combine_rows, _xla.dispatch_rows)
+dispatch, combine = normal_ops(_xla.dispatch, _xla.combine_rows,
+                               lambda comm, rows, src_index, _: _xla.dispatch_rows(comm, rows,
+                                                                                   src_index))
 
 # --------------------------------------------------------------------------------------------
 # Grouped normal mode: results are the fields of ``Grouped`` in order, the handle as its arrays

@@ -102,7 +102,7 @@ class Communicator:
         self.transport = None
         self.transport_reason = "backend='xla'" if self.backend == "xla" else ""
         self._intranode = False
-        self._internode = False  # the group spans nodes: only the low-latency kernels serve it
+        self._internode = False  # the group spans nodes: the grouped kernels do not serve it
         self._low_latency = False
         self._closed = False
         if self.backend == "cuda":
@@ -165,10 +165,11 @@ class Communicator:
                 self._internode = True
                 self.transport_reason = (
                     f"EP groups span processes that drive one GPU each, in "
-                    f"{self.num_nodes} nodes of {self.ranks_per_node} ranks: the low-latency "
-                    "ops run the internode kernels (NVSHMEM puts between nodes; the dispatch "
-                    f"{'layered' if self.ll_layered else 'flat'}), the normal-mode and grouped "
-                    "ops the pure-JAX path")
+                    f"{self.num_nodes} nodes of {self.ranks_per_node} ranks: the normal-mode "
+                    "and low-latency ops run the internode kernels (NVSHMEM puts between nodes; "
+                    "normal mode hierarchical, the low-latency dispatch "
+                    f"{'layered' if self.ll_layered else 'flat'}), the grouped ops the pure-JAX "
+                    "path")
         self.transport = transport
         self._intranode = True
         self._low_latency = ll
@@ -258,7 +259,7 @@ class Communicator:
         The rule: ``"xla"`` unless the backend is ``"cuda"``; then ``dispatch_layout`` runs its
         kernel within its limits, the normal-mode ops (grouped ones too) where this process has
         a transport for the EP group (``transport``; grouped ones with at most
-        ``_cuda.GROUPED_MAX_LOCAL_EXPERTS`` local experts) and the group lies in one node, the
+        ``_cuda.GROUPED_MAX_LOCAL_EXPERTS`` local experts, and only within one node), the
         low-latency ops where the communicator has low-latency buffers (across nodes too)."""
         if op not in ALL_OPS:
             raise ValueError(f"op must be one of {ALL_OPS}, got {op!r}")
@@ -266,7 +267,7 @@ class Communicator:
             return "xla"
         if op in CUDA_OPS and self._layout_supported():
             return "cuda"
-        if op in INTRANODE_OPS and self._intranode and not self._internode:
+        if op in INTRANODE_OPS and self._intranode:
             return "cuda"
         if op in LL_OPS and self._low_latency:
             return "cuda"

@@ -87,9 +87,11 @@ class EPConfig:
         whose GPUs map each other's memory form a node). An int n: ranks r and q are in one
         node when ``r // n == q // n`` (n must divide R), whatever the hardware: "virtual
         nodes", so that peers in another virtual node take the internode (NVSHMEM put) path
-        even on one host or one GPU. A group spanning nodes runs the low-latency ops on the
-        internode kernels (flat: each row is put straight to its destination rank) and the
-        normal-mode and grouped ops on the pure-JAX path (no internode kernels for them yet;
+        even on one host or one GPU. A group spanning nodes runs the normal-mode ops on the
+        hierarchical kernels (each row crosses to another node once, to the rank on its
+        sender's rail, whose node pulls it over NVLink; combine sums a node's rows there and
+        sends one partial back), the low-latency ops on the internode kernels (see
+        ``ll_layered``), and the grouped ops on the pure-JAX path (no internode kernels for them;
         ``Communicator.implementation`` says which runs). Errors of a group spanning nodes name
         the node of the waiting rank and of the peer.
       ll_layered: how the low-latency dispatch reaches another node (with ``ranks_per_node``

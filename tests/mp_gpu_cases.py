@@ -369,20 +369,23 @@ def normal_grad_case(w: W, comm, T, kind, seed, dtype, tag):
     case.done()
 
 
-def normal_section(w: W):
+def normal_section(w: W, **extra):
+    """The normal-mode cases; ``extra``: more EPConfig fields (the internode scenario's
+    ranks_per_node)."""
     S = NORMAL
     R = w.R
     E, K, H, T = S["E"], S["K"], S["H"], S["T"]
     ops = ("dispatch", "combine")
     Cfg = jaxep.EPConfig
-    lin = w.comm(Cfg(num_experts=E, num_topk=K, hidden=H, max_tokens_per_rank=T), ops)
+    lin = w.comm(Cfg(num_experts=E, num_topk=K, hidden=H, max_tokens_per_rank=T, **extra), ops)
     rr = w.comm(Cfg(num_experts=E, num_topk=K, hidden=H, max_tokens_per_rank=T,
-                    placement="round_robin"), ops)
+                    placement="round_robin", **extra), ops)
     ovf = w.comm(Cfg(num_experts=E, num_topk=K, hidden=H, max_tokens_per_rank=T,
-                     recv_capacity=R * T * 3 // 8, placement="round_robin"), ops)
+                     recv_capacity=R * T * 3 // 8, placement="round_robin", **extra), ops)
     F = FP8
     fp8c = w.comm(Cfg(num_experts=F["E"], num_topk=F["K"], hidden=F["H"],
-                      max_tokens_per_rank=F["T"], recv_capacity=R * F["T"] * 3 // 4), ops)
+                      max_tokens_per_rank=F["T"], recv_capacity=R * F["T"] * 3 // 4, **extra),
+                  ops)
     dropped = 0
     for trial, kind in enumerate(NORMAL_KINDS):
         normal_case(w, lin, T, kind, seed_of("lin", R, trial), "linear")

@@ -336,13 +336,20 @@ def _loop_replay(x0, g, R, start, stop, ntok=None):
 
 def scenario_loop():
     w = W()
-    c = _cases()
-    Case, seed_of, NORMAL, LL = c.Case, c.seed_of, c.NORMAL, c.LL
+    _normal_loop(w, _cases())
+    _ll_loop(w, _cases())
+    return report(w)
+
+
+def _normal_loop(w, c, **extra):
+    """LOOP_ITERS dispatch -> combine rounds in one lax.fori_loop, then REPLAYS calls of an
+    unrolled step, exact (``extra``: more EPConfig fields)."""
+    Case, seed_of, NORMAL = c.Case, c.seed_of, c.NORMAL
     R = w.R
     S = NORMAL
     E, K, H, T = S["E"], S["K"], S["H"], S["T"]
     Cfg = jaxep.EPConfig
-    comm = w.comm(Cfg(num_experts=E, num_topk=K, hidden=H, max_tokens_per_rank=T),
+    comm = w.comm(Cfg(num_experts=E, num_topk=K, hidden=H, max_tokens_per_rank=T, **extra),
                   ("dispatch", "combine"))
     iters = LOOP_ITERS
 
@@ -401,9 +408,6 @@ def scenario_loop():
     case = Case(w, f"{REPLAYS} calls of a jitted {UNROLL}-round step ({dt:.1f} s)")
     case.bits("x", xs, w.rows(want))
     case.done()
-
-    _ll_loop(w, _cases())
-    return report(w)
 
 
 def _ll_loop(w, c, **extra):
@@ -587,9 +591,9 @@ def scenario_kill_ll():
 
 
 def scenario_internode():
-    """Virtual nodes (EPConfig.ranks_per_node = MP_GPU_RANKS_PER_NODE): every low-latency op
-    over the internode kernels against the oracle (>= 20 routings per op form, one of them an
-    empty node), the rule for the other ops, and the 1000-iteration loop."""
+    """Virtual nodes (EPConfig.ranks_per_node = MP_GPU_RANKS_PER_NODE): every normal-mode and
+    low-latency op over the internode kernels against the oracle (>= 20 routings per op form,
+    one of them an empty node), the rule for the grouped ops, and the 1000-iteration loops."""
     w = W()
     c = _cases()
     rpn = RANKS_PER_NODE
@@ -603,15 +607,25 @@ def scenario_internode():
     case = c.Case(w, f"communicator of {w.R // rpn} virtual nodes x {rpn} ranks")
     case.scalar("num_nodes", np.array(comm.num_nodes), np.array(w.R // rpn))
     case.scalar("ranks_per_node", np.array(comm.ranks_per_node), np.array(rpn))
-    for op in ("dispatch", "combine", "dispatch_grouped", "combine_grouped"):
-        if comm.implementation(op) != "xla":
-            case.bad.append(f"implementation({op!r}) = {comm.implementation(op)!r}, want 'xla' "
-                            "(no internode kernels for it)")
+    for op, want in (("dispatch", "cuda"), ("combine", "cuda"), ("dispatch_grouped", "xla"),
+                     ("combine_grouped", "xla")):
+        if comm.implementation(op) != want:
+            case.bad.append(f"implementation({op!r}) = {comm.implementation(op)!r}, want "
+                            f"{want!r}")
     if "nodes" not in comm.transport_reason:
         case.bad.append(f"transport_reason does not mention the nodes: {comm.transport_reason!r}")
     if comm.ll_layered != (rpn > 1):  # the default: layered where a node has 2+ ranks
         case.bad.append(f"ll_layered = {comm.ll_layered}, want {rpn > 1} by default")
     case.done()
+    # normal mode, hierarchical: each op form over >= 20 routings (an empty node among them)
+    c.NORMAL_KINDS = c.NORMAL_KINDS + ("empty_node",)
+    c.KINDS = c.KINDS + ("empty_node",)
+    c.TRIALS = dict(c.TRIALS, rr=20, fp8=10, grad=10)
+    t0, n = time.monotonic(), w.cases
+    c.normal_section(w, ranks_per_node=rpn)
+    log(f"normal mode over {w.R // rpn} nodes: {w.cases - n} cases in "
+        f"{time.monotonic() - t0:.1f} s")
+    _normal_loop(w, c, ranks_per_node=rpn)
     c.TRIALS = dict(c.TRIALS, ll=20, ll_fp8=20, ll_two=20, ll_two_fp8=20)
     c.LL_KINDS = c.LL_KINDS + ("empty_node",)
     # flat, then (nodes of 2+ ranks) layered: each bit-exact against the oracle

@@ -41,8 +41,9 @@ def test_reasons(kernels):
     why = _fallback.reason(fake(intranode=False, reason="beyond the CUDA kernels' limits"),
                            "dispatch")
     assert "beyond the CUDA kernels' limits" in why
-    # a group across nodes: the normal-mode ops run the pure-JAX path, and the reason says so
-    why = _fallback.reason(fake(internode=True, reason="in 2 nodes of 4 ranks"), "dispatch")
+    # a group across nodes: the grouped ops run the pure-JAX path, and the reason says so
+    why = _fallback.reason(fake(internode=True, reason="in 2 nodes of 4 ranks"),
+                           "dispatch_grouped")
     assert "in 2 nodes of 4 ranks" in why
 
 

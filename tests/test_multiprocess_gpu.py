@@ -407,12 +407,13 @@ INTERNODE_SHAPES = [(2, 1), (4, 2), (4, 1)]
 @pytest.mark.gpu
 @pytest.mark.multiprocess
 @pytest.mark.timeout(OPS_S + 60)
-def test_internode_ll_ops_match_oracle(tmp_path, gpu_workers, num, rpn):
-    """Virtual nodes: every low-latency op (one kernel and two-phase, bf16, float32 and FP8,
-    the four combines, gradients) with peers in other nodes reached by NVSHMEM puts, the
-    dispatch flat and (nodes of 2+ ranks) layered, against the NumPy oracle over >= 20
-    routings per form (an empty node among them); the rule keeps the normal-mode ops on the
-    pure-JAX path; 1000 ll_dispatch -> ll_combine rounds."""
+def test_internode_ops_match_oracle(tmp_path, gpu_workers, num, rpn):
+    """Virtual nodes, peers in other nodes reached by NVSHMEM puts, against the NumPy oracle
+    over >= 20 routings per form (an empty node among them): the hierarchical normal mode
+    (dispatch bf16 and FP8, combine, capacity overflow, gradients; 1000 dispatch -> combine
+    rounds) and every low-latency op (one kernel and two-phase, bf16, float32 and FP8, the
+    four combines, gradients), the dispatch flat and (nodes of 2+ ranks) layered; 1000
+    ll_dispatch -> ll_combine rounds. The rule keeps the grouped ops on the pure-JAX path."""
     if not _cuda.nvshmem_device_linked():
         pytest.skip("jaxep built without NVSHMEM's device library (no internode kernels)")
     run = run_workers(tmp_path, num, "internode", "cuda", timeout_s=OPS_S,
@@ -424,7 +425,9 @@ def test_internode_ll_ops_match_oracle(tmp_path, gpu_workers, num, rpn):
 
 
 @pytest.mark.parametrize("scenario,num,rpn,phase_word", [("absent_ll", 4, 2, "ll_dispatch"),
-                                                         ("kill_ll", 4, 2, "")])
+                                                         ("kill_ll", 4, 2, ""),
+                                                         ("absent", 4, 2, "dispatch"),
+                                                         ("kill", 4, 2, "")])
 @pytest.mark.gpu
 @pytest.mark.multiprocess
 @pytest.mark.timeout(FAIL_S + 60)

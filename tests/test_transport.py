@@ -96,8 +96,8 @@ def test_nodes_of_the_group(cpu_comm, rpn, nodes):
 
 
 def test_the_rule_across_nodes(cpu_comm, monkeypatch):
-    """A group spanning nodes: the low-latency ops on their (internode) kernels, the normal-mode
-    and grouped ops on the pure-JAX path, dispatch_layout (local) on its kernel."""
+    """A group spanning nodes: the normal-mode and low-latency ops on their (internode)
+    kernels, the grouped ops on the pure-JAX path, dispatch_layout (local) on its kernel."""
     monkeypatch.setattr(jaxep._cuda, "GROUPED_MAX_LOCAL_EXPERTS", 512)  # also without CUDA
     comm = cpu_comm(4, num_experts=8, num_topk=2, hidden=16, max_tokens_per_rank=4,
                     ranks_per_node=2)
@@ -105,7 +105,7 @@ def test_the_rule_across_nodes(cpu_comm, monkeypatch):
     comm.backend, comm.transport = "cuda", "nvshmem"
     comm._intranode, comm._internode, comm._low_latency = True, True, True
     impl = {op: comm.implementation(op) for op in jaxep.communicator.ALL_OPS}
-    assert impl == dict(dispatch_layout=impl["dispatch_layout"], dispatch="xla", combine="xla",
+    assert impl == dict(dispatch_layout=impl["dispatch_layout"], dispatch="cuda", combine="cuda",
                         ll_dispatch="cuda", ll_combine="cuda", dispatch_grouped="xla",
                         combine_grouped="xla")
     comm._internode = False  # one node: every op on its kernels
@@ -163,3 +163,24 @@ def test_internode_buffer_sizes(R, rpn):
     assert size(rdma=True) - size() == 2 * R * bundle + up(R * T * max(K, R) * 4 * H)
     relay = up(rpn * counts + (T * rpn * meta * 4 + 15) // 16 * 16 + T * 4 * H)
     assert size(rdma=True, relay_ranks=rpn) - size(rdma=True) == 4 * R * relay
+
+
+@pytest.mark.skipif(not jaxep._cuda.available(), reason="needs the extension built with CUDA")
+@pytest.mark.parametrize("R,rpn", [(2, 1), (4, 2), (8, 4), (8, 2)])
+def test_normal_relay_size(R, rpn):
+    """What a group across nodes adds to the process region for normal mode (docs/design.md,
+    "Across nodes"): one relay slot per node, each with int32 counts (256 bytes), int32
+    positions [R][T], a stage's worth of inputs and a float32 row of H per token for the
+    partial sums."""
+    T, C, K, El, H = 32, 64, 8, 4, 256
+    up = lambda n, a=256: (n + a - 1) // a * a  # noqa: E731
+    size = lambda **kw: jaxep._cuda.process_region_bytes(  # noqa: E731
+        R, T, C, low_latency=False, num_topk=K, num_local_experts=El, hidden=H, **kw)
+    groups = H // 128
+    dispatch = sum(up(b) for b in (T * 4 * H, T * 4 * groups, T * K * 4, T * K * 4))
+    rows = max(C, T) * 4 * H
+    grouped = 2 * up(T * K * 4) + R * T * 4 * H  # the grouped combine's partial rows
+    stage = up(max(dispatch, rows, grouped))
+    partial = up(T * 4 * H)
+    slot = up(256 + 4 * R * T) + max(stage, partial) + partial
+    assert size(rdma=True, ranks_per_node=rpn) - size() == up(slot * (R // rpn), 4096)
