@@ -56,6 +56,7 @@ const char* PhaseName(int phase) {
     case kDispatchEnd: return "dispatch (end barrier)";
     case kCombineStart: return "combine (start barrier)";
     case kCombineEnd: return "combine (end barrier)";
+    case kCombineForward: return "combine forward (barrier after the partial sums of other nodes)";
     case kRowsStart: return "dispatch along handle (start barrier)";
     case kRowsEnd: return "dispatch along handle (end barrier)";
     case kGroupedStart: return "dispatch_grouped (start barrier)";
