@@ -274,22 +274,22 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
   Workspace* ws = a.ws;
   const int num_ranks = ws->num_ranks;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // Across nodes a rank of another node stands for its node's partial sum (relay slot of the
-  // node, partial rows), taken at the node's first rank that holds a row of the token.
+  // Across nodes the rows held by another node's ranks arrive as that node's float32 partial
+  // sum (CombineForwardKernel), in the relay slot of the node, at row t.
   __shared__ const T* s_y[kMaxRanks];
+  __shared__ const float* s_partial[kMaxRanks];  // by node
+  const uint32_t remote = ws->relay.remote;
+  const int per_node = ws->relay.ranks_per_node;
   if (threadIdx.x < num_ranks) {
     const int j = threadIdx.x;
-    if (InOtherNode(ws, j)) {
+    s_y[j] = InOtherNode(ws, j) ? nullptr
+                                : reinterpret_cast<const T*>(PeerInput(ws, a.stage_layout, j, 0));
+    if (remote && j < num_ranks / per_node) {
       const NormalRelay& r = ws->relay;
-      s_y[j] = reinterpret_cast<const T*>(r.mine + (j / r.ranks_per_node) * r.slot_bytes +
-                                          r.partial_off);
-    } else {
-      s_y[j] = reinterpret_cast<const T*>(PeerInput(ws, a.stage_layout, j, 0));
+      s_partial[j] = reinterpret_cast<const float*>(r.mine + j * r.slot_bytes + r.partial_off);
     }
   }
   __syncthreads();
-  const uint32_t remote = ws->relay.remote;
-  const int per_node = ws->relay.ranks_per_node;
   const int row = a.row_elems;
   const bool vec = row % kPer == 0;
   const int stride = gridDim.x * kCopyWarps;
@@ -298,13 +298,13 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
     int slots[kMaxRanks];
 #pragma unroll
     for (int j = 0; j < kMaxRanks; ++j) slots[j] = __shfl_sync(0xffffffffu, mine, j);
-    if (remote) {  // another node's rows: its partial row t, once per node
+    uint32_t partials = 0;  // bit m: node m (another node) holds rows of t: its partial
+    if (remote) {
 #pragma unroll
-      for (int j = kMaxRanks - 1; j >= 0; --j) {  // descending: slots[q < j] still the handle's
-        if (!((remote >> j) & 1u) || slots[j] < 0) continue;
-        bool earlier = false;  // a rank of j's node before j holds a row of t
-        for (int q = j - j % per_node; q < j; ++q) earlier = earlier || slots[q] >= 0;
-        slots[j] = earlier ? -1 : t;
+      for (int j = 0; j < kMaxRanks; ++j) {
+        if (!((remote >> j) & 1u)) continue;
+        if (slots[j] >= 0) partials |= 1u << (j / per_node);
+        slots[j] = -1;
       }
     }
     T* dst = static_cast<T*>(a.out) + static_cast<size_t>(t) * row;
@@ -331,6 +331,11 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
           Accumulate(acc, v[j], T());
           Accumulate(acc2, w[j], T());
         }
+        for (uint32_t m = partials; m; m &= m - 1) {
+          const float* part = s_partial[__ffs(m) - 1] + static_cast<size_t>(t) * row;
+          AccumulateFloats<kPer>(acc, part + static_cast<size_t>(i) * kPer);
+          if (second) AccumulateFloats<kPer>(acc2, part + static_cast<size_t>(i + 32) * kPer);
+        }
         reinterpret_cast<int4*>(dst)[i] = Pack(acc, T());
         if (second) reinterpret_cast<int4*>(dst)[i + 32] = Pack(acc2, T());
       }
@@ -339,6 +344,9 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
         float acc = 0.f;
         for (int j = 0; j < num_ranks; ++j) {
           if (slots[j] >= 0) acc += static_cast<float>(s_y[j][static_cast<size_t>(slots[j]) * row + i]);
+        }
+        for (uint32_t m = partials; m; m &= m - 1) {
+          acc += __ldcg(s_partial[__ffs(m) - 1] + static_cast<size_t>(t) * row + i);
         }
         dst[i] = static_cast<T>(acc);
       }

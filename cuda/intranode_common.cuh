@@ -200,6 +200,19 @@ __device__ __forceinline__ void Accumulate(float* acc, const int4& v, float) {
   for (int i = 0; i < 4; ++i) acc[i] += f[i];
 }
 
+// acc[0..n) += p[0..n) (float32, 16-byte aligned, n a multiple of 4).
+template <int n>
+__device__ __forceinline__ void AccumulateFloats(float* acc, const float* p) {
+#pragma unroll
+  for (int e = 0; e < n / 4; ++e) {
+    const float4 f = __ldcg(reinterpret_cast<const float4*>(p) + e);
+    acc[4 * e] += f.x;
+    acc[4 * e + 1] += f.y;
+    acc[4 * e + 2] += f.z;
+    acc[4 * e + 3] += f.w;
+  }
+}
+
 __device__ __forceinline__ int4 Pack(const float* acc, __nv_bfloat16) {
   int4 v;
   __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);

@@ -145,8 +145,9 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineSlotsKernel(CombineArg
 }
 
 // After the start barrier, as the rail peer of each other node's source s: for each token of s
-// with rows in my node, their sum (float32, in my node's order) into my slot for s's node,
-// then put to s's slot for my node (partial rows). CombineReduce adds it in.
+// with rows in my node, their float32 sum (in my node's rank order) into my slot for s's node,
+// then put to s's slot for my node (partial rows). CombineReduce adds it in: float32 all the
+// way, as within one node.
 template <typename T>
 __global__ void __launch_bounds__(kCopyThreads, 1) CombineForwardKernel(CombineArgs a) {
   constexpr int kPer = 16 / sizeof(T);
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineForwardKernel(CombineA
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = ws->relay.ranks_per_node, nodes = ws->num_ranks / g, me_node = MyNode(ws);
   const int R = ws->num_ranks, Tn = a.num_tokens, row = a.row_elems;
-  const size_t row_bytes = sizeof(T) * static_cast<size_t>(row);
+  const size_t row_bytes = sizeof(float) * static_cast<size_t>(row);  // a partial row
   __shared__ const T* s_y[kMaxRanks];  // my node's ranks' y
   if (threadIdx.x < g) {
     s_y[threadIdx.x] =
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineForwardKernel(CombineA
     int slots[kMaxRanks];
 #pragma unroll
     for (int j = 0; j < kMaxRanks; ++j) slots[j] = __shfl_sync(0xffffffffu, mine, j);
-    T* out = reinterpret_cast<T*>(Slot(ws, m) + ws->relay.data_off + t * row_bytes);
+    float* out = reinterpret_cast<float*>(Slot(ws, m) + ws->relay.data_off + t * row_bytes);
     if (vec) {
       const int n = row / kPer;
       for (int v = lane; v < n; v += 32) {
@@ -186,7 +187,11 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineForwardKernel(CombineA
             Accumulate(acc, __ldcg(src + v), T());
           }
         }
-        reinterpret_cast<int4*>(out)[v] = Pack(acc, T());
+#pragma unroll
+        for (int e = 0; e < kPer; e += 4) {
+          reinterpret_cast<float4*>(out)[v * (kPer / 4) + e / 4] =
+              make_float4(acc[e], acc[e + 1], acc[e + 2], acc[e + 3]);
+        }
       }
     } else {
       for (int e = lane; e < row; e += 32) {
@@ -194,7 +199,7 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineForwardKernel(CombineA
         for (int j = 0; j < g; ++j) {
           if (slots[j] >= 0) acc += static_cast<float>(s_y[j][static_cast<size_t>(slots[j]) * row + e]);
         }
-        out[e] = static_cast<T>(acc);
+        out[e] = acc;
       }
     }
     __syncwarp();  // the put's lanes read what the others wrote

@@ -149,12 +149,11 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   }
   a.across_nodes = ref.ranks_per_node > 0;
   JAXEP_RETURN_IF_ERROR(CheckTokens(op, T, ref));
-  // Across nodes the partial rows of a token take the relay's float32 row of `hidden`.
-  if (a.across_nodes && row_elems * elem > 4 * int64_t{ref.ll_shape.hidden}) {
-    return Invalid(op, "across nodes a row may take at most " +
-                           std::to_string(4 * int64_t{ref.ll_shape.hidden}) +
-                           " bytes (float32 rows of hidden), got " +
-                           std::to_string(row_elems * elem));
+  // Across nodes a token's partial sum is a float32 row in the relay, sized for `hidden`.
+  if (a.across_nodes && row_elems > ref.ll_shape.hidden) {
+    return Invalid(op, "across nodes a row may have at most hidden=" +
+                           std::to_string(ref.ll_shape.hidden) + " elements, got " +
+                           std::to_string(row_elems));
   }
   return LaunchStatus(op, LaunchCombine(a, stream));
 }
