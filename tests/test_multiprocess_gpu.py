@@ -440,7 +440,8 @@ def test_internode_peer_failure_names_nodes(tmp_path, gpu_workers, scenario, num
     run = run_workers(tmp_path, num, scenario, "cuda", timeout_s=FAIL_S,
                       extra_env={"MP_GPU_TIMEOUT_S": str(FAIL_TIMEOUT_S),
                                  "MP_GPU_RANKS_PER_NODE": str(rpn)})
-    victim_rc = (0, -signal.SIGABRT) if scenario == "absent_ll" else (-signal.SIGKILL,)
+    absent = scenario.startswith("absent")
+    victim_rc = (0, -signal.SIGABRT) if absent else (-signal.SIGKILL,)
     assert_survivors_report(run, victim=num - 1, victim_rc=victim_rc, phase_word=phase_word,
                             ranks_per_node=rpn)
 
