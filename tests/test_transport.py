@@ -184,3 +184,15 @@ def test_normal_relay_size(R, rpn):
     partial = up(T * 4 * H)
     slot = up(256 + 4 * R * T) + max(stage, partial) + partial
     assert size(rdma=True, ranks_per_node=rpn) - size() == up(slot * (R // rpn), 4096)
+
+
+def test_dispatch_rows_across_nodes_needs_send_slot(cpu_comm):
+    """Across nodes the dispatch along a handle sends each row once per node that needs it,
+    which only the handle's send_slot says: without it the call is refused, not guessed."""
+    import jax.numpy as jnp
+
+    comm = cpu_comm(4, num_experts=8, num_topk=2, hidden=16, max_tokens_per_rank=4,
+                    ranks_per_node=2)
+    comm._internode = True
+    with pytest.raises(ValueError, match="send_slot"):
+        jaxep._cuda.dispatch_rows(comm, jnp.zeros((4, 16)), jnp.zeros((16,), jnp.int32))
