@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineReduceKernel(CombineAr
   const int per_node = ws->relay.ranks_per_node;
   if (threadIdx.x < num_ranks) {
     const int j = threadIdx.x;
-    s_y[j] = InOtherNode(ws, j) ? nullptr
+    s_y[j] = Remote(ws, j) ? nullptr
                                 : reinterpret_cast<const T*>(PeerInput(ws, a.stage_layout, j, 0));
     if (remote && j < num_ranks / per_node) {
       const NormalRelay& r = ws->relay;

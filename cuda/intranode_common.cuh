@@ -11,12 +11,8 @@
 
 #include "grouped.h"
 #include "intranode.h"
+#include "rdma.cuh"
 #include "sync.cuh"
-
-#if JAXEP_WITH_NVSHMEM
-#include <nvshmem.h>
-#include <nvshmemx.h>
-#endif
 
 namespace jaxep {
 namespace {
@@ -66,24 +62,6 @@ __device__ __forceinline__ const int32_t* SourcePos(const Workspace* ws, int s) 
   return PosTable(ws->peers[s]);
 }
 
-__device__ __forceinline__ bool InOtherNode(const Workspace* ws, int p) {
-  return (ws->relay.remote >> p) & 1u;
-}
-
-#if JAXEP_WITH_NVSHMEM
-// Rank p (another node) sees `v` at its counterpart of `flag` (an address in this rank's
-// workspace), after this thread's earlier puts.
-__device__ __forceinline__ void SignalSet(const Workspace* ws, int p, unsigned long long* flag,
-                                          unsigned long long v) {
-  nvshmemx_signal_op(reinterpret_cast<uint64_t*>(flag), v, NVSHMEM_SIGNAL_SET, ws->relay.pe[p]);
-}
-#else
-__device__ __forceinline__ void SignalSet(const Workspace*, int, unsigned long long*,
-                                          unsigned long long) {
-  __trap();  // no workspace has ranks in another node without NVSHMEM (the host refuses them)
-}
-#endif
-
 // Copies this call's inputs into this rank's stage (one process per GPU), all blocks
 // grid-striding over 16-byte words; a misaligned or ragged input falls back to bytes.
 struct StageCopy {
@@ -122,7 +100,7 @@ __device__ void BlockBarrier(Workspace* ws, int phase, unsigned long long timeou
     ws->seq = s;
     const int num_ranks = ws->num_ranks, me = ws->rank;
     for (int p = 0; p < num_ranks; ++p) {
-      if (InOtherNode(ws, p)) {
+      if (Remote(ws, p)) {
         SignalSet(ws, p, &ws->flags[me], s);
       } else {
         StoreRelease(&ws->peers[p]->flags[me], s);

@@ -17,21 +17,6 @@
 namespace jaxep {
 namespace {
 
-#if JAXEP_WITH_NVSHMEM
-// Every lane of a warp: `bytes` from `src` (this rank's symmetric region) to `dst`'s
-// counterpart at rank p.
-__device__ __forceinline__ void PutRow(const Workspace* ws, int p, void* dst, const void* src,
-                                       size_t bytes) {
-  nvshmemx_putmem_nbi_warp(dst, src, bytes, ws->relay.pe[p]);
-}
-__device__ __forceinline__ void PutsComplete() { nvshmem_quiet(); }
-#else
-__device__ __forceinline__ void PutRow(const Workspace*, int, void*, const void*, size_t) {
-  __trap();  // no workspace has ranks in another node without NVSHMEM (the host refuses them)
-}
-__device__ __forceinline__ void PutsComplete() {}
-#endif
-
 __device__ __forceinline__ int MyNode(const Workspace* ws) {
   return ws->rank / ws->relay.ranks_per_node;
 }
@@ -75,16 +60,16 @@ __global__ void __launch_bounds__(kCopyThreads, 1) DispatchRelayKernel(DispatchA
       if (m == me_node) continue;
       const int p = RailPeer(ws, m);
       if (what == 0) {
-        PutRow(ws, p, dst_slot, ws->counts, sizeof(int32_t) * kMaxRanks);
+        PutWarp(ws, p, dst_slot, ws->counts, sizeof(int32_t) * kMaxRanks);
       } else if (what == 1) {
         const size_t off = sizeof(int32_t) * static_cast<size_t>(m * g) * max_tokens;
         for (int d = 0; d < g; ++d) {
           const size_t o = off + sizeof(int32_t) * static_cast<size_t>(d) * max_tokens;
-          PutRow(ws, p, dst_slot + ws->relay.pos_off + o, reinterpret_cast<const char*>(pos) + o,
+          PutWarp(ws, p, dst_slot + ws->relay.pos_off + o, reinterpret_cast<const char*>(pos) + o,
                  sizeof(int32_t) * T);
         }
       } else {  // top-k ids (2) and weights (3)
-        PutRow(ws, p, dst_slot + ws->relay.data_off + l.off[what], stage + l.off[what],
+        PutWarp(ws, p, dst_slot + ws->relay.data_off + l.off[what], stage + l.off[what],
                sizeof(int32_t) * static_cast<size_t>(T) * a.num_topk);
       }
     }
@@ -95,13 +80,13 @@ __global__ void __launch_bounds__(kCopyThreads, 1) DispatchRelayKernel(DispatchA
     if (m == me_node || !NodeNeeds(pos, max_tokens, 1, t, m, g)) continue;
     const int p = RailPeer(ws, m);
     const size_t xo = l.off[0] + static_cast<size_t>(t) * a.x_row_bytes;
-    PutRow(ws, p, dst_slot + ws->relay.data_off + xo, stage + xo, a.x_row_bytes);
+    PutWarp(ws, p, dst_slot + ws->relay.data_off + xo, stage + xo, a.x_row_bytes);
     if (a.s_row_bytes) {
       const size_t so = l.off[1] + static_cast<size_t>(t) * a.s_row_bytes;
-      PutRow(ws, p, dst_slot + ws->relay.data_off + so, stage + so, a.s_row_bytes);
+      PutWarp(ws, p, dst_slot + ws->relay.data_off + so, stage + so, a.s_row_bytes);
     }
   }
-  PutsComplete();
+  PutsDone(ws);
 }
 
 // ---- dispatch of rows along a handle ---------------------------------------------------------
@@ -119,9 +104,9 @@ __global__ void __launch_bounds__(kCopyThreads, 1) RowsRelayKernel(DispatchRowsA
     const int m = i / T, t = i - m * T;
     if (m == me_node || !NodeNeeds(a.send_slot, 1, R, t, m, g)) continue;
     const size_t o = static_cast<size_t>(t) * a.row_bytes;
-    PutRow(ws, RailPeer(ws, m), dst_slot + ws->relay.data_off + o, a.stage + o, a.row_bytes);
+    PutWarp(ws, RailPeer(ws, m), dst_slot + ws->relay.data_off + o, a.stage + o, a.row_bytes);
   }
-  PutsComplete();
+  PutsDone(ws);
 }
 
 // ---- combine ---------------------------------------------------------------------------------
@@ -138,10 +123,10 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineSlotsKernel(CombineArg
   __syncthreads();
   for (int m = warp; m < nodes; m += kCopyWarps) {
     if (m == me_node) continue;
-    PutRow(ws, RailPeer(ws, m), Slot(ws, me_node) + ws->relay.pos_off, copy,
+    PutWarp(ws, RailPeer(ws, m), Slot(ws, me_node) + ws->relay.pos_off, copy,
            sizeof(int32_t) * static_cast<size_t>(n));
   }
-  PutsComplete();
+  PutsDone(ws);
 }
 
 // After the start barrier, as the rail peer of each other node's source s: for each token of s
@@ -203,10 +188,10 @@ __global__ void __launch_bounds__(kCopyThreads, 1) CombineForwardKernel(CombineA
       }
     }
     __syncwarp();  // the put's lanes read what the others wrote
-    PutRow(ws, RailPeer(ws, m), Slot(ws, me_node) + ws->relay.partial_off + t * row_bytes, out,
+    PutWarp(ws, RailPeer(ws, m), Slot(ws, me_node) + ws->relay.partial_off + t * row_bytes, out,
            row_bytes);
   }
-  PutsComplete();
+  PutsDone(ws);
 }
 
 inline int Blocks(int requested, int fallback) { return requested > 0 ? requested : fallback; }
