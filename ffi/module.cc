@@ -34,6 +34,19 @@ nb::capsule Encapsulate(Fn* fn) {
   return nb::capsule(reinterpret_cast<void*>(fn));
 }
 
+#ifdef JAXEP_WITH_CUDA
+// The buffers of one rank of a process-per-GPU group of n ranks: across nodes when
+// ranks_per_node is in (0, n) (the staging area, the normal-mode relay), layered where a node
+// has 2+ ranks and `layered` asks for it. process_region_bytes and process_create agree on it.
+jaxep::LLConfig ProcessConfig(int n, bool low_latency, int num_topk, int num_local_experts,
+                              int hidden, int ranks_per_node, bool layered) {
+  const bool rdma = ranks_per_node > 0 && ranks_per_node < n;
+  const int relay = rdma && layered && ranks_per_node > 1 ? ranks_per_node : 0;
+  return jaxep::LLConfig{low_latency, num_topk, num_local_experts, hidden,
+                         false,       rdma,     relay,             rdma ? ranks_per_node : 0};
+}
+#endif
+
 }  // namespace
 
 NB_MODULE(_jaxep_ext, m) {
@@ -110,32 +123,30 @@ NB_MODULE(_jaxep_ext, m) {
   m.def(
       "process_region_bytes",
       [](int num_ranks, int max_tokens, int capacity, bool low_latency, int num_topk,
-         int num_local_experts, int hidden, bool rdma, int relay_ranks, int ranks_per_node) {
-        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts,         hidden,
-                           false,       rdma,     rdma ? relay_ranks : 0, rdma ? ranks_per_node : 0};
+         int num_local_experts, int hidden, int ranks_per_node, bool layered) {
+        const jaxep::LLConfig ll = ProcessConfig(num_ranks, low_latency, num_topk,
+                                                 num_local_experts, hidden, ranks_per_node,
+                                                 layered);
         return jaxep::ProcessRegionLayout(num_ranks, max_tokens, capacity, ll).total;
       },
       nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("capacity"), nb::arg("low_latency"),
       nb::arg("num_topk"), nb::arg("num_local_experts"), nb::arg("hidden"),
-      nb::arg("rdma") = false, nb::arg("relay_ranks") = 0, nb::arg("ranks_per_node") = 0,
+      nb::arg("ranks_per_node") = 0, nb::arg("layered") = false,
       "Bytes of one rank's symmetric region (one process per GPU): the same on every rank. "
-      "rdma: the group spans nodes of ranks_per_node ranks (the low-latency staging area and "
-      "the normal-mode relay are included); relay_ranks: the layered dispatch's relays for "
-      "nodes of that many ranks.");
+      "ranks_per_node in (0, num_ranks): the group spans nodes (the low-latency staging area "
+      "and the normal-mode relay are included); layered: with the layered dispatch's relays.");
   m.def(
       "process_create",
       [](int device, int rank, const std::vector<uint64_t>& bases, int max_tokens, int capacity,
          bool low_latency, int num_topk, int num_local_experts, int hidden, int ranks_per_node,
          const std::vector<int>& pes, bool layered) {
         const int n = static_cast<int>(bases.size());
-        const bool rdma = ranks_per_node > 0 && ranks_per_node < n;
-        const int relay = rdma && layered && ranks_per_node > 1 ? ranks_per_node : 0;
-        jaxep::LLConfig ll{low_latency, num_topk, num_local_experts, hidden,
-                           false,       rdma,     relay,             rdma ? ranks_per_node : 0};
+        const jaxep::LLConfig ll = ProcessConfig(n, low_latency, num_topk, num_local_experts,
+                                                 hidden, ranks_per_node, layered);
         std::vector<uintptr_t> b(bases.begin(), bases.end());
         int64_t id = 0;
         std::string err = jaxep::RegisterProcessRank(device, rank, b, max_tokens, capacity, ll,
-                                                     &id, rdma ? ranks_per_node : 0, pes);
+                                                     &id, pes);
         if (!err.empty()) throw std::runtime_error(err);
         return nb::make_tuple(id, jaxep::ProcessRegionLayout(n, max_tokens, capacity, ll).total);
       },

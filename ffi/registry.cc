@@ -183,7 +183,7 @@ ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, c
 
 std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_t>& bases,
                                 int max_tokens, int capacity, const LLConfig& ll, int64_t* id,
-                                int ranks_per_node, const std::vector<int>& pes) {
+                                const std::vector<int>& pes) {
   const int n = static_cast<int>(bases.size());
   if (n < 1 || n > kMaxRanks || rank < 0 || rank >= n) {
     return "an EP group across processes must have 1.." + std::to_string(kMaxRanks) +
@@ -191,7 +191,7 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
            " of " + std::to_string(n);
   }
   if (ll.copy_engine) return "copy-engine low-latency sends are not available across processes";
-  const int per_node = ranks_per_node > 0 ? ranks_per_node : n;
+  const int per_node = ll.rdma && ll.ranks_per_node > 0 ? ll.ranks_per_node : n;
   if (n % per_node != 0) {
     return "ranks_per_node must divide the EP group's " + std::to_string(n) + " ranks, got " +
            std::to_string(per_node);
@@ -203,10 +203,6 @@ std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_
            " ranks per node)";
   }
   if (remote != 0) {
-    if (!ll.rdma || ll.ranks_per_node != per_node) {
-      return "an EP group across nodes needs LLConfig.rdma and its ranks_per_node (" +
-             std::to_string(per_node) + "), got " + std::to_string(ll.ranks_per_node);
-    }
     if (static_cast<int>(pes.size()) != n) {
       return "an EP group across nodes needs every rank's NVSHMEM PE: got " +
              std::to_string(pes.size()) + " for " + std::to_string(n) + " ranks";

@@ -59,14 +59,15 @@ ProcessRegion ProcessRegionLayout(int num_ranks, int max_tokens, int capacity, c
 // ProcessRegionLayout) as this process addresses it (nvshmem_ptr; bases[rank] its own). Zeroes
 // this rank's region: the caller must keep the peers from writing into it until this returned
 // on every rank. The region is the caller's (never freed here). Returns "" or what failed.
-// ranks_per_node (0: all ranks in one node) puts ranks p and q in one node when p / n == q / n;
-// a peer in another node is reached with NVSHMEM puts to PE pes[p] (its base may be 0): by the
+// With ll.rdma, ll.ranks_per_node = n puts ranks p and q in one node when p / n == q / n (else
+// all ranks are in one); a peer in another node is reached with NVSHMEM puts to PE pes[p] (its
+// base may be 0): by the
 // low-latency kernels, and by the normal-mode ones through the relays (the grouped ones do not
 // reach it; the caller's rule keeps them off). Needs NVSHMEM's device state (InitNvshmemDevice).
 // ll.relay_ranks > 0 selects the layered dispatch (it must equal ranks_per_node).
 std::string RegisterProcessRank(int device, int rank, const std::vector<uintptr_t>& bases,
                                 int max_tokens, int capacity, const LLConfig& ll, int64_t* id,
-                                int ranks_per_node = 0, const std::vector<int>& pes = {});
+                                const std::vector<int>& pes = {});
 // Retires communicator `id`: handlers no longer find its workspaces (their calls fail with a
 // clear error). The memory stays allocated until the process exits, because a program captured
 // in a CUDA graph replays its kernels without calling the handler again: freeing would let such

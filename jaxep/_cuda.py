@@ -194,17 +194,16 @@ def intranode_create(groups, max_tokens: int, *, low_latency: bool = False, num_
 
 
 def process_region_bytes(num_ranks, max_tokens, capacity, *, low_latency, num_topk,
-                         num_local_experts, hidden, rdma=False, relay_ranks=0,
-                         ranks_per_node=0) -> int:
+                         num_local_experts, hidden, ranks_per_node=0, layered=False) -> int:
     """Bytes of one rank's symmetric region (one process per GPU); the same on every rank.
-    ``rdma``: the group spans nodes of ``ranks_per_node`` ranks (the low-latency puts' staging
-    area and the normal-mode relay are included); ``relay_ranks`` > 0: the layered dispatch's
-    relays for nodes of that many ranks."""
+    ``ranks_per_node`` in (0, R): the group spans nodes (the low-latency puts' staging area and
+    the normal-mode relay are included); ``layered``: with the layered dispatch's relays (as
+    ``process_create`` takes them)."""
     _require()
     return int(_ext.process_region_bytes(int(num_ranks), int(max_tokens), int(capacity),
                                          bool(low_latency), int(num_topk),
-                                         int(num_local_experts), int(hidden), bool(rdma),
-                                         int(relay_ranks), int(ranks_per_node)))
+                                         int(num_local_experts), int(hidden),
+                                         int(ranks_per_node), bool(layered)))
 
 
 def process_create(device, rank, bases, max_tokens, capacity, *, low_latency, num_topk,

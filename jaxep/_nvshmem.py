@@ -233,15 +233,15 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
 
     _, relay_ranks = internode_layout(cfg, n, per_node)
     in_my_node = [p // per_node == rank // per_node for p in range(n)]
+    # What the region holds: sized and registered alike.
+    contents = dict(low_latency=low_latency, num_topk=cfg.num_topk,
+                    num_local_experts=comm.num_local_experts, hidden=cfg.hidden,
+                    ranks_per_node=per_node if internode else 0, layered=relay_ranks > 0)
 
     # 3. The region, and the node peers' regions as this process addresses them (a rank in
     #    another node is reached with puts only: 0).
     nbytes = int(_cuda.process_region_bytes(comm.num_ranks, cfg.max_tokens_per_rank, capacity,
-                                            low_latency=low_latency, num_topk=cfg.num_topk,
-                                            num_local_experts=comm.num_local_experts,
-                                            hidden=cfg.hidden, rdma=internode,
-                                            relay_ranks=relay_ranks,
-                                            ranks_per_node=per_node if internode else 0))
+                                            **contents))
     region = nvshmem.buffer(nbytes)
     _STATE.regions.append(region)
     bases = []
@@ -267,13 +267,7 @@ def create_region(comm, rank: int, device: int, group_processes: list[int], capa
     # 4. Register (zeroes this rank's region), then wait until every rank has, so no peer
     #    writes into a region before it is initialised.
     comm_id, nbytes = _cuda.process_create(device, rank, bases, cfg.max_tokens_per_rank,
-                                           capacity, low_latency=low_latency,
-                                           num_topk=cfg.num_topk,
-                                           num_local_experts=comm.num_local_experts,
-                                           hidden=cfg.hidden,
-                                           ranks_per_node=per_node if internode else 0,
-                                           pes=list(group_processes),
-                                           layered=relay_ranks > 0)
+                                           capacity, pes=list(group_processes), **contents)
     _all_gather_str(client, f"{prefix}/ready", "1", timeout_s,
                     f"initialise communicator #{seq}")
     return comm_id, nbytes, per_node, relay_ranks > 0

@@ -183,7 +183,7 @@ def test_normal_relay_size(R, rpn):
     stage = up(max(dispatch, rows, grouped))
     partial = up(T * 4 * H)
     slot = up(256 + 4 * R * T) + max(stage, partial) + partial
-    assert size(rdma=True, ranks_per_node=rpn) - size() == up(slot * (R // rpn), 4096)
+    assert size(ranks_per_node=rpn) - size() == up(slot * (R // rpn), 4096)
 
 
 def test_dispatch_rows_across_nodes_needs_send_slot(cpu_comm):
