@@ -62,8 +62,8 @@ LOOP_ITERS = int(os.environ.get("MP_GPU_LOOP_ITERS", "1000"))
 FAIL_TIMEOUT_S = float(os.environ.get("MP_GPU_TIMEOUT_S", "10"))
 WATCHDOG_S = float(os.environ.get("MP_GPU_WATCHDOG_S", "1200"))
 KILL_AFTER = 5           # kill: the victim's completed calls before it SIGKILLs itself
-# EPConfig.ranks_per_node of every communicator of the internode, absent_ll and kill_ll
-# scenarios (virtual nodes; None: the hardware's, one node here)
+# EPConfig.ranks_per_node of every communicator of the internode, absent, absent_ll, kill and
+# kill_ll scenarios (virtual nodes; None: the hardware's, one node here)
 RANKS_PER_NODE = int(os.environ.get("MP_GPU_RANKS_PER_NODE", "0")) or None
 START = time.time()
 F32, F64 = np.float32, np.float64
